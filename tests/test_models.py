@@ -1,0 +1,82 @@
+"""The real embedded subject model: loading, chat, hookpoints and activation capture."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from sae.errors import UserError
+from sae.models import (
+    capture_activations,
+    check_hookpoints,
+    greedy_chat,
+    hookpoints,
+    hooks_attached,
+    list_models,
+    resolve_model,
+)
+
+HOOKPOINT = "model.layers.6.mlp"
+
+
+def test_greedy_chat_answers_sensibly(smollm2):
+    model, tokenizer = smollm2
+    answer = greedy_chat(model, tokenizer, "What is the capital of France?")
+    assert "Paris" in answer
+
+
+def test_model_has_documented_architecture(smollm2):
+    model, _ = smollm2
+    assert model.config.num_hidden_layers == 30
+    assert model.config.hidden_size == 576
+    names = hookpoints(model)
+    assert HOOKPOINT in names
+    assert "model.layers.29.mlp" in names
+
+
+def test_capture_shapes_and_hooks_removed(smollm2):
+    model, tokenizer = smollm2
+    ids = tokenizer(["def add(a, b):\n    return a + b"], return_tensors="pt")["input_ids"]
+    names = ["model.layers.2.self_attn", HOOKPOINT]
+    captured = capture_activations(model, ids, names)
+    assert set(captured) == set(names)
+    for tensor in captured.values():
+        assert tensor.shape == (1, ids.shape[1], 576)
+        assert torch.isfinite(tensor).all()
+    assert hooks_attached(model) == 0
+
+
+def test_hooks_removed_when_forward_fails(smollm2):
+    model, _ = smollm2
+    bad_ids = torch.full((1, 4), 10**9)  # out of the vocabulary: the embedding lookup fails
+    with pytest.raises(IndexError):
+        capture_activations(model, bad_ids, [HOOKPOINT])
+    assert hooks_attached(model) == 0
+
+
+def test_truncated_forward_matches_full(smollm2):
+    model, tokenizer = smollm2
+    ids = tokenizer(["The quick brown fox", "import os, sys"], return_tensors="pt", padding=True)[
+        "input_ids"
+    ]
+    truncated = capture_activations(model, ids, [HOOKPOINT], stop_early=True)[HOOKPOINT]
+    full = capture_activations(model, ids, [HOOKPOINT], stop_early=False)[HOOKPOINT]
+    assert torch.equal(truncated, full)
+
+
+def test_unknown_hookpoint_names_closest(smollm2):
+    model, _ = smollm2
+    with pytest.raises(UserError, match=r"model\.layers\.6\.mlp"):
+        check_hookpoints(model, ["model.layers.6.mlpp"])
+
+
+def test_missing_local_folder_is_a_user_error(tmp_path: Path, home: Path):
+    with pytest.raises(UserError, match="does not exist"):
+        resolve_model(str(tmp_path / "missing"), home)
+    with pytest.raises(UserError, match="no config.json"):
+        resolve_model(str(tmp_path), home)
+
+
+def test_list_models_shows_embedded(home: Path, smollm2):
+    names = [name for name, _ in list_models(home)]
+    assert "smollm2" in names
