@@ -7,11 +7,12 @@ or local folder loads the same way.
 
 import difflib
 import importlib.util
+import io
 import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager, redirect_stderr, suppress
 from pathlib import Path
 from typing import Any
 
@@ -52,10 +53,13 @@ def convert_embedded(name: str, home: Path) -> Path:
     if (out / "config.json").is_file():
         return out
     gguf = embedded_gguf(name)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(
-        gguf.parent, gguf_file=gguf.name, dtype=torch.float32
-    )
+    transformers_logging.disable_progress_bar()
+    # The GGUF reader draws its own tqdm bar on stderr, which would break one-line errors.
+    with redirect_stderr(io.StringIO()):
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+        )
     # save_pretrained refuses a model that still carries its GGUF quantizer.
     setattr(model, "hf_quantizer", None)  # noqa: B010 - the attribute is not typed as optional
     if hasattr(model.config, "quantization_config"):

@@ -1,0 +1,325 @@
+"""Streaming latent statistics and example windows, in memory that does not grow with N.
+
+The token stream is cut into windows of W tokens (non-overlapping slices of each chunk). For
+every latent of every SAE we keep, batch by batch:
+- its firing count (tokens with activation > 0) and maximum activation;
+- the K windows with the highest maximum activation, with per-token activations;
+- a uniform sample of R firing windows (bottom-k sampling: each firing window draws a random
+  priority and the R highest survive), with per-token activations, later split into
+  activation-quantile bins;
+- a uniform sample of windows where the latent never fires (their activations are all zero).
+Priorities come from a generator seeded by (seed, batch index), so a run interrupted and
+resumed from its last saved state gives exactly the result of one uninterrupted pass.
+"""
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from sae.errors import UserError
+
+Encoder = Callable[[torch.Tensor], torch.Tensor]
+Activations = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    window: int = 32
+    n_top: int = 20
+    n_reservoir: int = 100
+    n_quantile_bins: int = 10
+    per_quantile_bin: int = 5
+    n_negative: int = 20
+    batch_size: int = 8
+    seed: int = 0
+
+
+@dataclass
+class LatentExamples:
+    """Every stored window of one SAE, flat: row i belongs to latent `latent[i]`."""
+
+    latent: np.ndarray  # (M,) int64
+    kind: list[str]  # "top" | "quantile" | "random"
+    quantile_bin: np.ndarray  # (M,) int64, -1 when not a quantile sample
+    rank: np.ndarray  # (M,) int64, order within (latent, kind, bin)
+    token_ids: np.ndarray  # (M, W) int32
+    activations: np.ndarray  # (M, W) float32
+
+
+@dataclass
+class SaeLatentStats:
+    n_tokens: int
+    firing_count: np.ndarray  # (n_latents,) int64
+    max_activation: np.ndarray  # (n_latents,) float32
+    examples: LatentExamples = field(repr=False)
+
+    @property
+    def firing_frequency(self) -> np.ndarray:
+        return self.firing_count / max(self.n_tokens, 1)
+
+
+class _Tracker:
+    """Running state for one SAE; every tensor is (n_latents, ...) and fixed in size."""
+
+    def __init__(self, n_latents: int, config: CacheConfig) -> None:
+        w = config.window
+        self.firing_count = torch.zeros(n_latents, dtype=torch.int64)
+        self.max_activation = torch.zeros(n_latents)
+        self.top_value = torch.zeros(n_latents, config.n_top)
+        self.top_window = torch.full((n_latents, config.n_top), -1, dtype=torch.int64)
+        self.top_tokens = torch.zeros(n_latents, config.n_top, w)
+        self.sample_key = torch.full((n_latents, config.n_reservoir), -1.0)
+        self.sample_value = torch.zeros(n_latents, config.n_reservoir)
+        self.sample_window = torch.full((n_latents, config.n_reservoir), -1, dtype=torch.int64)
+        self.sample_tokens = torch.zeros(n_latents, config.n_reservoir, w)
+        self.negative_key = torch.full((n_latents, config.n_negative), -1.0)
+        self.negative_window = torch.full((n_latents, config.n_negative), -1, dtype=torch.int64)
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return dict(vars(self))
+
+    def load(self, state: dict[str, torch.Tensor]) -> None:
+        for name, tensor in state.items():
+            setattr(self, name, tensor)
+
+    def update(
+        self,
+        latent_acts: torch.Tensor,
+        window_ids: torch.Tensor,
+        generator: torch.Generator,
+    ) -> None:
+        """Fold one batch in. latent_acts: (chunks, chunk_len, n_latents); window_ids: the
+        ids of the batch's whole windows, in order."""
+        # Every token counts for firing statistics, also those past the last whole window.
+        self.firing_count += (latent_acts > 0).sum(dim=(0, 1))
+        self.max_activation = torch.maximum(self.max_activation, latent_acts.amax(dim=(0, 1)))
+        width = self.top_tokens.shape[2]
+        used = (latent_acts.shape[1] // width) * width
+        token_acts = latent_acts[:, :used].reshape(-1, width, latent_acts.shape[-1])
+        window_max = token_acts.amax(dim=1)  # (n_windows, n_latents)
+        per_latent = token_acts.permute(2, 0, 1)  # (n_latents, n_windows, W), a view
+        values = window_max.T  # (n_latents, n_windows)
+        fires = values > 0
+
+        self.top_value, self.top_window, self.top_tokens = _merge(
+            self.top_value, self.top_window, self.top_tokens, values, window_ids, per_latent
+        )
+        keys = torch.rand(values.shape, generator=generator)
+        sample_keys = torch.where(fires, keys, -1.0)
+        merged = _merge(
+            self.sample_key,
+            self.sample_window,
+            self.sample_tokens,
+            sample_keys,
+            window_ids,
+            per_latent,
+            extra=(self.sample_value, values),
+        )
+        self.sample_key, self.sample_window, self.sample_tokens, self.sample_value = merged
+        negative_keys = torch.where(fires, -1.0, keys)
+        self.negative_key, self.negative_window = _merge_ids(
+            self.negative_key, self.negative_window, negative_keys, window_ids
+        )
+
+
+def _select(
+    kept: torch.Tensor, incoming: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-|kept| of kept ++ incoming per row: (values, slot indices, from-incoming mask)."""
+    size = kept.shape[1]
+    values, slot = torch.cat([kept, incoming], dim=1).topk(size, dim=1)
+    return values, slot, slot >= size
+
+
+def _merge_ids(
+    kept_key: torch.Tensor, kept_window: torch.Tensor, key: torch.Tensor, window_ids: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    values, slot, incoming = _select(kept_key, key)
+    size = kept_key.shape[1]
+    old = kept_window.gather(1, slot.clamp(max=size - 1))
+    new = window_ids[(slot - size).clamp(min=0)]
+    return values, torch.where(incoming, new, old)
+
+
+def _merge(
+    kept_key: torch.Tensor,
+    kept_window: torch.Tensor,
+    kept_tokens: torch.Tensor,
+    key: torch.Tensor,
+    window_ids: torch.Tensor,
+    per_latent: torch.Tensor,
+    extra: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, ...]:
+    """Keep the highest keys per latent, carrying window ids, per-token activations and,
+    optionally, one more per-window value along."""
+    values, slot, incoming = _select(kept_key, key)
+    size = kept_key.shape[1]
+    old_slot = slot.clamp(max=size - 1)
+    new_slot = (slot - size).clamp(min=0)
+    window = torch.where(incoming, window_ids[new_slot], kept_window.gather(1, old_slot))
+    width = kept_tokens.shape[2]
+    old_tokens = kept_tokens.gather(1, old_slot.unsqueeze(-1).expand(-1, -1, width))
+    new_tokens = per_latent.gather(1, new_slot.unsqueeze(-1).expand(-1, -1, width))
+    tokens = torch.where(incoming.unsqueeze(-1), new_tokens, old_tokens)
+    if extra is None:
+        return values, window, tokens
+    kept_extra, incoming_extra = extra
+    carried = torch.where(
+        incoming, incoming_extra.gather(1, new_slot), kept_extra.gather(1, old_slot)
+    )
+    return values, window, tokens, carried
+
+
+def _examples(tracker: _Tracker, chunks: torch.Tensor, config: CacheConfig) -> LatentExamples:
+    windows_per_chunk = chunks.shape[1] // config.window
+    latents: list[int] = []
+    kinds: list[str] = []
+    bins: list[int] = []
+    ranks: list[int] = []
+    window_ids: list[int] = []
+    token_rows: list[np.ndarray] = []
+
+    def add(latent: int, kind: str, bin_: int, rank: int, window: int, acts: np.ndarray) -> None:
+        latents.append(latent)
+        kinds.append(kind)
+        bins.append(bin_)
+        ranks.append(rank)
+        window_ids.append(window)
+        token_rows.append(acts)
+
+    top_value = tracker.top_value.numpy()
+    top_window = tracker.top_window.numpy()
+    top_tokens = tracker.top_tokens.numpy()
+    sample_key = tracker.sample_key.numpy()
+    sample_value = tracker.sample_value.numpy()
+    sample_window = tracker.sample_window.numpy()
+    sample_tokens = tracker.sample_tokens.numpy()
+    negative_window = tracker.negative_window.numpy()
+    negative_key = tracker.negative_key.numpy()
+    zeros = np.zeros(config.window, dtype=np.float32)
+    for latent in range(top_value.shape[0]):
+        firing = top_value[latent] > 0
+        top_set = set(top_window[latent][firing].tolist())
+        for rank, slot in enumerate(np.flatnonzero(firing)):
+            add(latent, "top", -1, rank, int(top_window[latent, slot]), top_tokens[latent, slot])
+        sampled = np.flatnonzero(sample_key[latent] >= 0)  # ordered by random priority
+        if sampled.size:
+            values = sample_value[latent, sampled]
+            edges = np.quantile(values, np.linspace(0, 1, config.n_quantile_bins + 1)[1:-1])
+            bin_of = np.searchsorted(edges, values, side="right")
+            for bin_ in range(config.n_quantile_bins):
+                chosen = [
+                    slot
+                    for slot in sampled[bin_of == bin_]
+                    if int(sample_window[latent, slot]) not in top_set
+                ][: config.per_quantile_bin]
+                for rank, slot in enumerate(chosen):
+                    window = int(sample_window[latent, slot])
+                    add(latent, "quantile", bin_, rank, window, sample_tokens[latent, slot])
+        negatives = np.flatnonzero(negative_key[latent] >= 0)
+        for rank, slot in enumerate(negatives):
+            add(latent, "random", -1, rank, int(negative_window[latent, slot]), zeros)
+
+    ids = np.asarray(window_ids, dtype=np.int64)
+    chunk_index, offset = np.divmod(ids, windows_per_chunk)
+    starts = offset * config.window
+    flat = chunks.numpy()
+    token_ids = (
+        np.stack([flat[c, s : s + config.window] for c, s in zip(chunk_index, starts, strict=True)])
+        if ids.size
+        else np.zeros((0, config.window), dtype=np.int64)
+    )
+    return LatentExamples(
+        latent=np.asarray(latents, dtype=np.int64),
+        kind=kinds,
+        quantile_bin=np.asarray(bins, dtype=np.int64),
+        rank=np.asarray(ranks, dtype=np.int64),
+        token_ids=token_ids.astype(np.int32),
+        activations=np.stack(token_rows).astype(np.float32)
+        if token_rows
+        else np.zeros((0, config.window), dtype=np.float32),
+    )
+
+
+def collect_latent_stats(
+    activations: Activations,
+    encoders: list[Encoder],
+    n_latents: list[int],
+    chunks: torch.Tensor,
+    config: CacheConfig,
+    state_path: Path | None = None,
+    save_every: int = 50,
+    on_batch: Callable[[int], None] | None = None,
+) -> list[SaeLatentStats]:
+    """One pass over `chunks` shared by every SAE of one hookpoint.
+
+    `activations` maps token ids (B, L) to hookpoint activations (B, L, d); each encoder maps
+    (N, d) activations to (N, n_latents) latent activations. With `state_path` the running
+    state is saved every `save_every` batches and a later call resumes from it.
+    """
+    n_chunks, chunk_len = chunks.shape
+    if config.window > chunk_len:
+        raise UserError(
+            f"window of {config.window} tokens is longer than the chunk length {chunk_len}: "
+            "use a shorter --window or longer chunks"
+        )
+    windows_per_chunk = chunk_len // config.window
+    trackers = [_Tracker(n, config) for n in n_latents]
+    n_batches = -(-n_chunks // config.batch_size)
+    start_batch = 0
+    if state_path is not None and state_path.is_file():
+        saved = torch.load(state_path, weights_only=True)
+        if saved["n_latents"] != n_latents or saved["n_chunks"] != n_chunks:
+            raise UserError(
+                f"saved cache state {state_path} is for other SAEs or data: delete it to restart"
+            )
+        start_batch = int(saved["next_batch"])
+        for tracker, state in zip(trackers, saved["trackers"], strict=True):
+            tracker.load(state)
+        if on_batch is not None:
+            on_batch(min(start_batch * config.batch_size, n_chunks) * chunk_len)
+    for batch_index in range(start_batch, n_batches):
+        batch = chunks[batch_index * config.batch_size : (batch_index + 1) * config.batch_size]
+        hidden = activations(batch)
+        flat = hidden.reshape(-1, hidden.shape[-1])
+        first_window = batch_index * config.batch_size * windows_per_chunk
+        window_ids = torch.arange(first_window, first_window + batch.shape[0] * windows_per_chunk)
+        generator = torch.Generator().manual_seed(config.seed * 1_000_003 + batch_index)
+        for tracker, encode in zip(trackers, encoders, strict=True):
+            latent_acts = encode(flat).reshape(batch.shape[0], chunk_len, -1)
+            tracker.update(latent_acts, window_ids, generator)
+        if state_path is not None and (
+            (batch_index + 1) % save_every == 0 and batch_index + 1 < n_batches
+        ):
+            _save_state(state_path, trackers, n_latents, n_chunks, batch_index + 1)
+        if on_batch is not None:
+            on_batch(batch.numel())
+    return [
+        SaeLatentStats(
+            n_tokens=n_chunks * chunk_len,
+            firing_count=tracker.firing_count.numpy(),
+            max_activation=tracker.max_activation.numpy(),
+            examples=_examples(tracker, chunks, config),
+        )
+        for tracker in trackers
+    ]
+
+
+def _save_state(
+    path: Path, trackers: list[_Tracker], n_latents: list[int], n_chunks: int, next_batch: int
+) -> None:
+    temporary = path.with_suffix(".tmp")
+    torch.save(
+        {
+            "n_latents": n_latents,
+            "n_chunks": n_chunks,
+            "next_batch": next_batch,
+            "trackers": [tracker.state() for tracker in trackers],
+        },
+        temporary,
+    )
+    os.replace(temporary, path)
