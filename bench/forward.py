@@ -1,6 +1,6 @@
 """What stopping the forward pass after the hooked module saves, on the embedded model.
 
-python bench/forward.py [--chunks 32] [--hookpoint model.layers.6.mlp]
+python -m bench.forward [--chunks 32] [--hookpoint model.layers.6.mlp]
 """
 
 import argparse

@@ -253,13 +253,14 @@ def collect_latent_stats(
     config: CacheConfig,
     state_path: Path | None = None,
     save_every: int = 50,
-    on_batch: Callable[[int], None] | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> list[SaeLatentStats]:
     """One pass over `chunks` shared by every SAE of one hookpoint.
 
     `activations` maps token ids (B, L) to hookpoint activations (B, L, d); each encoder maps
     (N, d) activations to (N, n_latents) latent activations. With `state_path` the running
     state is saved every `save_every` batches and a later call resumes from it.
+    `on_progress(tokens_done, total_tokens)` is called after every batch.
     """
     n_chunks, chunk_len = chunks.shape
     if config.window > chunk_len:
@@ -268,6 +269,7 @@ def collect_latent_stats(
             "use a shorter --window or longer chunks"
         )
     windows_per_chunk = chunk_len // config.window
+    total_tokens = n_chunks * chunk_len
     trackers = [_Tracker(n, config) for n in n_latents]
     n_batches = -(-n_chunks // config.batch_size)
     start_batch = 0
@@ -280,8 +282,8 @@ def collect_latent_stats(
         start_batch = int(saved["next_batch"])
         for tracker, state in zip(trackers, saved["trackers"], strict=True):
             tracker.load(state)
-        if on_batch is not None:
-            on_batch(min(start_batch * config.batch_size, n_chunks) * chunk_len)
+        if on_progress is not None:
+            on_progress(min(start_batch * config.batch_size, n_chunks) * chunk_len, total_tokens)
     for batch_index in range(start_batch, n_batches):
         batch = chunks[batch_index * config.batch_size : (batch_index + 1) * config.batch_size]
         hidden = activations(batch)
@@ -296,11 +298,13 @@ def collect_latent_stats(
             (batch_index + 1) % save_every == 0 and batch_index + 1 < n_batches
         ):
             _save_state(state_path, trackers, n_latents, n_chunks, batch_index + 1)
-        if on_batch is not None:
-            on_batch(batch.numel())
+        if on_progress is not None:
+            on_progress(
+                min((batch_index + 1) * config.batch_size, n_chunks) * chunk_len, total_tokens
+            )
     return [
         SaeLatentStats(
-            n_tokens=n_chunks * chunk_len,
+            n_tokens=total_tokens,
             firing_count=tracker.firing_count.numpy(),
             max_activation=tracker.max_activation.numpy(),
             examples=_examples(tracker, chunks, config),

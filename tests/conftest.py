@@ -1,5 +1,7 @@
 """Shared fixtures: the real embedded subject model and the stores tests run against."""
 
+import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -8,6 +10,8 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from sae.models import load_model
 from service.settings import get_settings
+from service.store.engine import Store, open_store, upgrade
+from service.store.scratch import DEFAULT_SERVER, postgres_unreachable, scratch_postgres
 
 
 @pytest.fixture(scope="session")
@@ -20,3 +24,94 @@ def home() -> Path:
 def smollm2(home: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """The real SmolLM2-135M-Instruct, loaded once per test session."""
     return load_model("smollm2", home)
+
+
+# The PostgreSQL server tests create their scratch databases on; CI sets
+# AUTOINTERP_REQUIRE_POSTGRES=1 so that a missing server fails instead of skipping.
+POSTGRES_SERVER = os.environ.get("AUTOINTERP_TEST_POSTGRES", DEFAULT_SERVER)
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> str:
+    """The PostgreSQL server URL, checked once per session: skip (or fail on CI) without it."""
+    reason = postgres_unreachable(POSTGRES_SERVER)
+    if reason is not None:
+        message = f"PostgreSQL not reachable at {POSTGRES_SERVER}: {reason}"
+        if os.environ.get("AUTOINTERP_REQUIRE_POSTGRES"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return POSTGRES_SERVER
+
+
+@pytest.fixture
+def postgres_url(postgres_server: str) -> Iterator[str]:
+    """A fresh, empty PostgreSQL database for one test, dropped afterwards."""
+    with scratch_postgres(postgres_server) as url:
+        yield url.render_as_string(hide_password=False)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """An empty store URL on each backend: a SQLite file under tmp_path, a scratch database."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'store.db'}"
+    url: str = request.getfixturevalue("postgres_url")
+    return url
+
+
+@pytest.fixture
+def store(store_url: str) -> Iterator[Store]:
+    """A store migrated to the current schema, on each backend."""
+    upgrade(store_url)
+    opened = open_store(store_url)
+    yield opened
+    opened.dispose()
+
+
+@pytest.fixture(scope="session")
+def vllm_url(home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """Base URL of a real vLLM server serving SmolLM2, started once per session (~2 minutes
+    on CPU) from .venv-vllm (`make vllm`), or the server AUTOINTERP_TEST_LLM_URL names.
+    Without .venv-vllm it skips, or fails where AUTOINTERP_REQUIRE_VLLM is set (CI)."""
+    from sae.errors import UserError
+    from service.llm.serve import find_vllm_python, free_port, running_server
+
+    given = os.environ.get("AUTOINTERP_TEST_LLM_URL")
+    if given:
+        yield given
+        return
+    try:
+        find_vllm_python()
+    except UserError as error:
+        if os.environ.get("AUTOINTERP_REQUIRE_VLLM"):
+            pytest.fail(str(error))
+        pytest.skip(str(error))
+    log_path = tmp_path_factory.mktemp("vllm") / "vllm.log"
+    with running_server("smollm2", home, port=free_port(), log_path=log_path) as server:
+        yield server.url
+
+
+@pytest.fixture(scope="session")
+def smollm2_activation_cache(home: Path) -> Path:
+    """32,768 tokens of real SmolLM2 `model.layers.6.mlp` activations (embedded corpus),
+    cached on disk under the autointerp home: built once (~10-60 s), reused by later sessions."""
+    import shutil
+    import tempfile
+
+    from sae.activation_cache import build_activation_cache, read_manifest
+
+    folder = home / "test-activations" / "smollm2-embedded-layer6-mlp-32k"
+    existing = read_manifest(folder) if folder.is_dir() else None
+    if existing is None or not existing.complete:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".building-", dir=folder.parent))
+        try:
+            build_activation_cache(
+                staging, "smollm2", ["model.layers.6.mlp"], home, max_tokens=32_768
+            )
+            shutil.rmtree(folder, ignore_errors=True)
+            # A rename, so a concurrent or interrupted session never sees a half-built cache.
+            staging.rename(folder)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return folder

@@ -60,9 +60,9 @@ def test_counts_and_top_windows_match_brute_force(setup):
         # Each stored top window's per-token activations and tokens are the real ones.
         for acts, tokens in zip(examples.activations[top], examples.token_ids[top], strict=True):
             matches = (window_tokens == torch.from_numpy(tokens).long()).all(dim=1)
+            occurrences = torch.nonzero(matches).flatten().tolist()
             assert any(
-                torch.allclose(windows[i, :, latent], torch.from_numpy(acts))
-                for i in torch.nonzero(matches).flatten().tolist()
+                torch.allclose(windows[i, :, latent], torch.from_numpy(acts)) for i in occurrences
             )
 
 
@@ -79,7 +79,9 @@ def test_negative_windows_do_not_fire(setup):
         matches = (window_tokens == torch.from_numpy(examples.token_ids[row]).long()).all(dim=1)
         # The same tokens could recur elsewhere; at least one occurrence is silent, and the
         # sampled window is one of the latent's silent windows.
-        assert any(windows[i, :, latent].max() == 0 for i in torch.nonzero(matches).flatten().tolist())
+        assert any(
+            windows[i, :, latent].max() == 0 for i in torch.nonzero(matches).flatten().tolist()
+        )
 
 
 def test_quantile_samples_are_firing_and_distinct_from_top(setup):
@@ -104,13 +106,13 @@ def test_resume_equals_uninterrupted(setup, tmp_path: Path):
     state = tmp_path / "state.pt"
     seen: list[int] = []
 
-    def interrupt_after_three(tokens: int) -> None:
+    def interrupt_after_three(tokens: int, total: int) -> None:
         seen.append(tokens)
         if len(seen) == 3:
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        run(setup, config, state_path=state, save_every=2, on_batch=interrupt_after_three)
+        run(setup, config, state_path=state, save_every=2, on_progress=interrupt_after_three)
     assert state.is_file()
     resumed = run(setup, config, state_path=state, save_every=2)
     assert np.array_equal(whole.firing_count, resumed.firing_count)

@@ -1,0 +1,155 @@
+"""Benchmark: training S seeds in one pass against S separate runs, on SmolLM2.
+
+Prints, for one hookpoint:
+- the truncated model forward alone (the floor every end-to-end step pays),
+- end-to-end training tokens/s (model forward + every seed's SAE step) for S = 1, 2, 4,
+  the cost of S together relative to one seed, and relative to S separate runs,
+- training tokens/s from an activation cache on disk (no model) for S = 1 and 4,
+- the design check behind the trainer: stacked seeds (one bmm) against a loop of per-seed
+  matrix products, time and bitwise equality,
+- peak resident memory of the process.
+
+Rates are steady-state: measured between the first and the last progress report of a run,
+so model loading, tokenisation and initialisation are not counted.
+
+    python -m bench.train [--latents 4608] [--k 32] [--steps 16] [--batch-tokens 1024]
+"""
+
+import argparse
+import os
+import resource
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from sae.activation_cache import build_activation_cache
+from sae.architectures import SaeConfig
+from sae.data import load_chunks
+from sae.models import capture_activations, load_model
+from sae.train import TrainConfig, TrainProgress, config_from_cache, train
+from service.settings import get_settings
+
+
+def steady_rate(config: TrainConfig, out: Path, home: Path, steps: int) -> float:
+    """Tokens/s between the first and last of `steps` steps (setup excluded)."""
+    stamps: list[tuple[float, int]] = []
+
+    def record(state: TrainProgress) -> None:
+        stamps.append((time.perf_counter(), state.tokens))
+
+    train(config, out, home, record, stop_after_steps=steps, checkpoint_seconds=1e9)
+    (t0, n0), (t1, n1) = stamps[0], stamps[-1]
+    return (n1 - n0) / (t1 - t0)
+
+
+def forward_rate(home: Path, hookpoint: str, batch_chunks: int, repeats: int = 3) -> float:
+    model, tokenizer = load_model("smollm2", home)
+    ids = load_chunks("embedded", tokenizer, 256, batch_chunks * 256)
+    capture_activations(model, ids, [hookpoint])
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        capture_activations(model, ids, [hookpoint])
+        best = min(best, time.perf_counter() - start)
+    return ids.numel() / best
+
+
+def stacking_check(d: int, n: int, tokens: int, seeds: int) -> tuple[float, float, bool]:
+    """Seconds for one bmm over stacked seeds, for a loop of per-seed mm, and equality."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(seeds, tokens, d, generator=generator)
+    weights = torch.randn(seeds, d, n, generator=generator)
+
+    def best(fn: Callable[[], object]) -> float:
+        fn()
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    stacked = best(lambda: torch.bmm(x, weights))
+    looped = best(lambda: [x[s] @ weights[s] for s in range(seeds)])
+    equal = all(torch.equal(torch.bmm(x, weights)[s], x[s] @ weights[s]) for s in range(seeds))
+    return stacked, looped, equal
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--hookpoint", default="model.layers.6.mlp")
+    parser.add_argument("--latents", type=int, default=4608)
+    parser.add_argument("--k", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=16, help="training steps per measurement")
+    parser.add_argument("--batch-tokens", type=int, default=1024)
+    parser.add_argument("--cache", type=Path, help="existing activation cache (else built)")
+    parser.add_argument("--repeats", type=int, default=2, help="best of this many runs per S")
+    args = parser.parse_args()
+    home = get_settings().home
+    tokens = args.steps * args.batch_tokens
+    sae = SaeConfig(architecture="topk", n_latents=args.latents, k=args.k)
+    print(
+        f"SmolLM2 {args.hookpoint}, TopK {args.latents} latents k={args.k}, "
+        f"{args.steps} steps x {args.batch_tokens} tokens; torch threads "
+        f"{torch.get_num_threads()}, load average {os.getloadavg()[0]:.1f}"
+    )
+
+    forward = forward_rate(home, args.hookpoint, args.batch_tokens // 256)
+    print(f"truncated model forward alone: {forward:,.0f} tokens/s")
+
+    rates: dict[int, float] = {}
+    with tempfile.TemporaryDirectory() as scratch:
+        # Interleaved repeats, best of each: a shared machine's load drifts between runs.
+        for repeat in range(args.repeats):
+            for seeds in (1, 2, 4):
+                config = TrainConfig(
+                    hookpoints=[args.hookpoint],
+                    max_tokens=tokens,
+                    sae=sae,
+                    seeds=list(range(seeds)),
+                    batch_tokens=args.batch_tokens,
+                )
+                out = Path(scratch) / f"model-s{seeds}-{repeat}"
+                rate = steady_rate(config, out, home, args.steps)
+                rates[seeds] = max(rates.get(seeds, 0.0), rate)
+    print("\nend to end (model forward + SAE steps):")
+    print(f"{'seeds':>5} {'tokens/s':>10} {'cost vs 1 seed':>15} {'vs S separate runs':>19}")
+    for seeds, rate in rates.items():
+        cost = rates[1] / rate
+        print(f"{seeds:>5} {rate:>10,.0f} {cost:>14.2f}x {cost / seeds:>18.2f}x")
+
+    with tempfile.TemporaryDirectory() as scratch:
+        cache_folder = args.cache
+        if cache_folder is None:
+            cache_folder = Path(scratch) / "cache"
+            start = time.perf_counter()
+            build_activation_cache(
+                cache_folder, "smollm2", [args.hookpoint], home, max_tokens=tokens
+            )
+            print(f"\nbuilt a {tokens:,}-token cache in {time.perf_counter() - start:.0f} s")
+        print("\nfrom the activation cache (no model):")
+        for seeds in (1, 4):
+            config = config_from_cache(
+                cache_folder,
+                hookpoints=[args.hookpoint],
+                sae=sae,
+                seeds=list(range(seeds)),
+                batch_tokens=args.batch_tokens,
+            )
+            rate = steady_rate(config, Path(scratch) / f"cache-s{seeds}", home, args.steps)
+            print(f"{seeds:>5} seeds: {rate:,.0f} tokens/s")
+
+    stacked, looped, equal = stacking_check(576, args.latents, args.batch_tokens, 4)
+    print(
+        f"\nencoder product, 4 seeds: stacked bmm {stacked * 1e3:.0f} ms, per-seed loop "
+        f"{looped * 1e3:.0f} ms (loop/bmm {looped / stacked:.2f}); bitwise equal: {equal}"
+    )
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
+    print(f"peak resident memory: {peak:,.0f} MiB")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,384 @@
+"""Latent matching between two SAEs, as Paulo & Belrose (2025) define it.
+
+Rows of `W_dec` are L2-normalised, and separately rows of the encoder weight; each set gets its
+own maximum-cosine assignment (`sae.sparse_assignment`). A latent of SAE A is *shared* with SAE
+B when its decoder match and its encoder match both have cosine strictly above the threshold
+(0.7). Also reported: the decoder-only criterion, how often the two assignments pick the same
+partner, mean matched cosines, and the solver's proven gap bound.
+
+A row that cannot be normalised (all zeros, or not finite) takes no part in the assignment:
+its latent is unmatched (partner -1, cosine NaN), never shared, and counted.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel, Field, ValidationError
+
+from sae.checkpoint import SaeWeights, load_sae
+from sae.errors import UserError
+from sae.sparse_assignment import Assignment, Progress, assign_exact, assign_sparse
+
+Solver = Literal["auto", "exact", "sparse"]
+
+
+class MatchConfig(BaseModel):
+    """How two SAEs are matched; saved beside any stored result."""
+
+    threshold: float = Field(default=0.7, ge=-1.0, le=1.0, description="shared when cosine > this")
+    solver: Solver = "auto"
+    exact_max_latents: int = Field(
+        default=16384, ge=1, description="auto uses the exact solver up to this many latents"
+    )
+    candidates: int = Field(default=32, ge=1, description="top-k partners per row/column (sparse)")
+    block_rows: int = Field(default=1024, ge=1, description="rows of the cosine matrix per block")
+    into_larger: bool = Field(
+        default=False, description="allow different latent counts (rectangular assignment)"
+    )
+
+
+def make_config(**options: Any) -> MatchConfig:
+    """A MatchConfig from user options; an invalid option is a one-line UserError."""
+    try:
+        return MatchConfig(**options)
+    except ValidationError as error:
+        problems = "; ".join(
+            f"{'.'.join(str(part) for part in item['loc'])}: {item['msg']}"
+            for item in error.errors()
+        )
+        raise UserError(
+            f"invalid matching option ({problems}); see autointerp match --help"
+        ) from None
+
+
+@dataclass
+class SideAssignment:
+    """One assignment (decoder or encoder) over all latents of A, in A's and B's indices."""
+
+    partner: np.ndarray  # int64 (n_a,), -1 where unmatched
+    cosine: np.ndarray  # float64 (n_a,), NaN where unmatched
+    solver: str
+    objective: float
+    gap_bound: float
+    candidate_edges: int
+    invalid_a: int  # rows of A that could not be normalised
+    invalid_b: int
+
+    def reversed(self, n_b: int) -> SideAssignment:
+        """The same matching seen from B (an optimal assignment's inverse is optimal)."""
+        partner = np.full(n_b, -1, dtype=np.int64)
+        cosine = np.full(n_b, np.nan)
+        matched = np.flatnonzero(self.partner >= 0)
+        partner[self.partner[matched]] = matched
+        cosine[self.partner[matched]] = self.cosine[matched]
+        return SideAssignment(
+            partner,
+            cosine,
+            self.solver,
+            self.objective,
+            self.gap_bound,
+            self.candidate_edges,
+            self.invalid_b,
+            self.invalid_a,
+        )
+
+
+class MatchSummary(BaseModel):
+    """The numbers of one A-to-B matching (the `--json` output)."""
+
+    n_latents: int
+    n_latents_b: int
+    d_in: int
+    threshold: float
+    shared_fraction: float
+    shared_fraction_decoder_only: float
+    shared_fraction_encoder_only: float
+    encoder_decoder_agreement: float = Field(
+        description="fraction of A's latents whose decoder and encoder partners are the same"
+    )
+    agreement_among_shared: float | None
+    mean_cos_decoder: float
+    mean_cos_encoder: float
+    unmatched_decoder: int
+    unmatched_encoder: int
+    invalid_rows: dict[str, int] = Field(description="zero or non-finite rows per matrix")
+    solver: str
+    seconds: float
+    objective_decoder: float
+    objective_encoder: float
+    gap_bound_decoder: float = Field(description="proven: exact optimum - objective <= this")
+    gap_bound_encoder: float
+    candidate_edges: int
+
+
+@dataclass
+class PairMatch:
+    """Per-latent result of matching SAE A into SAE B, plus its summary."""
+
+    decoder: SideAssignment
+    encoder: SideAssignment
+    config: MatchConfig
+    summary: MatchSummary
+
+    @property
+    def shared(self) -> np.ndarray:
+        return shared_mask(self.decoder.cosine, self.encoder.cosine, self.config.threshold)
+
+    def reversed(self) -> PairMatch:
+        """B matched into A, from the same assignments."""
+        n_b = self.summary.n_latents_b
+        decoder, encoder = self.decoder.reversed(n_b), self.encoder.reversed(n_b)
+        summary = summarise(
+            decoder,
+            encoder,
+            self.config.threshold,
+            n_b,
+            self.summary.n_latents,
+            self.summary.d_in,
+            self.summary.seconds,
+        )
+        return PairMatch(decoder, encoder, self.config, summary)
+
+
+def shared_mask(cos_decoder: np.ndarray, cos_encoder: np.ndarray, threshold: float) -> np.ndarray:
+    """Shared latents: both matched cosines strictly above the threshold (NaN is never)."""
+    with np.errstate(invalid="ignore"):
+        return (cos_decoder > threshold) & (cos_encoder > threshold)
+
+
+def unit_rows(weight: torch.Tensor) -> tuple[torch.Tensor, np.ndarray]:
+    """Rows scaled to unit L2 norm in float32, and which rows could be normalised.
+
+    Norms are taken in float64 so large weights do not overflow to inf."""
+    rows = weight.detach().to(torch.float64)
+    norms = torch.linalg.vector_norm(rows, dim=1)
+    valid = torch.isfinite(norms) & (norms > 0)
+    unit = torch.zeros_like(rows, dtype=torch.float32)
+    unit[valid] = (rows[valid] / norms[valid, None]).to(torch.float32)
+    return unit, valid.numpy()
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to a new allocation (Linux MemAvailable), None if unknown."""
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def _check_dense_fits(p: int, q: int) -> None:
+    needed = 8 * p * q
+    available = available_memory()
+    if available is not None and needed > available:
+        raise UserError(
+            f"exact matching of {p:,} x {q:,} latents needs a {needed / 2**30:.1f} GiB dense "
+            f"matrix but {available / 2**30:.1f} GiB is available; use --solver sparse"
+        )
+
+
+def match_directions(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    config: MatchConfig,
+    progress: Progress | None = None,
+    stage: str = "match",
+) -> SideAssignment:
+    """Maximum-cosine assignment of the rows of `a` to the rows of `b` (any counts)."""
+    unit_a, valid_a = unit_rows(a)
+    unit_b, valid_b = unit_rows(b)
+    index_a, index_b = np.flatnonzero(valid_a), np.flatnonzero(valid_b)
+    partner = np.full(a.shape[0], -1, dtype=np.int64)
+    cosine = np.full(a.shape[0], np.nan)
+    result: Assignment | None = None
+    if index_a.size and index_b.size:
+        rows, cols = unit_a[torch.from_numpy(index_a)], unit_b[torch.from_numpy(index_b)]
+        # The solvers cover every row of the smaller side; transpose when A is larger.
+        flipped = rows.shape[0] > cols.shape[0]
+        if flipped:
+            rows, cols = cols, rows
+        largest = max(a.shape[0], b.shape[0])
+        use_exact = config.solver == "exact" or (
+            config.solver == "auto" and largest <= config.exact_max_latents
+        )
+        if use_exact:
+            _check_dense_fits(rows.shape[0], cols.shape[0])
+            result = assign_exact(rows, cols, config.block_rows, progress, stage)
+        else:
+            result = assign_sparse(
+                rows, cols, config.candidates, config.block_rows, progress, stage
+            )
+        if flipped:
+            partner[index_a[result.partner]] = index_b
+            cosine[index_a[result.partner]] = result.cosine
+        else:
+            partner[index_a] = index_b[result.partner]
+            cosine[index_a] = result.cosine
+    return SideAssignment(
+        partner=partner,
+        cosine=cosine,
+        solver=result.solver if result else "none",
+        objective=result.objective if result else 0.0,
+        gap_bound=result.gap_bound if result else 0.0,
+        candidate_edges=result.candidate_edges if result else 0,
+        invalid_a=int((~valid_a).sum()),
+        invalid_b=int((~valid_b).sum()),
+    )
+
+
+def _mean(values: np.ndarray) -> float:
+    finite = values[np.isfinite(values)]
+    return float(finite.mean()) if finite.size else float("nan")
+
+
+def summarise(
+    decoder: SideAssignment,
+    encoder: SideAssignment,
+    threshold: float,
+    n_a: int,
+    n_b: int,
+    d_in: int,
+    seconds: float,
+) -> MatchSummary:
+    """The summary numbers of a pair of assignments over A's `n_a` latents."""
+    shared = shared_mask(decoder.cosine, encoder.cosine, threshold)
+    with np.errstate(invalid="ignore"):
+        decoder_only = decoder.cosine > threshold
+        encoder_only = encoder.cosine > threshold
+    agree = (decoder.partner == encoder.partner) & (decoder.partner >= 0)
+    denominator = max(n_a, 1)
+    return MatchSummary(
+        n_latents=n_a,
+        n_latents_b=n_b,
+        d_in=d_in,
+        threshold=threshold,
+        shared_fraction=float(shared.sum() / denominator),
+        shared_fraction_decoder_only=float(decoder_only.sum() / denominator),
+        shared_fraction_encoder_only=float(encoder_only.sum() / denominator),
+        encoder_decoder_agreement=float(agree.sum() / denominator),
+        agreement_among_shared=float(agree[shared].mean()) if shared.any() else None,
+        mean_cos_decoder=_mean(decoder.cosine),
+        mean_cos_encoder=_mean(encoder.cosine),
+        unmatched_decoder=int((decoder.partner < 0).sum()),
+        unmatched_encoder=int((encoder.partner < 0).sum()),
+        invalid_rows={
+            "decoder_a": decoder.invalid_a,
+            "decoder_b": decoder.invalid_b,
+            "encoder_a": encoder.invalid_a,
+            "encoder_b": encoder.invalid_b,
+        },
+        solver=decoder.solver if decoder.solver == encoder.solver else "mixed",
+        seconds=seconds,
+        objective_decoder=decoder.objective,
+        objective_encoder=encoder.objective,
+        gap_bound_decoder=decoder.gap_bound,
+        gap_bound_encoder=encoder.gap_bound,
+        candidate_edges=decoder.candidate_edges + encoder.candidate_edges,
+    )
+
+
+def check_compatible(a: SaeWeights, b: SaeWeights, config: MatchConfig, names=("A", "B")) -> None:
+    """Raise UserError unless A and B can be matched under `config`."""
+    if a.d_in != b.d_in:
+        raise UserError(
+            f"{names[0]} has d_in {a.d_in} but {names[1]} has d_in {b.d_in}: SAEs of different "
+            "hookpoints or models cannot be matched; pick two SAEs trained on the same activations"
+        )
+    if a.n_latents != b.n_latents and not config.into_larger:
+        raise UserError(
+            f"{names[0]} has {a.n_latents} latents but {names[1]} has {b.n_latents}; pass "
+            "--into-larger to match the smaller SAE into the larger one"
+        )
+
+
+def match_saes(
+    a: SaeWeights,
+    b: SaeWeights,
+    config: MatchConfig | None = None,
+    progress: Progress | None = None,
+    names: tuple[str, str] = ("A", "B"),
+) -> PairMatch:
+    """Match every latent of `a` into `b` by decoder and by encoder directions."""
+    config = config or MatchConfig()
+    check_compatible(a, b, config, names)
+    started = time.perf_counter()
+    decoder = match_directions(a.W_dec, b.W_dec, config, progress, "decoder")
+    encoder = match_directions(a.encoder_weight, b.encoder_weight, config, progress, "encoder")
+    seconds = time.perf_counter() - started
+    summary = summarise(
+        decoder, encoder, config.threshold, a.n_latents, b.n_latents, a.d_in, seconds
+    )
+    return PairMatch(decoder, encoder, config, summary)
+
+
+def match_checkpoints(
+    path_a: Path, path_b: Path, config: MatchConfig | None = None, progress: Progress | None = None
+) -> PairMatch:
+    """Load two checkpoint folders (sparsify or SAELens layout) and match them."""
+    return match_saes(
+        load_sae(path_a), load_sae(path_b), config, progress, (str(path_a), str(path_b))
+    )
+
+
+ASSIGNMENT_COLUMNS = (
+    "latent",
+    "decoder_partner",
+    "decoder_cosine",
+    "encoder_partner",
+    "encoder_cosine",
+    "shared",
+)
+
+
+def write_assignment(path: Path, match: PairMatch) -> None:
+    """Per-latent partners and cosines: `.csv` (one row per latent) or `.npz` (arrays).
+
+    Unmatched latents have partner -1 and an empty (CSV) or NaN (npz) cosine. The config it
+    ran with and the summary go beside it, in the same name with `.json`."""
+    suffix = path.suffix.lower()
+    if suffix not in (".csv", ".npz"):
+        raise UserError(f"cannot write {path}: the assignment file must end in .csv or .npz")
+    if not path.parent.is_dir():
+        raise UserError(f"cannot write {path}: folder {path.parent} does not exist; create it")
+    columns: dict[str, Any] = {
+        "latent": np.arange(match.decoder.partner.shape[0]),
+        "decoder_partner": match.decoder.partner,
+        "decoder_cosine": match.decoder.cosine,
+        "encoder_partner": match.encoder.partner,
+        "encoder_cosine": match.encoder.cosine,
+        "shared": match.shared,
+    }
+    record = {"config": match.config.model_dump(), "summary": match.summary.model_dump()}
+    path.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
+    if suffix == ".npz":
+        np.savez_compressed(path, threshold=np.float64(match.config.threshold), **columns)
+        return
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(ASSIGNMENT_COLUMNS)
+        for i in range(columns["latent"].shape[0]):
+            writer.writerow(
+                [
+                    i,
+                    int(columns["decoder_partner"][i]),
+                    _cell(columns["decoder_cosine"][i]),
+                    int(columns["encoder_partner"][i]),
+                    _cell(columns["encoder_cosine"][i]),
+                    int(columns["shared"][i]),
+                ]
+            )
+
+
+def _cell(value: float) -> str:
+    return "" if np.isnan(value) else f"{value:.6f}"

@@ -1,0 +1,322 @@
+"""`autointerp calibrate`: does this LLM (and each scorer) tell a right explanation from a
+wrong one? Answered in minutes on planted latents, before any GPU hour is spent.
+
+Each planted latent fires by a known rule on windows of the corpus (`service.planted`). Every
+scorer scores, on the latent's held-out windows, the RIGHT explanation (the rule's own
+description), a WRONG one (the next rule's description) and each explainer's explanation of
+the latent. A scorer discriminates when its right scores beat its wrong ones: per scorer we
+give the mean of each, and the AUC of right vs wrong over the planted latents (the chance that
+a right explanation outscores a wrong one). A scorer is informative when that AUC reaches
+`min_auc` and the mean gap `min_gap`; numbers from a scorer that is not should not be trusted.
+Every score and the config are stored (tables `calibration`, `calibration_score`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+from sae.errors import UserError
+from service.explainers import create_explainers
+from service.latent_examples import load_tokenizer
+from service.llm.base import LLMClient, LLMConfig, create_client
+from service.pipeline import latent_seed, split_for
+from service.planted import RULES, plant, to_latent_examples
+from service.report.data import primary_metric
+from service.score_config import ScoreConfig
+from service.scorers import ScoreResult, create_scorers
+from service.scorers.metrics import roc_auc
+from service.store.engine import Store, open_store
+from service.store.models import Calibration, CalibrationScore
+
+RIGHT = "right"
+WRONG = "wrong"
+
+
+class CalibrationConfig(BaseModel):
+    """What `autointerp calibrate` plants, which explainers and scorers it runs, and the bar a
+    scorer must clear to be called informative."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    subject_model: str = Field(default="smollm2", description="tokenizer of the windows")
+    dataset: str = "embedded"
+    chunk_len: int = Field(default=32, ge=8)
+    max_tokens: int = Field(default=60_000, ge=1000)
+    rules: list[str] = Field(default_factory=lambda: sorted(RULES), min_length=2)
+    score: ScoreConfig = Field(
+        default_factory=lambda: ScoreConfig(shuffled_control=False, n_positive=15, n_negative=15)
+    )
+    min_auc: float = Field(default=0.75, gt=0.5, le=1, description="right vs wrong AUC")
+    min_gap: float = Field(default=0.1, ge=0, description="mean right - mean wrong score")
+    seed: int = 0
+
+    @field_validator("rules")
+    @classmethod
+    def _known_rules(cls, rules: list[str]) -> list[str]:
+        unknown = [rule for rule in rules if rule not in RULES]
+        if unknown:
+            raise ValueError(f"unknown rule {unknown[0]!r}; use any of: {', '.join(sorted(RULES))}")
+        return rules
+
+    @property
+    def needs_llm(self) -> bool:
+        return any(e.needs_llm for e in create_explainers(self.score)) or any(
+            s.needs_llm for s in create_scorers(self.score)
+        )
+
+
+@dataclass
+class CalibrationEntry:
+    """One scorer's score of one explanation (`kind`: right, wrong or an explainer's name)."""
+
+    rule: str
+    scorer: str
+    kind: str
+    explanation: str
+    metric: str
+    value: float | None
+    n_examples: int
+    n_failed: int
+
+
+@dataclass
+class Discrimination:
+    """How well one scorer tells right explanations from wrong ones over the planted rules."""
+
+    scorer: str
+    metric: str
+    n_rules: int
+    right_mean: float | None
+    wrong_mean: float | None
+    explainer_means: dict[str, float | None]
+    auc: float | None
+    informative: bool
+    unparsed: float | None = None
+
+
+def _entry(rule: str, kind: str, explanation: str, result: ScoreResult) -> CalibrationEntry:
+    metric = primary_metric(result.scorer)
+    value = {"auc": result.auc, "balanced_accuracy": result.balanced_accuracy, "f1": result.f1}
+    return CalibrationEntry(
+        rule,
+        result.scorer,
+        kind,
+        explanation,
+        metric,
+        value[metric],
+        result.n_examples,
+        result.n_failed,
+    )
+
+
+async def calibrate(
+    config: CalibrationConfig,
+    llm: LLMClient | None,
+    home: Path,
+    on_rule: Callable[[str], None] | None = None,
+) -> list[CalibrationEntry]:
+    """Plant each rule, explain it, score right, wrong and explained explanations with every
+    scorer; `on_rule` is told of each rule when it is done."""
+    from sae.data import load_chunks
+
+    explainers = create_explainers(config.score)
+    scorers = create_scorers(config.score)
+    tokenizer: Any = load_tokenizer(config.subject_model, home)
+    windows = load_chunks(
+        config.dataset, tokenizer, chunk_len=config.chunk_len, max_tokens=config.max_tokens
+    ).numpy()
+    entries: list[CalibrationEntry] = []
+    for index, rule in enumerate(config.rules):
+        planted = plant(RULES[rule], windows, tokenizer, seed=config.seed + index)
+        examples = to_latent_examples(planted, tokenizer, latent_id=index)
+        split = split_for(examples, config.score)
+        if not split.positives or not split.negatives:
+            raise UserError(
+                f"rule {rule!r} found too few windows in {config.dataset!r}; "
+                "raise --max-tokens or drop the rule"
+            )
+        wrong = RULES[config.rules[(index + 1) % len(config.rules)]].explanation
+        candidates = [(RIGHT, RULES[rule].explanation), (WRONG, wrong)]
+        explained = await asyncio.gather(*(e.explain(split, llm) for e in explainers))
+        candidates += [(e.explainer, e.text) for e in explained if e.parsed]
+        seed = latent_seed(config.score, index)
+        jobs = [(kind, text, s) for kind, text in candidates for s in scorers]
+        results = await asyncio.gather(*(s.score(text, split, llm, seed) for _, text, s in jobs))
+        entries += [
+            _entry(rule, kind, text, result)
+            for (kind, text, _), result in zip(jobs, results, strict=True)
+        ]
+        if on_rule is not None:
+            on_rule(rule)
+    return entries
+
+
+def _mean(values: list[float]) -> float | None:
+    return float(np.mean(values)) if values else None
+
+
+def discrimination(
+    entries: list[CalibrationEntry], config: CalibrationConfig
+) -> list[Discrimination]:
+    """Per scorer: mean right and wrong scores, each explainer's mean, AUC right vs wrong."""
+    rows = []
+    for scorer in dict.fromkeys(entry.scorer for entry in entries):
+        mine = [e for e in entries if e.scorer == scorer and e.value is not None]
+
+        def values(kind: str, mine: list[CalibrationEntry] = mine) -> list[float]:
+            return [float(e.value) for e in mine if e.kind == kind and e.value is not None]
+
+        right, wrong = values(RIGHT), values(WRONG)
+        auc = roc_auc([True] * len(right) + [False] * len(wrong), right + wrong)
+        right_mean, wrong_mean = _mean(right), _mean(wrong)
+        informative = (
+            auc is not None
+            and right_mean is not None
+            and wrong_mean is not None
+            and auc >= config.min_auc
+            and right_mean - wrong_mean >= config.min_gap
+        )
+        asked = [e for e in entries if e.scorer == scorer]
+        n_asked = sum(e.n_examples for e in asked)
+        rows.append(
+            Discrimination(
+                scorer=scorer,
+                metric=next(e.metric for e in entries if e.scorer == scorer),
+                n_rules=len({e.rule for e in mine}),
+                right_mean=right_mean,
+                wrong_mean=wrong_mean,
+                explainer_means={name: _mean(values(name)) for name in config.score.explainers},
+                auc=auc,
+                informative=informative,
+                unparsed=sum(e.n_failed for e in asked) / n_asked if n_asked else None,
+            )
+        )
+    return rows
+
+
+def store_calibration(
+    store: Store, config: CalibrationConfig, llm_model: str | None, entries: list[CalibrationEntry]
+) -> int:
+    """Write the calibration and its scores in one transaction; returns its id."""
+    with store.session() as session, session.begin():
+        row = Calibration(
+            llm_model=llm_model, subject_model=config.subject_model, config=config.model_dump()
+        )
+        session.add(row)
+        session.flush()
+        session.add_all(
+            CalibrationScore(
+                calibration_id=row.id,
+                rule=e.rule,
+                scorer=e.scorer,
+                kind=e.kind,
+                explanation=e.explanation,
+                metric=e.metric,
+                value=e.value,
+                n_examples=e.n_examples,
+                n_failed=e.n_failed,
+            )
+            for e in entries
+        )
+        return int(row.id)
+
+
+async def _calibrate_with(
+    config: CalibrationConfig,
+    llm_config: LLMConfig | None,
+    home: Path,
+    console: Console | None,
+) -> list[CalibrationEntry]:
+    llm = create_client(llm_config, home) if llm_config is not None else None
+    progress = Progress(
+        TextColumn("[bold]calibrating"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rule]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+    )
+    task = progress.add_task("calibrate", total=len(config.rules), rule="")
+    try:
+        if llm is not None:
+            await llm.check()
+        with progress:
+            return await calibrate(
+                config, llm, home, lambda rule: progress.update(task, advance=1, rule=rule)
+            )
+    finally:
+        if llm is not None:
+            await llm.aclose()
+
+
+def run_calibration(
+    db_url: str,
+    home: Path,
+    config: CalibrationConfig,
+    llm_config: LLMConfig,
+    console: Console | None = None,
+) -> tuple[int, list[CalibrationEntry]]:
+    """The `autointerp calibrate` command: calibrate (with an LLM only when an explainer or
+    scorer needs one) and store the results; returns the calibration's id and its scores."""
+    store = open_store(db_url)
+    try:
+        used = llm_config if config.needs_llm else None
+        entries = asyncio.run(_calibrate_with(config, used, home, console))
+        return store_calibration(store, config, used.model if used else None, entries), entries
+    finally:
+        store.dispose()
+
+
+def _number(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def discrimination_table(rows: list[Discrimination], config: CalibrationConfig) -> Table:
+    """Each scorer's discrimination of right vs wrong explanations, with its verdict."""
+    table = Table(
+        "scorer",
+        "metric",
+        "rules",
+        "right",
+        "wrong",
+        *config.score.explainers,
+        "AUC",
+        "unparsed",
+        "verdict",
+        title="calibration on planted latents: does each scorer tell right from wrong?",
+        caption="mean score of the rule's own explanation (right), of another rule's (wrong) and "
+        "of each explainer's; AUC: a right explanation outscores a wrong one; unparsed: answers "
+        "the scorer could not read",
+    )
+    for row in rows:
+        verdict = "[green]informative" if row.informative else "[red]uninformative"
+        table.add_row(
+            row.scorer,
+            row.metric,
+            str(row.n_rules),
+            _number(row.right_mean),
+            _number(row.wrong_mean),
+            *(_number(row.explainer_means[name]) for name in config.score.explainers),
+            _number(row.auc),
+            "-" if row.unparsed is None else f"{row.unparsed:.0%}",
+            verdict,
+        )
+    return table

@@ -1,0 +1,95 @@
+"""The `llm` explainer: show an LLM the latent's top and quantile windows with the activating
+tokens marked <<like this>>, and read one short explanation from its answer.
+
+Parsing accepts what small models really write: the requested JSON, JSON cut off by the token
+limit, an "Explanation:" line, or a bare phrase. An answer with no usable phrase is a parse
+failure, kept with its raw text.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+from service.explainers.base import Explainer, ExplanationResult, register_explainer
+from service.latent_examples import ExampleSplit, render_window
+from service.llm.base import LLMClient, LLMError, SamplingParams
+from service.prompts import load_prompt
+
+MAX_EXPLANATION_CHARS = 200
+EXPLANATION_SCHEMA = {
+    "type": "object",
+    "properties": {"explanation": {"type": "string", "maxLength": MAX_EXPLANATION_CHARS}},
+    "required": ["explanation"],
+    "additionalProperties": False,
+}
+_JSON_FIELD = re.compile(r'"explanation"\s*:\s*"((?:[^"\\]|\\.)*)', re.IGNORECASE)
+_LABELLED = re.compile(r"explanation\s*[:=-]\s*(.+)", re.IGNORECASE)
+
+
+def _clean(text: str) -> str | None:
+    text = " ".join(text.split()).strip().strip("\"'`*").strip()
+    if len(text) > MAX_EXPLANATION_CHARS:
+        text = text[:MAX_EXPLANATION_CHARS].rsplit(" ", 1)[0]
+    return text if re.search(r"\w", text) else None
+
+
+def parse_explanation(raw: str) -> str | None:
+    """The explanation phrase in an LLM's answer, or None when there is none."""
+    text = re.sub(r"```(?:json)?", "", raw).strip()
+    start, end = text.find("{"), text.rfind("}")
+    if start != -1 and end > start:
+        try:
+            value = json.loads(text[start : end + 1])
+        except json.JSONDecodeError:
+            value = None
+        if isinstance(value, dict) and isinstance(value.get("explanation"), str):
+            return _clean(value["explanation"])
+    match = _JSON_FIELD.search(text)
+    if match:
+        try:
+            return _clean(json.loads(f'"{match.group(1)}"'))
+        except json.JSONDecodeError:
+            return _clean(match.group(1))
+    if text.startswith("{"):
+        return None
+    match = _LABELLED.search(text)
+    if match:
+        return _clean(match.group(1).splitlines()[0])
+    lines = [line for line in text.splitlines() if line.strip()]
+    return _clean(lines[0]) if lines else None
+
+
+def render_examples(split: ExampleSplit, mark_fraction: float) -> str:
+    return "\n\n".join(
+        f'<example id="{number}">\n{render_window(w.tokens, w.active(mark_fraction))}\n</example>'
+        for number, w in enumerate(split.explain, 1)
+    )
+
+
+@register_explainer
+class LLMExplainer(Explainer):
+    name = "llm"
+
+    async def explain(self, split: ExampleSplit, llm: LLMClient | None) -> ExplanationResult:
+        if llm is None:
+            raise ValueError("the llm explainer needs an LLM client")
+        messages = load_prompt(self.config.prompt("explain")).render(
+            examples=render_examples(split, self.config.mark_fraction)
+        )
+        params = SamplingParams(
+            max_tokens=self.config.explanation_max_tokens,
+            temperature=self.config.temperature,
+            seed=self.config.seed,
+            json_schema=EXPLANATION_SCHEMA,
+        )
+        try:
+            completion = await llm.chat(messages, params)
+        except LLMError as error:
+            if error.transient:
+                raise
+            return ExplanationResult(self.name, "", str(error), False, error.calls)
+        text = parse_explanation(completion.text)
+        return ExplanationResult(
+            self.name, text or "", completion.text, text is not None, completion.calls
+        )

@@ -1,0 +1,225 @@
+"""A latent's example windows as the explainer and the scorers see them, and how they are
+split, rendered into prompts and read from the store.
+
+A `Window` is a run of token strings with the latent's activation on each, of kind `top`
+(the highest-activating windows), `quantile` (sampled across activation quantiles) or
+`random` (context where the latent may not fire at all). `split_examples` decides which
+windows the explainer sees and which are held out for scoring; a held-out window is never
+one the explainer saw, not even as a copy under another kind.
+
+`render_window` is the one place corpus text enters a prompt: it escapes `&`, `<` and `>` so
+that no text in a window can close the tags that delimit it or forge the `<<...>>` marks.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from service.store.models import Example, Latent, Run, Sae
+from service.store.results import decode_window
+
+MARK_OPEN = "<<"
+MARK_CLOSE = ">>"
+
+
+@dataclass(frozen=True)
+class Window:
+    """Token strings with the latent's activation on each, and where the window came from."""
+
+    tokens: tuple[str, ...]
+    activations: tuple[float, ...]
+    kind: str
+    quantile_bin: int | None = None
+    example_id: int | None = None
+
+    @property
+    def max_activation(self) -> float:
+        return max(self.activations, default=0.0)
+
+    @property
+    def text(self) -> str:
+        return "".join(self.tokens)
+
+    def active(self, fraction: float = 0.0) -> list[bool]:
+        """Which tokens fire: activation above `fraction` of the window's maximum (and > 0)."""
+        threshold = max(self.max_activation * fraction, 0.0)
+        return [value > threshold for value in self.activations]
+
+
+@dataclass
+class LatentExamples:
+    """Every stored window of one latent."""
+
+    latent_id: int | None
+    windows: list[Window]
+
+
+@dataclass
+class ExampleSplit:
+    """Windows shown to the explainer, and the disjoint held-out sets the scorers use."""
+
+    explain: list[Window]
+    positives: list[Window]
+    negatives: list[Window]
+
+
+def _spread(windows: list[Window], n: int, rng: random.Random) -> list[Window]:
+    """Up to n windows spread evenly over quantile bins (round robin, shuffled within bins)."""
+    bins: dict[int | None, list[Window]] = {}
+    for window in windows:
+        bins.setdefault(window.quantile_bin, []).append(window)
+    for members in bins.values():
+        rng.shuffle(members)
+    order = sorted(bins, key=lambda key: (key is None, key or 0))
+    chosen: list[Window] = []
+    while len(chosen) < n and any(bins.values()):
+        for key in order:
+            if bins[key] and len(chosen) < n:
+                chosen.append(bins[key].pop())
+    return chosen
+
+
+def split_examples(
+    examples: LatentExamples,
+    *,
+    n_explain_top: int,
+    n_explain_quantile: int,
+    n_positive: int,
+    n_negative: int,
+    seed: int = 0,
+) -> ExampleSplit:
+    """Choose the explainer's windows and the held-out scoring sets, reproducibly.
+
+    The explainer sees the `n_explain_top` highest top windows and `n_explain_quantile`
+    quantile windows spread over the bins. Positives are held-out activating windows (other
+    quantile windows first, then remaining top windows), spread over bins; negatives are
+    random windows on which the latent is verified not to fire.
+    """
+    rng = random.Random(seed)
+    top = sorted(
+        (w for w in examples.windows if w.kind == "top" and w.max_activation > 0),
+        key=lambda w: -w.max_activation,
+    )
+    quantile = [w for w in examples.windows if w.kind == "quantile" and w.max_activation > 0]
+    explain = top[:n_explain_top] + _spread(quantile, n_explain_quantile, rng)
+    seen = {w.tokens for w in explain}
+    held_quantile = [w for w in quantile if w.tokens not in seen]
+    positives = _spread(held_quantile, n_positive, rng)
+    if len(positives) < n_positive:
+        taken = seen | {w.tokens for w in positives}
+        spare = [w for w in top[n_explain_top:] if w.tokens not in taken]
+        positives += spare[: n_positive - len(positives)]
+    seen |= {w.tokens for w in positives}
+    candidates = [
+        w
+        for w in examples.windows
+        if w.kind == "random" and w.max_activation <= 0 and w.tokens not in seen
+    ]
+    rng.shuffle(candidates)
+    negatives: list[Window] = []
+    for window in candidates:
+        if len(negatives) == n_negative:
+            break
+        if window.tokens not in seen:
+            negatives.append(window)
+            seen.add(window.tokens)
+    return ExampleSplit(explain, positives, negatives)
+
+
+def escape(text: str) -> str:
+    """Corpus text made inert inside a prompt's tags."""
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def render_window(tokens: Sequence[str], marked: Sequence[bool] | None = None) -> str:
+    """The window's text, escaped, with each run of marked tokens wrapped in << >>.
+
+    Leading whitespace of a marked run stays outside the marks, so that `<<the>>` reads as
+    the word and not as " the".
+    """
+    parts: list[str] = []
+    inside = False
+    for index, token in enumerate(tokens):
+        mark = bool(marked[index]) if marked is not None else False
+        text = escape(token)
+        if mark and not inside:
+            stripped = text.lstrip()
+            parts.append(text[: len(text) - len(stripped)])
+            parts.append(MARK_OPEN)
+            text = stripped
+            inside = True
+        elif not mark and inside:
+            parts.append(MARK_CLOSE)
+            inside = False
+        parts.append(text)
+    if inside:
+        parts.append(MARK_CLOSE)
+    return "".join(parts)
+
+
+def token_strings(tokenizer: Any, token_ids: Sequence[int]) -> list[str]:
+    """Each token's text, as the difference of decoded prefixes, so that characters split over
+    several byte-level tokens come out whole (on the last of them) and the pieces add up to
+    the decoded text."""
+    pieces: list[str] = []
+    previous = ""
+    ids = [int(token_id) for token_id in token_ids]
+    for end in range(1, len(ids) + 1):
+        decoded = tokenizer.decode(ids[:end], skip_special_tokens=True)
+        if decoded.endswith("\ufffd") and end < len(ids):
+            pieces.append("")
+            continue
+        pieces.append(decoded[len(previous) :])
+        previous = decoded
+    return pieces
+
+
+def load_latent_examples(session: Session, latent_id: int, tokenizer: Any) -> LatentExamples:
+    """A latent's stored windows, decoded with the subject model's tokenizer."""
+    rows = session.scalars(
+        select(Example)
+        .where(Example.latent_id == latent_id)
+        .order_by(Example.kind, Example.quantile_bin, Example.rank)
+    ).all()
+    windows = []
+    for row in rows:
+        token_ids, activations = decode_window(row.token_ids, row.activations)
+        windows.append(
+            Window(
+                tokens=tuple(token_strings(tokenizer, token_ids.tolist())),
+                activations=tuple(float(value) for value in activations),
+                kind=row.kind,
+                quantile_bin=row.quantile_bin,
+                example_id=row.id,
+            )
+        )
+    return LatentExamples(latent_id, windows)
+
+
+def subject_model_of(session: Session, latent_id: int) -> str:
+    """The subject model of the run a latent belongs to (whose tokenizer wrote its windows)."""
+    model = session.scalar(
+        select(Run.subject_model)
+        .join(Sae, Sae.run_id == Run.id)
+        .join(Latent, Latent.sae_id == Sae.id)
+        .where(Latent.id == latent_id)
+    )
+    if model is None:
+        raise LookupError(f"latent {latent_id} is not in the store")
+    return model
+
+
+def load_tokenizer(model: str, home: Path) -> Any:
+    """The tokenizer of a subject model (embedded name, folder or hub id), without weights."""
+    from transformers import AutoTokenizer
+
+    from sae.models import resolve_model
+
+    return AutoTokenizer.from_pretrained(resolve_model(model, home))

@@ -1,0 +1,280 @@
+"""The `openai` backend: any OpenAI-compatible chat-completions server, vLLM first.
+
+Requests go over async httpx to one of several base URLs, the one with the fewest requests in
+flight (a server that just failed is avoided until its back-off ends). A semaphore bounds the
+requests in flight. Connection errors, timeouts, 429 and 5xx answers are retried with
+exponential back-off and full jitter until `retry_for_s` has passed, so a run outlives a
+server restart; any other error answer (a 400 for a prompt that is too long...) fails the
+request at once. Every attempt becomes a `CallRecord`.
+
+The API key comes from the environment variable the config names and lives only in this
+object's request headers: it is never logged, recorded or saved.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from sae.errors import UserError
+from service.llm.base import (
+    CallRecord,
+    Completion,
+    LLMClient,
+    LLMConfig,
+    LLMError,
+    Message,
+    SamplingParams,
+    TokenLogprob,
+    register_backend,
+)
+
+BACKOFF_BASE_S = 0.5
+BACKOFF_CAP_S = 15.0
+CHECK_TIMEOUT_S = 10.0
+
+
+def normalize_base_url(url: str) -> str:
+    """`http://host:port`, `.../v1` or `.../v1/` -> `http://host:port/v1`."""
+    url = url.strip().rstrip("/")
+    if not url.startswith(("http://", "https://")):
+        raise UserError(f"LLM URL {url!r} must start with http:// or https://; fix --llm-url")
+    return url if url.endswith("/v1") else f"{url}/v1"
+
+
+@dataclass
+class Endpoint:
+    """One server's base URL and what this client knows of its load and health."""
+
+    base_url: str
+    in_flight: int = 0
+    avoid_until: float = 0.0
+    served: int = 0
+
+
+def backoff_s(attempt: int, retry_after: float | None = None) -> float:
+    """Delay before retry number `attempt` (0-based): full jitter under an exponential cap,
+    or the server's Retry-After when it gave one."""
+    if retry_after is not None:
+        return min(retry_after, BACKOFF_CAP_S * 4)
+    return random.uniform(0, min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2**attempt))
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    try:
+        return float(response.headers["retry-after"])
+    except (KeyError, ValueError):
+        return None
+
+
+def _short(text: str, limit: int = 300) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def request_body(
+    model: str, messages: list[Message], params: SamplingParams, structured: bool
+) -> dict[str, Any]:
+    """The chat-completions JSON for one request, built fresh from its own parameters."""
+    body: dict[str, Any] = {
+        "model": model,
+        "messages": [dict(message) for message in messages],
+        "max_tokens": params.max_tokens,
+        "temperature": params.temperature,
+        "top_p": params.top_p,
+    }
+    if params.seed is not None:
+        body["seed"] = params.seed
+    if params.stop:
+        body["stop"] = list(params.stop)
+    if params.logprobs:
+        body["logprobs"] = True
+        body["top_logprobs"] = params.top_logprobs
+    if structured and params.json_schema is not None:
+        body["response_format"] = {
+            "type": "json_schema",
+            "json_schema": {"name": "answer", "schema": params.json_schema},
+        }
+    return body
+
+
+def parse_choice(payload: dict[str, Any]) -> tuple[str, list[TokenLogprob] | None, str | None]:
+    """(text, tokens with logprobs or None, finish reason) of the first choice."""
+    choice = payload["choices"][0]
+    text = choice.get("message", {}).get("content") or ""
+    tokens = None
+    logprobs = choice.get("logprobs") or {}
+    if logprobs.get("content"):
+        tokens = [
+            TokenLogprob(
+                token=entry["token"],
+                logprob=float(entry["logprob"]),
+                top={alt["token"]: float(alt["logprob"]) for alt in entry.get("top_logprobs", [])},
+            )
+            for entry in logprobs["content"]
+        ]
+    return text, tokens, choice.get("finish_reason")
+
+
+class OpenAIClient(LLMClient):
+    """Chat completions against one or more OpenAI-compatible base URLs."""
+
+    enforces_json_schema = True
+
+    def __init__(self, config: LLMConfig):
+        if not config.urls:
+            raise UserError("no LLM URL given; pass --llm-url http://HOST:PORT/v1")
+        self.config = config
+        self.model = config.model
+        self.enforces_json_schema = config.structured_output
+        self.endpoints = [Endpoint(normalize_base_url(url)) for url in config.urls]
+        self._semaphore = asyncio.Semaphore(config.max_concurrency)
+        headers = {"Content-Type": "application/json"}
+        api_key = os.environ.get(config.api_key_env)
+        if api_key:
+            headers["Authorization"] = f"Bearer {api_key}"
+        self._http = httpx.AsyncClient(
+            headers=headers,
+            timeout=httpx.Timeout(config.timeout_s, connect=min(10.0, config.timeout_s)),
+            limits=httpx.Limits(max_connections=config.max_concurrency + len(self.endpoints)),
+        )
+
+    def pick_endpoint(self) -> Endpoint:
+        """The healthy endpoint with the fewest requests in flight (ties: the least used)."""
+        now = time.monotonic()
+        return min(
+            self.endpoints,
+            key=lambda endpoint: (endpoint.avoid_until > now, endpoint.in_flight, endpoint.served),
+        )
+
+    async def check(self) -> None:
+        """Each URL must answer `/models` and serve `self.model`."""
+        for endpoint in self.endpoints:
+            url = f"{endpoint.base_url}/models"
+            try:
+                response = await self._http.get(url, timeout=CHECK_TIMEOUT_S)
+            except httpx.HTTPError as error:
+                raise UserError(
+                    f"cannot reach the LLM server at {endpoint.base_url} "
+                    f"({type(error).__name__}); start one with `autointerp llm serve --model "
+                    f"{self.model}` or fix --llm-url"
+                ) from None
+            if response.status_code in (401, 403):
+                raise UserError(
+                    f"the LLM server at {endpoint.base_url} refused the API key (HTTP "
+                    f"{response.status_code}); set {self.config.api_key_env}"
+                )
+            try:
+                response.raise_for_status()
+                served = [entry["id"] for entry in response.json()["data"]]
+            except (httpx.HTTPStatusError, ValueError, KeyError, TypeError):
+                raise UserError(
+                    f"{url} did not answer like an OpenAI-compatible server (HTTP "
+                    f"{response.status_code}); check --llm-url"
+                ) from None
+            if self.model not in served:
+                raise UserError(
+                    f"model {self.model!r} is not served at {endpoint.base_url} (it serves: "
+                    f"{', '.join(served) or 'nothing'}); pass --model with one of those"
+                )
+
+    async def chat(self, messages: list[Message], params: SamplingParams) -> Completion:
+        body = request_body(self.model, messages, params, self.config.structured_output)
+        calls: list[CallRecord] = []
+        deadline = time.monotonic() + self.config.retry_for_s
+        attempt = 0
+        while True:
+            endpoint = self.pick_endpoint()
+            retry_after: float | None = None
+            async with self._semaphore:
+                endpoint.in_flight += 1
+                endpoint.served += 1
+                started = time.monotonic()
+                try:
+                    response = await self._http.post(
+                        f"{endpoint.base_url}/chat/completions", json=body
+                    )
+                    error: str | None = None
+                except httpx.TransportError as transport_error:
+                    response = None
+                    error = f"{type(transport_error).__name__}: {transport_error}"
+                finally:
+                    endpoint.in_flight -= 1
+                latency = time.monotonic() - started
+            record = CallRecord(self.model, endpoint.base_url, latency, error=error)
+            calls.append(record)
+            if response is not None:
+                if response.status_code == 200:
+                    return self._completion(response, record, calls)
+                record.error = f"HTTP {response.status_code}: {_short(response.text)}"
+                retryable = response.status_code == 429 or response.status_code >= 500
+                if not retryable:
+                    raise LLMError(record.error, calls)
+                retry_after = _retry_after(response)
+            delay = backoff_s(attempt, retry_after)
+            if time.monotonic() + delay > deadline:
+                raise LLMError(
+                    f"gave up after {len(calls)} attempts over {self.config.retry_for_s:.0f} s; "
+                    f"last: {record.error}",
+                    calls,
+                    transient=True,
+                )
+            endpoint.avoid_until = time.monotonic() + delay
+            attempt += 1
+            await asyncio.sleep(delay)
+
+    def _completion(
+        self, response: httpx.Response, record: CallRecord, calls: list[CallRecord]
+    ) -> Completion:
+        try:
+            payload = response.json()
+            text, tokens, finish_reason = parse_choice(payload)
+        except (ValueError, KeyError, IndexError, TypeError) as error:
+            record.error = f"unreadable answer ({type(error).__name__}): {_short(response.text)}"
+            raise LLMError(record.error, calls) from None
+        usage = payload.get("usage") or {}
+        record.prompt_tokens = usage.get("prompt_tokens")
+        record.completion_tokens = usage.get("completion_tokens")
+        return Completion(text, tokens, finish_reason, calls)
+
+    async def server_metric(self, name: str) -> float | None:
+        """Sum of a Prometheus counter (e.g. `vllm:generation_tokens_total`) over the servers;
+        None when a server does not expose it."""
+        total = 0.0
+        for endpoint in self.endpoints:
+            root = endpoint.base_url.removesuffix("/v1")
+            try:
+                response = await self._http.get(f"{root}/metrics", timeout=CHECK_TIMEOUT_S)
+                response.raise_for_status()
+            except httpx.HTTPError:
+                return None
+            values = [
+                float(line.rsplit(" ", 1)[1])
+                for line in response.text.splitlines()
+                if line.startswith((f"{name}{{", f"{name} "))
+            ]
+            if not values:
+                return None
+            total += sum(values)
+        return total
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    def __repr__(self) -> str:
+        # Never show headers: they may hold the API key.
+        urls = json.dumps([endpoint.base_url for endpoint in self.endpoints])
+        return f"OpenAIClient(model={self.model!r}, urls={urls})"
+
+
+@register_backend("openai")
+def _create(config: LLMConfig, _home: Path) -> LLMClient:
+    return OpenAIClient(config)

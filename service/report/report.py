@@ -1,0 +1,436 @@
+"""The report itself: what `autointerp report` computes from a run's data, as pydantic models
+(so `--json` is `model_dump_json`), and the list of what is missing from the run.
+
+Per hookpoint: shared and seed-specific counts for every ordered pair of seeds; the
+multi-seed "present in exactly m SAEs" table; per explainer and scorer, the specificity
+control (own vs shuffled explanation), shared vs seed-specific interpretability, score
+against firing frequency and against matched similarity, the share of latents that score
+well yet are seed-specific and the score by presence count; explanation agreement; and
+cross-seed scoring (explanation of a latent's partner in another seed, scored on the latent).
+
+A latent is *shared* here when it is shared with at least one other seed of its hookpoint
+(the same test as the stratified queue); *seed-specific* when it was matched against other
+seeds and is shared with none. Its *matched similarity* is the best, over other seeds, of the
+smaller of its two matched cosines, so shared means matched similarity > threshold.
+
+A scorer whose control fails (`informative` False) keeps its numbers in the JSON, flagged,
+but its comparison is stated as uninformative wherever a person reads the report.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from pydantic import BaseModel, Field
+
+from sae.multiseed import presence_statistics
+from service.embedding import DEFAULT_EMBEDDING_MODEL
+from service.report.agreement import AgreementSection, Embed, explanation_agreement
+from service.report.data import (
+    CONTROL_CROSS_SEED,
+    CONTROL_OWN,
+    CONTROL_SHUFFLED,
+    HookpointData,
+    RunData,
+    ScoreData,
+)
+from service.report.statistics import (
+    Bootstrap,
+    Comparison,
+    Correlation,
+    GoodButSpecific,
+    SpecificityGap,
+    Summary,
+    compare_groups,
+    good_but_specific,
+    spearman,
+    specificity_gap,
+    summarize,
+)
+
+
+class ReportConfig(BaseModel):
+    """The report's settings; written into the JSON and the HTML it produces."""
+
+    good_threshold: float = Field(default=0.8, description="a latent scores well above this")
+    confidence: float = Field(default=0.95, gt=0, lt=1)
+    n_resamples: int = Field(default=2000, ge=100, description="bootstrap resamples")
+    seed: int = Field(default=0, description="seed of bootstrap and random-pair draws")
+    min_control_latents: int = Field(
+        default=5, ge=2, description="latents the specificity control needs for a verdict"
+    )
+    max_random_pairs: int = Field(default=2000, ge=1)
+    agreement: bool = Field(default=True, description="compute explanation agreement")
+    embedding_model: str = DEFAULT_EMBEDDING_MODEL
+
+    @property
+    def bootstrap(self) -> Bootstrap:
+        return Bootstrap(self.confidence, self.n_resamples, self.seed)
+
+
+class PairCounts(BaseModel):
+    """Seed a's latents matched into seed b."""
+
+    seed_a: int
+    seed_b: int
+    n_latents: int
+    threshold: float
+    shared: int
+    seed_specific: int
+    shared_fraction: float
+    shared_decoder_only: int
+    encoder_decoder_agreement: float
+    mean_cos_decoder: float | None
+    mean_cos_encoder: float | None
+    derived: bool = Field(description="computed by inverting the stored b-into-a matching")
+
+
+class PresenceRow(BaseModel):
+    m: int = Field(description="number of SAEs the latent is present in (itself included)")
+    mean_latents: float
+    fraction: float
+    only_in_base_fraction: float = Field(
+        description="fraction found only in the base SAE among m SAEs (base + m-1 others)"
+    )
+
+
+class ScorerSection(BaseModel):
+    """One explainer with one scorer, on the latents of one hookpoint."""
+
+    explainer: str
+    scorer: str
+    metric: str
+    scored: Summary = Field(description="every latent with an own-explanation score")
+    failed_answer_rate: float | None = Field(description="unparsed answers / answers asked")
+    control: SpecificityGap | None = Field(description="None: no shuffled-explanation scores")
+    informative: bool | None
+    shared_vs_specific: Comparison | None = Field(description="None: no matchings stored")
+    vs_firing_frequency: Correlation
+    vs_matched_similarity: Correlation | None
+    good_but_specific: GoodButSpecific | None
+    by_presence: list[Summary] | None = Field(
+        description="[m-1]: scores of latents present in exactly m SAEs"
+    )
+
+
+class CrossSeedSection(BaseModel):
+    """Explanations written for a latent of another seed, scored on this seed's latent."""
+
+    explainer: str
+    scorer: str
+    cross_seed: Summary
+    own: Summary = Field(description="the same latents scored with their own explanations")
+    gap: Summary = Field(description="own - cross-seed, per latent")
+
+
+class HookpointReport(BaseModel):
+    hookpoint: str
+    seeds: list[int]
+    n_latents: dict[int, int]
+    firing_statistics: bool
+    pairs: list[PairCounts]
+    presence: list[PresenceRow] | None
+    scorers: list[ScorerSection]
+    agreement: list[AgreementSection]
+    cross_seed: list[CrossSeedSection]
+
+
+class Report(BaseModel):
+    run: str
+    subject_model: str
+    dataset: str
+    architecture: str
+    k: int | None
+    seeds: list[int]
+    n_examples: int
+    config: ReportConfig
+    hookpoints: list[HookpointReport]
+    missing: list[str] = Field(description="what the run lacks, and the command that adds it")
+
+
+def _mean_or_none(values: np.ndarray) -> float | None:
+    finite = values[np.isfinite(values)]
+    return float(finite.mean()) if finite.size else None
+
+
+def pair_counts(group: HookpointData) -> list[PairCounts]:
+    rows = []
+    for (seed_a, seed_b), pair in sorted(group.pairs.items()):
+        shared = pair.shared
+        n = shared.size
+        rows.append(
+            PairCounts(
+                seed_a=seed_a,
+                seed_b=seed_b,
+                n_latents=n,
+                threshold=pair.threshold,
+                shared=int(shared.sum()),
+                seed_specific=int(n - shared.sum()),
+                shared_fraction=float(shared.mean()) if n else 0.0,
+                shared_decoder_only=int(pair.decoder_only.sum()),
+                encoder_decoder_agreement=float(pair.agree.mean()) if n else 0.0,
+                mean_cos_decoder=_mean_or_none(pair.cos_decoder),
+                mean_cos_encoder=_mean_or_none(pair.cos_encoder),
+                derived=pair.derived,
+            )
+        )
+    return rows
+
+
+def presence_table(group: HookpointData) -> list[PresenceRow] | None:
+    """The multi-seed table from the stored matchings; None unless every pair of seeds is
+    matched and all SAEs have one size."""
+    seeds = group.seeds
+    sizes = {group.saes[seed].n_latents for seed in seeds}
+    complete = all((a, b) in group.pairs for a in seeds for b in seeds if a != b)
+    if len(seeds) < 2 or len(sizes) != 1 or not complete:
+        return None
+    n_latents = sizes.pop()
+    shared = {key: pair.shared for key, pair in group.pairs.items()}
+    exactly, only_in_base = presence_statistics(shared, seeds)
+    return [
+        PresenceRow(
+            m=m,
+            mean_latents=count,
+            fraction=count / max(n_latents, 1),
+            only_in_base_fraction=only,
+        )
+        for m, (count, only) in enumerate(zip(exactly, only_in_base, strict=True), start=1)
+    ]
+
+
+def presence_counts(group: HookpointData, seed: int) -> np.ndarray | None:
+    """Per latent of `seed`: in how many SAEs it is present (itself plus those sharing it);
+    None unless it was matched against every other seed."""
+    others = [other for other in group.seeds if other != seed]
+    if not others or any((seed, other) not in group.pairs for other in others):
+        return None
+    present = np.ones(group.saes[seed].n_latents, dtype=np.int64)
+    for other in others:
+        present += group.pairs[(seed, other)].shared
+    return present
+
+
+class _Columns:
+    """Per-latent values of one hookpoint's SAEs, concatenated over seeds."""
+
+    def __init__(self, group: HookpointData):
+        self.group = group
+        self.seeds = group.seeds
+
+    def gather(self, per_seed: dict[int, np.ndarray | None], fill: float = np.nan) -> np.ndarray:
+        parts = []
+        for seed in self.seeds:
+            values = per_seed.get(seed)
+            n = self.group.saes[seed].n_latents
+            parts.append(np.full(n, fill) if values is None else values.astype(np.float64))
+        return np.concatenate(parts) if parts else np.zeros(0)
+
+    def scores(self, data: ScoreData | None) -> np.ndarray:
+        if data is None:
+            return self.gather({})
+        return self.gather(
+            {
+                seed: data.for_sae(sae.id).dense(sae.n_latents)
+                for seed, sae in self.group.saes.items()
+            }
+        )
+
+
+def _scorer_section(
+    group: HookpointData,
+    columns: _Columns,
+    own: ScoreData,
+    shuffled: ScoreData | None,
+    config: ReportConfig,
+) -> ScorerSection:
+    bootstrap = config.bootstrap
+    values = columns.scores(own)
+    control = None
+    if shuffled is not None:
+        control = specificity_gap(
+            values,
+            columns.scores(shuffled),
+            bootstrap,
+            min_latents=config.min_control_latents,
+        )
+    shared_any = {s: group.shared_any(s) for s in group.seeds}
+    # Latents of a seed never matched against another have no shared status: left out.
+    known = columns.gather(
+        {s: np.ones(group.saes[s].n_latents) for s, mask in shared_any.items() if mask is not None},
+        fill=0.0,
+    ).astype(bool)
+    shared = columns.gather(shared_any, fill=0.0).astype(bool)
+    comparison = None
+    good = None
+    similarity = None
+    if known.any():
+        comparison = compare_groups(values[known & shared], values[known & ~shared], bootstrap)
+        good = good_but_specific(values[known], ~shared[known], config.good_threshold)
+        similarity = spearman(
+            columns.gather({s: group.matched_similarity(s) for s in group.seeds}), values
+        )
+    presence = columns.gather({s: presence_counts(group, s) for s in group.seeds})
+    by_presence = None
+    if np.isfinite(presence).any():
+        by_presence = [
+            summarize(values[presence == m], bootstrap) for m in range(1, len(group.seeds) + 1)
+        ]
+    frequency = columns.gather({s: sae.firing_frequency for s, sae in group.saes.items()})
+    in_group = np.isin(own.sae_id, [sae.id for sae in group.saes.values()])
+    n_examples = int(own.n_examples[in_group].sum())
+    n_failed = int(own.n_failed[in_group].sum())
+    return ScorerSection(
+        explainer=own.explainer,
+        scorer=own.scorer,
+        metric=own.metric,
+        scored=summarize(values, bootstrap),
+        failed_answer_rate=n_failed / n_examples if n_examples else None,
+        control=control,
+        informative=control.informative if control else None,
+        shared_vs_specific=comparison,
+        vs_firing_frequency=spearman(frequency, values),
+        vs_matched_similarity=similarity,
+        good_but_specific=good,
+        by_presence=by_presence,
+    )
+
+
+def _cross_seed_sections(
+    group: HookpointData, data: RunData, config: ReportConfig
+) -> list[CrossSeedSection]:
+    """Each cross-seed score paired with the scored latent's own score (same explainer and
+    scorer). A latent may be scored with the explanations of several seeds' partners: each
+    such score is one pair."""
+    bootstrap = config.bootstrap
+    sections = []
+    for cross in data.score_sets(CONTROL_CROSS_SEED):
+        own = data.find_scores(cross.explainer, cross.scorer, CONTROL_OWN)
+        cross_values, own_values = [], []
+        for sae in group.saes.values():
+            rows = cross.for_sae(sae.id)
+            cross_values.append(rows.value)
+            own_dense = (
+                own.for_sae(sae.id).dense(sae.n_latents)
+                if own is not None
+                else np.full(sae.n_latents, np.nan)
+            )
+            own_values.append(own_dense[rows.latent_index])
+        cross_all, own_all = np.concatenate(cross_values), np.concatenate(own_values)
+        if not np.isfinite(cross_all).any():
+            continue
+        both = np.isfinite(cross_all) & np.isfinite(own_all)
+        sections.append(
+            CrossSeedSection(
+                explainer=cross.explainer,
+                scorer=cross.scorer,
+                cross_seed=summarize(cross_all, bootstrap),
+                own=summarize(own_all[both], bootstrap),
+                gap=summarize(own_all[both] - cross_all[both], bootstrap),
+            )
+        )
+    return sections
+
+
+def hookpoint_report(
+    group: HookpointData, data: RunData, config: ReportConfig, embed: Embed | None
+) -> HookpointReport:
+    columns = _Columns(group)
+    sae_ids = {sae.id for sae in group.saes.values()}
+    scorers = []
+    # By scorer first, so each LLM explainer's row sits beside the token baseline's.
+    for own in sorted(data.score_sets(CONTROL_OWN), key=lambda s: (s.scorer, s.explainer)):
+        if not np.isin(own.sae_id, list(sae_ids)).any():
+            continue
+        shuffled = data.find_scores(own.explainer, own.scorer, CONTROL_SHUFFLED)
+        scorers.append(_scorer_section(group, columns, own, shuffled, config))
+    agreement: list[AgreementSection] = []
+    if embed is not None and config.agreement:
+        agreement = explanation_agreement(
+            group,
+            data.explanations,
+            embed,
+            max_random_pairs=config.max_random_pairs,
+            bootstrap=config.bootstrap,
+        )
+    return HookpointReport(
+        hookpoint=group.hookpoint,
+        seeds=group.seeds,
+        n_latents={seed: sae.n_latents for seed, sae in group.saes.items()},
+        firing_statistics=all(sae.has_statistics for sae in group.saes.values()),
+        pairs=pair_counts(group),
+        presence=presence_table(group),
+        scorers=scorers,
+        agreement=agreement,
+        cross_seed=_cross_seed_sections(group, data, config),
+    )
+
+
+def missing_parts(data: RunData, report: Report, config: ReportConfig) -> list[str]:
+    """What the run lacks for a full report, each with the step that adds it."""
+    name = data.run.name
+    missing = []
+    if not data.hookpoints:
+        missing.append(f"no SAEs are registered for run `{name}`: train the run first")
+        return missing
+    for group in report.hookpoints:
+        where = f"the SAEs at `{group.hookpoint}`" if len(report.hookpoints) > 1 else "the SAEs"
+        if len(group.seeds) < 2:
+            missing.append(f"{where} have a single seed: train at least two seeds to compare")
+        elif not group.pairs:
+            missing.append(f"no matchings stored for {where}: match the seeds' SAEs")
+        elif group.presence is None:
+            missing.append(
+                f"not every pair of seeds of {where} is matched: the multi-seed table needs all"
+            )
+        if not group.firing_statistics:
+            missing.append(f"no firing statistics for {where}: run `autointerp cache --run {name}`")
+    if data.n_examples == 0:
+        missing.append(f"no example windows: run `autointerp cache --run {name}`")
+    if not data.explanations:
+        missing.append(
+            f"no explanations: run `autointerp queue --run {name}` then `autointerp score`"
+        )
+    if not data.score_sets(CONTROL_OWN):
+        missing.append(
+            "no scores: interpretability of shared vs seed-specific latents needs scored "
+            f"latents (`autointerp queue --run {name}`, then `autointerp score`)"
+        )
+    elif not data.score_sets(CONTROL_SHUFFLED):
+        missing.append(
+            "no shuffled-explanation control scores: whether each scorer discriminates at all "
+            "is unknown, so its comparisons are unverified"
+        )
+    if data.score_sets(CONTROL_OWN) and not data.score_sets(CONTROL_CROSS_SEED):
+        missing.append("no cross-seed scores (explanations scored on the partner latent)")
+    if (
+        config.agreement
+        and data.explanations
+        and not any(group.agreement for group in report.hookpoints)
+    ):
+        missing.append(
+            "no explanation agreement: it needs explanations of matched latents in two seeds"
+        )
+    return missing
+
+
+def build_report(
+    data: RunData, config: ReportConfig | None = None, embed: Embed | None = None
+) -> Report:
+    """The report on `data`; `embed` (texts -> unit rows) enables explanation agreement."""
+    config = config or ReportConfig()
+    if embed is None:
+        config = config.model_copy(update={"agreement": False})
+    report = Report(
+        run=data.run.name,
+        subject_model=data.run.subject_model,
+        dataset=data.run.dataset,
+        architecture=data.run.architecture,
+        k=data.run.k,
+        seeds=data.run.seeds,
+        n_examples=data.n_examples,
+        config=config,
+        hookpoints=[hookpoint_report(group, data, config, embed) for group in data.hookpoints],
+        missing=[],
+    )
+    report.missing = missing_parts(data, report, config)
+    return report

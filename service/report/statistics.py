@@ -1,0 +1,225 @@
+"""The report's statistics, on plain numpy arrays: summaries with bootstrap confidence
+intervals, shared vs seed-specific comparisons (Mann-Whitney U), Spearman correlations, the
+share of latents that score well yet are seed-specific, and the specificity control's gap.
+
+Every function drops values that are not finite (an unscored latent, an unmatched one) and
+answers None where a number cannot be computed from what is left, instead of raising or
+returning NaN: a report on a half-finished run must still render. Bootstrap intervals use a
+seeded generator, so the same data always give the same interval.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+from pydantic import BaseModel, Field
+from scipy import stats
+
+DEFAULT_RESAMPLES = 2000
+DEFAULT_CONFIDENCE = 0.95
+# Fewer paired latents than this and the control gives no verdict (its interval means little).
+MIN_CONTROL_LATENTS = 5
+BOOTSTRAP_BATCH_VALUES = 5_000_000
+
+
+@dataclass(frozen=True)
+class Bootstrap:
+    """How confidence intervals are drawn: level, resamples and the generator's seed."""
+
+    confidence: float = DEFAULT_CONFIDENCE
+    n_resamples: int = DEFAULT_RESAMPLES
+    seed: int = 0
+
+
+DEFAULT_BOOTSTRAP = Bootstrap()
+
+
+class Summary(BaseModel):
+    """Count, mean, median and a bootstrap confidence interval of the mean."""
+
+    n: int
+    mean: float | None = None
+    median: float | None = None
+    ci_low: float | None = Field(default=None, description="bootstrap CI of the mean, low end")
+    ci_high: float | None = None
+
+
+class Comparison(BaseModel):
+    """Shared against seed-specific latents on one score."""
+
+    shared: Summary
+    seed_specific: Summary
+    difference: float | None = Field(default=None, description="mean shared - mean seed-specific")
+    mann_whitney_u: float | None = Field(default=None, description="U of the shared sample")
+    p_value: float | None = Field(default=None, description="two-sided Mann-Whitney U")
+
+
+class Correlation(BaseModel):
+    """Spearman rank correlation over the latents where both values are known."""
+
+    n: int
+    rho: float | None = None
+    p_value: float | None = None
+
+
+class GoodButSpecific(BaseModel):
+    """Latents that score above `threshold` although no other seed has them."""
+
+    threshold: float
+    n_scored: int = Field(description="latents with a score and a known shared status")
+    n_good: int
+    n_seed_specific: int
+    n_good_seed_specific: int
+    fraction_of_good: float | None = Field(description="good latents that are seed-specific")
+    fraction_of_seed_specific: float | None = Field(
+        description="seed-specific latents that score well"
+    )
+    fraction_of_scored: float | None
+
+
+class SpecificityGap(BaseModel):
+    """A scorer's own-explanation score against its score for another latent's explanation,
+    paired per latent. Informative when the gap's confidence interval lies above zero."""
+
+    n: int = Field(description="latents scored with both their own and a shuffled explanation")
+    own: Summary
+    shuffled: Summary
+    gap: Summary = Field(description="own - shuffled, per latent")
+    informative: bool | None = Field(description="None: too few latents for a verdict")
+
+
+def finite(values: npt.ArrayLike) -> np.ndarray:
+    """The finite values of `values` as float64."""
+    array = np.asarray(values, dtype=np.float64).ravel()
+    return array[np.isfinite(array)]
+
+
+def bootstrap_ci(
+    values: npt.ArrayLike, bootstrap: Bootstrap = DEFAULT_BOOTSTRAP
+) -> tuple[float, float] | None:
+    """Percentile bootstrap interval of the mean (scipy.stats.bootstrap), or None under two
+    values. Percentile rather than BCa: BCa is undefined when every value is equal, which
+    happens (a scorer that gives 0.5 to everything)."""
+    data = finite(values)
+    if data.size < 2:
+        return None
+    if np.ptp(data) == 0:
+        return float(data[0]), float(data[0])
+    result = stats.bootstrap(
+        (data,),
+        np.mean,
+        confidence_level=bootstrap.confidence,
+        n_resamples=bootstrap.n_resamples,
+        method="percentile",
+        vectorized=True,
+        # Resamples are drawn in batches of about BOOTSTRAP_BATCH_VALUES values: all 2,000
+        # resamples of 100,000 scores at once would take gigabytes.
+        batch=max(1, BOOTSTRAP_BATCH_VALUES // data.size),
+        rng=np.random.default_rng(bootstrap.seed),
+    )
+    interval = result.confidence_interval
+    return float(interval.low), float(interval.high)
+
+
+def summarize(values: npt.ArrayLike, bootstrap: Bootstrap = DEFAULT_BOOTSTRAP) -> Summary:
+    """Count, mean, median and bootstrap CI of the finite values."""
+    data = finite(values)
+    if data.size == 0:
+        return Summary(n=0)
+    interval = bootstrap_ci(data, bootstrap)
+    return Summary(
+        n=int(data.size),
+        mean=float(data.mean()),
+        median=float(np.median(data)),
+        ci_low=interval[0] if interval else None,
+        ci_high=interval[1] if interval else None,
+    )
+
+
+def compare_groups(
+    shared: npt.ArrayLike, seed_specific: npt.ArrayLike, bootstrap: Bootstrap = DEFAULT_BOOTSTRAP
+) -> Comparison:
+    """Summaries of both groups, the difference of means and a two-sided Mann-Whitney U."""
+    first, second = finite(shared), finite(seed_specific)
+    comparison = Comparison(
+        shared=summarize(first, bootstrap), seed_specific=summarize(second, bootstrap)
+    )
+    if first.size and second.size:
+        comparison.difference = float(first.mean() - second.mean())
+        test = stats.mannwhitneyu(first, second, alternative="two-sided")
+        comparison.mann_whitney_u = float(test.statistic)
+        comparison.p_value = float(test.pvalue)
+    return comparison
+
+
+def spearman(x: npt.ArrayLike, y: npt.ArrayLike) -> Correlation:
+    """Spearman's rho and its p-value over pairs where both are finite (None under three, or
+    when either side is constant)."""
+    first = np.asarray(x, dtype=np.float64).ravel()
+    second = np.asarray(y, dtype=np.float64).ravel()
+    keep = np.isfinite(first) & np.isfinite(second)
+    first, second = first[keep], second[keep]
+    correlation = Correlation(n=int(keep.sum()))
+    if first.size < 3 or np.ptp(first) == 0 or np.ptp(second) == 0:
+        return correlation
+    result = stats.spearmanr(first, second)
+    correlation.rho = float(result.statistic)
+    correlation.p_value = float(result.pvalue)
+    return correlation
+
+
+def _ratio(numerator: int, denominator: int) -> float | None:
+    return numerator / denominator if denominator else None
+
+
+def good_but_specific(
+    scores: npt.ArrayLike, seed_specific: npt.ArrayLike, threshold: float = 0.8
+) -> GoodButSpecific:
+    """How many latents score above `threshold` (strictly) yet are seed-specific.
+
+    `seed_specific` is a boolean per latent; latents with a non-finite score are left out."""
+    values = np.asarray(scores, dtype=np.float64).ravel()
+    specific = np.asarray(seed_specific, dtype=bool).ravel()
+    keep = np.isfinite(values)
+    values, specific = values[keep], specific[keep]
+    good = values > threshold
+    n_good_specific = int((good & specific).sum())
+    return GoodButSpecific(
+        threshold=threshold,
+        n_scored=int(values.size),
+        n_good=int(good.sum()),
+        n_seed_specific=int(specific.sum()),
+        n_good_seed_specific=n_good_specific,
+        fraction_of_good=_ratio(n_good_specific, int(good.sum())),
+        fraction_of_seed_specific=_ratio(n_good_specific, int(specific.sum())),
+        fraction_of_scored=_ratio(n_good_specific, int(values.size)),
+    )
+
+
+def specificity_gap(
+    own: npt.ArrayLike,
+    shuffled: npt.ArrayLike,
+    bootstrap: Bootstrap = DEFAULT_BOOTSTRAP,
+    min_latents: int = MIN_CONTROL_LATENTS,
+) -> SpecificityGap:
+    """The paired gap own - shuffled per latent (arrays aligned by latent) with a bootstrap
+    CI; `informative` is True when the CI's low end is above zero, False when it is not, and
+    None with fewer than `min_latents` latents scored both ways."""
+    first = np.asarray(own, dtype=np.float64).ravel()
+    second = np.asarray(shuffled, dtype=np.float64).ravel()
+    if first.shape != second.shape:
+        raise ValueError("own and shuffled scores must be aligned per latent")
+    keep = np.isfinite(first) & np.isfinite(second)
+    gap = summarize(first[keep] - second[keep], bootstrap)
+    informative: bool | None = None
+    if gap.n >= min_latents and gap.ci_low is not None:
+        informative = gap.ci_low > 0
+    return SpecificityGap(
+        n=int(keep.sum()),
+        own=summarize(first[keep], bootstrap),
+        shuffled=summarize(second[keep], bootstrap),
+        gap=gap,
+        informative=informative,
+    )

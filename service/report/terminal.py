@@ -1,0 +1,153 @@
+"""The report's headline as rich tables for the terminal: pairs of seeds, the multi-seed
+presence table, each scorer's control verdict with shared vs seed-specific interpretability
+and the latents that score well yet are seed-specific, explanation agreement, and what the
+run is missing."""
+
+from __future__ import annotations
+
+from rich.console import RenderableType
+from rich.table import Table
+from rich.text import Text
+
+from service.report.report import HookpointReport, Report, ScorerSection
+from service.report.statistics import Summary
+
+DASH = "-"
+
+
+def _number(value: float | None, digits: int = 3) -> str:
+    return DASH if value is None else f"{value:.{digits}f}"
+
+
+def _with_ci(summary: Summary) -> str:
+    if summary.mean is None:
+        return DASH
+    if summary.ci_low is None or summary.ci_high is None:
+        return f"{summary.mean:.3f} (n={summary.n})"
+    return f"{summary.mean:.3f} [{summary.ci_low:.3f}, {summary.ci_high:.3f}] (n={summary.n})"
+
+
+def _verdict(section: ScorerSection) -> Text:
+    if section.control is None:
+        return Text("unverified (no control)", style="yellow")
+    if section.informative is None:
+        return Text("too few latents", style="yellow")
+    gap = section.control.gap
+    detail = f" (gap {_number(gap.mean)} [{_number(gap.ci_low)}, {_number(gap.ci_high)}])"
+    if section.informative:
+        return Text("informative" + detail, style="green")
+    return Text("UNINFORMATIVE" + detail, style="bold red")
+
+
+def _pairs(group: HookpointReport) -> Table:
+    table = Table(
+        "seeds",
+        "shared",
+        "seed-specific",
+        "shared %",
+        "decoder-only %",
+        "same partner %",
+        title=f"{group.hookpoint}: shared and seed-specific latents",
+    )
+    for pair in group.pairs:
+        n = max(pair.n_latents, 1)
+        table.add_row(
+            f"{pair.seed_a} -> {pair.seed_b}",
+            f"{pair.shared:,}",
+            f"{pair.seed_specific:,}",
+            f"{100 * pair.shared_fraction:.1f}",
+            f"{100 * pair.shared_decoder_only / n:.1f}",
+            f"{100 * pair.encoder_decoder_agreement:.1f}",
+        )
+    return table
+
+
+def _scorers(group: HookpointReport, threshold: float) -> Table:
+    table = Table(
+        "explainer / scorer",
+        "control",
+        "shared: mean [95% CI]",
+        "seed-specific: mean [95% CI]",
+        "p (Mann-Whitney)",
+        f"scoring > {threshold:g}: seed-specific",
+        title=f"{group.hookpoint}: interpretability, shared vs seed-specific",
+    )
+    for section in group.scorers:
+        label = f"{section.explainer} / {section.scorer} ({section.metric})"
+        comparison = section.shared_vs_specific
+        if section.informative is False:
+            table.add_row(
+                label, _verdict(section), "not shown: scorer failed its control", "", "", ""
+            )
+        elif comparison is None:
+            table.add_row(label, _verdict(section), "no matchings", "", "", "")
+        else:
+            p_value = comparison.p_value
+            good = section.good_but_specific
+            table.add_row(
+                label,
+                _verdict(section),
+                _with_ci(comparison.shared),
+                _with_ci(comparison.seed_specific),
+                DASH if p_value is None else f"{p_value:.3g}",
+                DASH
+                if good is None or good.fraction_of_good is None
+                else f"{good.n_good_seed_specific} of {good.n_good} "
+                f"({100 * good.fraction_of_good:.1f}%)",
+            )
+    return table
+
+
+def _presence(group: HookpointReport) -> Table:
+    table = Table(
+        "present in",
+        "mean latents",
+        "fraction",
+        "only in base among as many SAEs",
+        title=f"{group.hookpoint}: latents present in exactly m of {len(group.seeds)} SAEs",
+    )
+    for row in group.presence or []:
+        table.add_row(
+            f"{row.m} SAE" + ("" if row.m == 1 else "s"),
+            f"{row.mean_latents:,.1f}",
+            f"{100 * row.fraction:.1f}%",
+            f"{100 * row.only_in_base_fraction:.1f}%",
+        )
+    return table
+
+
+def _agreement(group: HookpointReport) -> Table:
+    table = Table(
+        "explainer, seeds",
+        "matched pairs: mean cosine [95% CI]",
+        "random pairs: mean",
+        "p (Mann-Whitney)",
+        title=f"{group.hookpoint}: explanation agreement across seeds",
+    )
+    for section in group.agreement:
+        table.add_row(
+            f"{section.explainer}, {section.seed_a} & {section.seed_b}",
+            _with_ci(section.matched),
+            _number(section.random.mean),
+            DASH if section.p_value is None else f"{section.p_value:.3g}",
+        )
+    return table
+
+
+def headline(report: Report) -> list[RenderableType]:
+    """What `autointerp report` prints."""
+    parts: list[RenderableType] = [
+        Text(f"report on run {report.run} ({report.subject_model})", style="bold")
+    ]
+    for group in report.hookpoints:
+        if group.pairs:
+            parts.append(_pairs(group))
+        if group.presence:
+            parts.append(_presence(group))
+        if group.scorers:
+            parts.append(_scorers(group, report.config.good_threshold))
+        if group.agreement:
+            parts.append(_agreement(group))
+    for line in report.missing:
+        parts.append(Text(f"missing: {line}", style="yellow"))
+    return parts

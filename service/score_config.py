@@ -1,0 +1,56 @@
+"""`ScoreConfig`: what a score job does to a latent (which explainers, which scorers, how many
+examples of each kind, which prompt versions, sampling). It is the job's stored config, so its
+hash keys the job: queueing the same latents under another config makes new jobs, and the
+config a result came from is always on record beside it.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from service.embedding import DEFAULT_EMBEDDING_MODEL
+
+
+class ScoreConfig(BaseModel):
+    """Explain one latent with each explainer, then score each explanation with each scorer,
+    and (the specificity control) score it with another latent's explanations too."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # The token baseline runs beside every LLM explainer, so reports can compare them.
+    explainers: list[str] = Field(default_factory=lambda: ["llm", "token_baseline"], min_length=1)
+    scorers: list[str] = Field(default_factory=lambda: ["detection", "fuzzing", "embedding"])
+    shuffled_control: bool = Field(
+        default=True,
+        description="also score each latent with a random other latent's explanations",
+    )
+    embedding_model: str = Field(
+        default=DEFAULT_EMBEDDING_MODEL,
+        description="sentence-transformers model of the embedding scorer (name or folder)",
+    )
+    # Prompt template per stage (file name in prompts/ without .md).
+    prompts: dict[str, str] = Field(
+        default_factory=lambda: {
+            "explain": "explain_v1",
+            "detection": "detection_v1",
+            "fuzzing": "fuzzing_v1",
+        }
+    )
+    n_explain_top: int = Field(default=10, ge=0, description="top windows shown to the explainer")
+    n_explain_quantile: int = Field(default=5, ge=0, description="quantile windows shown to it")
+    n_positive: int = Field(default=10, ge=0, description="held-out activating windows per scorer")
+    n_negative: int = Field(default=10, ge=0, description="non-activating windows per scorer")
+    examples_per_request: int = Field(default=10, ge=1, description="windows per scoring request")
+    mark_fraction: float = Field(
+        default=0.0, ge=0, lt=1, description="mark tokens above this fraction of the window maximum"
+    )
+    temperature: float = Field(default=0.0, ge=0)
+    seed: int = 0
+    explanation_max_tokens: int = Field(default=60, ge=8)
+    top_logprobs: int = Field(default=5, ge=0, le=20)
+    # A JSON answer spends about 3 tokens per example; the rest is headroom. Too small a
+    # budget cuts answers off, which the parser then scores on what arrived.
+    answer_tokens_per_example: int = Field(default=4, ge=0)
+
+    def prompt(self, stage: str) -> str:
+        return self.prompts.get(stage, f"{stage}_v1")

@@ -1,0 +1,15 @@
+"""Scorers: test an explanation on held-out windows (registry in `base`, metrics in `metrics`)."""
+
+from service.scorers import detection, embedding, fuzzing
+from service.scorers.base import SCORERS, Scorer, ScoreResult, Verdict, create_scorers
+
+__all__ = [
+    "SCORERS",
+    "ScoreResult",
+    "Scorer",
+    "Verdict",
+    "create_scorers",
+    "detection",
+    "embedding",
+    "fuzzing",
+]

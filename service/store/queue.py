@@ -1,0 +1,385 @@
+"""The durable job queue: rows of the `job` table that many workers on many machines share.
+
+A job is (latent, stage, config hash); enqueueing the same triple again does nothing. A
+worker `claim`s jobs: each claim hands a job to exactly one worker (PostgreSQL row locks with
+SKIP LOCKED, SQLite's single writer under BEGIN IMMEDIATE), counts an attempt and grants a
+lease. The worker `renew`s the lease while it works (`LeaseKeeper` does so in a thread) and
+ends with `complete` (inside the session that writes its results, so both commit together)
+or `fail` (requeued until `max_attempts`, then failed with its last error). A lease that runs
+out makes the job claimable again; a lease that runs out on the last attempt fails the job.
+
+The lease is fenced by (owner, attempt): a worker whose lease expired and whose job was
+claimed again gets `LeaseLost` from `complete`, and its transaction, results included, rolls
+back, so no job's results are ever written twice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import threading
+import uuid
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timedelta
+from types import TracebackType
+from typing import Any
+
+from sqlalchemy import and_, case, func, or_, select, true, update
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.orm import Session
+
+from service.store.engine import Store, store_now
+from service.store.models import JOB_STATES, Job
+
+DEFAULT_LEASE_SECONDS = 300.0
+DEFAULT_MAX_ATTEMPTS = 3
+# Rows per INSERT: well under SQLite's 32,766 bound parameters at 6 columns a row.
+ENQUEUE_CHUNK = 1000
+
+
+class LeaseLost(Exception):
+    """This worker no longer holds the job: its lease ran out and another worker claimed it
+    (or it was completed or failed already). Roll back; the job's results are not ours."""
+
+
+@dataclass(frozen=True)
+class Lease:
+    """A claimed job as the worker sees it; `owner` and `attempt` together fence the lease."""
+
+    job_id: int
+    latent_id: int
+    stage: str
+    config: dict[str, Any]
+    config_hash: str
+    attempt: int
+    owner: str
+    expires_at: datetime
+
+
+def config_hash(config: Mapping[str, Any]) -> str:
+    """A stable short hash of a stage's config: key order and whitespace do not matter."""
+    canonical = json.dumps(config, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def new_worker_id() -> str:
+    """An owner name unique across machines and processes, readable in `job.lease_owner`."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+def enqueue(
+    session: Session,
+    latent_ids: Iterable[int],
+    stage: str,
+    config: Mapping[str, Any],
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+) -> int:
+    """Queue `stage` for each latent under `config`; returns how many jobs were new.
+
+    Runs in the caller's session (commit it). Jobs already queued, running or finished under
+    the same config are left exactly as they are.
+    """
+    digest = config_hash(config)
+    now = store_now(session)
+    insert = postgresql_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
+    ids = list(dict.fromkeys(latent_ids))
+    inserted = 0
+    for start in range(0, len(ids), ENQUEUE_CHUNK):
+        rows = [
+            {
+                "latent_id": latent_id,
+                "stage": stage,
+                "config_hash": digest,
+                "config": dict(config),
+                "state": "queued",
+                "attempts": 0,
+                "max_attempts": max_attempts,
+                "created_at": now,
+                "updated_at": now,
+            }
+            for latent_id in ids[start : start + ENQUEUE_CHUNK]
+        ]
+        statement = (
+            insert(Job)
+            .values(rows)
+            .on_conflict_do_nothing(index_elements=["latent_id", "stage", "config_hash"])
+            .returning(Job.id)
+        )
+        # Counting returned ids: rowcount is not reliable for multi-row inserts on psycopg.
+        inserted += len(session.execute(statement).all())
+    return inserted
+
+
+def _lease_is_ours(lease: Lease) -> Any:
+    return and_(
+        Job.id == lease.job_id,
+        Job.state == "leased",
+        Job.lease_owner == lease.owner,
+        Job.attempts == lease.attempt,
+    )
+
+
+def claim(
+    store: Store,
+    owner: str,
+    n: int = 1,
+    stage: str | None = None,
+    lease_seconds: float = DEFAULT_LEASE_SECONDS,
+) -> list[Lease]:
+    """Lease up to `n` claimable jobs (queued, or leased with an expired lease) to `owner`.
+
+    Commits at once. Oldest jobs first. Jobs whose lease ran out on their last attempt are
+    marked failed here rather than handed out again.
+    """
+    with store.session() as session, session.begin():
+        now = store_now(session)
+        expires_at = now + timedelta(seconds=lease_seconds)
+        stage_filter = Job.stage == stage if stage is not None else true()
+        expired = and_(Job.state == "leased", Job.lease_expires_at < now)
+        session.execute(
+            update(Job)
+            .where(stage_filter, expired, Job.attempts >= Job.max_attempts)
+            .values(
+                state="failed",
+                last_error="lease expired on the last attempt: its worker stopped or stalled",
+                lease_owner=None,
+                lease_expires_at=None,
+                finished_at=now,
+                updated_at=now,
+            )
+            .execution_options(synchronize_session=False)
+        )
+        candidates = (
+            select(Job.id)
+            .where(stage_filter, or_(Job.state == "queued", expired))
+            .order_by(Job.id)
+            .limit(n)
+            .with_for_update(skip_locked=True)
+        )
+        rows = session.execute(
+            update(Job)
+            .where(Job.id.in_(candidates))
+            .values(
+                state="leased",
+                lease_owner=owner,
+                lease_expires_at=expires_at,
+                attempts=Job.attempts + 1,
+                updated_at=now,
+            )
+            .returning(Job.id, Job.latent_id, Job.stage, Job.config, Job.config_hash, Job.attempts)
+            .execution_options(synchronize_session=False)
+        ).all()
+    return sorted(
+        (
+            Lease(
+                job_id=row.id,
+                latent_id=row.latent_id,
+                stage=row.stage,
+                config=row.config,
+                config_hash=row.config_hash,
+                attempt=row.attempts,
+                owner=owner,
+                expires_at=expires_at,
+            )
+            for row in rows
+        ),
+        key=lambda lease: lease.job_id,
+    )
+
+
+def renew(
+    store: Store, leases: Sequence[Lease], lease_seconds: float = DEFAULT_LEASE_SECONDS
+) -> list[Lease]:
+    """Extend the leases this worker still holds; returns those, with their new expiry.
+
+    A lease missing from the answer was lost: stop working on that job.
+    """
+    if not leases:
+        return []
+    with store.session() as session, session.begin():
+        expires_at = store_now(session) + timedelta(seconds=lease_seconds)
+        renewed = set(
+            session.execute(
+                update(Job)
+                .where(or_(*(_lease_is_ours(lease) for lease in leases)))
+                .values(lease_expires_at=expires_at)
+                .returning(Job.id)
+                .execution_options(synchronize_session=False)
+            ).scalars()
+        )
+    return [replace(lease, expires_at=expires_at) for lease in leases if lease.job_id in renewed]
+
+
+def complete(session: Session, lease: Lease) -> None:
+    """Mark the job done inside the caller's session, beside the results it writes.
+
+    Raises `LeaseLost` if this worker no longer holds the job; the caller must then let its
+    transaction roll back so that the results are not written twice.
+    """
+    now = store_now(session)
+    done = session.execute(
+        update(Job)
+        .where(_lease_is_ours(lease))
+        .values(state="done", lease_expires_at=None, finished_at=now, updated_at=now)
+        .returning(Job.id)
+        .execution_options(synchronize_session=False)
+    ).first()
+    if done is None:
+        raise LeaseLost(f"job {lease.job_id} is no longer leased to {lease.owner}")
+
+
+def fail(store: Store, lease: Lease, error: str, retry: bool = True) -> str:
+    """Record a failed attempt: requeue the job, or (out of attempts, or `retry` False) mark it
+    failed. Returns the job's new state; raises `LeaseLost` if the job is no longer ours."""
+    with store.session() as session, session.begin():
+        now = store_now(session)
+        give_up = Job.attempts >= Job.max_attempts if retry else true()
+        state = session.execute(
+            update(Job)
+            .where(_lease_is_ours(lease))
+            .values(
+                state=case((give_up, "failed"), else_="queued"),
+                last_error=error,
+                lease_owner=None,
+                lease_expires_at=None,
+                finished_at=case((give_up, now), else_=None),
+                updated_at=now,
+            )
+            .returning(Job.state)
+            .execution_options(synchronize_session=False)
+        ).scalar()
+    if state is None:
+        raise LeaseLost(f"job {lease.job_id} is no longer leased to {lease.owner}")
+    return str(state)
+
+
+@dataclass
+class LeaseKeeper:
+    """Renews a worker's leases from a background thread until the `with` block ends.
+
+    Jobs whose lease could not be renewed land in `lost`; check `held(lease)` before writing.
+    """
+
+    store: Store
+    leases: list[Lease]
+    lease_seconds: float = DEFAULT_LEASE_SECONDS
+    lost: set[int] = field(default_factory=set)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _thread: threading.Thread | None = None
+
+    def __enter__(self) -> LeaseKeeper:
+        self._thread = threading.Thread(target=self._run, daemon=True, name="lease-keeper")
+        self._thread.start()
+        return self
+
+    def __exit__(
+        self,
+        _type: type[BaseException] | None,
+        _value: BaseException | None,
+        _traceback: TracebackType | None,
+    ) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    def held(self, lease: Lease) -> bool:
+        with self._lock:
+            return lease.job_id not in self.lost
+
+    def release(self, lease: Lease) -> None:
+        """Stop renewing a job that is finished (completed or failed)."""
+        with self._lock:
+            self.leases = [other for other in self.leases if other.job_id != lease.job_id]
+
+    def _run(self) -> None:
+        # Renew at a third of the lease so that two missed renewals still leave time.
+        while not self._stop.wait(self.lease_seconds / 3):
+            with self._lock:
+                current = list(self.leases)
+            renewed = renew(self.store, current, self.lease_seconds)
+            kept = {lease.job_id for lease in renewed}
+            with self._lock:
+                self.lost.update(lease.job_id for lease in current if lease.job_id not in kept)
+                self.leases = [lease for lease in self.leases if lease.job_id in kept]
+
+
+@dataclass
+class StageStatus:
+    """One stage's jobs by state, the recent completion rate and the time left at that rate."""
+
+    stage: str
+    counts: dict[str, int]
+    rate_per_s: float | None
+    eta_s: float | None
+
+    @property
+    def remaining(self) -> int:
+        return self.counts["queued"] + self.counts["leased"]
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+
+@dataclass
+class QueueStatus:
+    stages: list[StageStatus]
+    total: StageStatus
+
+
+def _rate(done_recently: int, first_finished: datetime | None, now: datetime) -> float | None:
+    # n completions at t1..tn span n-1 intervals; measuring to `now` rather than to tn lets
+    # the rate decay once workers stop, so the ETA does not promise work nobody is doing.
+    if done_recently < 2 or first_finished is None:
+        return None
+    span = (now - first_finished).total_seconds()
+    return (done_recently - 1) / span if span > 0 else None
+
+
+def _stage_status(
+    stage: str, counts: dict[str, int], recent: int, first: datetime | None, now: datetime
+) -> StageStatus:
+    rate = _rate(recent, first, now)
+    status = StageStatus(stage, counts, rate, None)
+    if rate:
+        status.eta_s = status.remaining / rate
+    elif status.remaining == 0:
+        status.eta_s = 0.0
+    return status
+
+
+def status(store: Store, window_s: float = 600.0) -> QueueStatus:
+    """Counts by stage and state, with the completion rate over the last `window_s` seconds."""
+    with store.read_session() as session:
+        now = store_now(session)
+        counts: dict[str, dict[str, int]] = {}
+        for stage, state, count in session.execute(
+            select(Job.stage, Job.state, func.count()).group_by(Job.stage, Job.state)
+        ):
+            counts.setdefault(stage, dict.fromkeys(JOB_STATES, 0))[state] = count
+        recent: dict[str, tuple[int, datetime | None]] = {}
+        for stage, count, first in session.execute(
+            select(Job.stage, func.count(), func.min(Job.finished_at))
+            .where(Job.state == "done", Job.finished_at >= now - timedelta(seconds=window_s))
+            .group_by(Job.stage)
+        ):
+            recent[stage] = (count, first)
+    stages = [
+        _stage_status(stage, counts[stage], *recent.get(stage, (0, None)), now)
+        for stage in sorted(counts)
+    ]
+    total_counts = {state: sum(stage.counts[state] for stage in stages) for state in JOB_STATES}
+    firsts = [first for _, first in recent.values() if first is not None]
+    total = _stage_status(
+        "all",
+        total_counts,
+        sum(count for count, _ in recent.values()),
+        min(firsts) if firsts else None,
+        now,
+    )
+    return QueueStatus(stages, total)

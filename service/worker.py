@@ -1,0 +1,398 @@
+"""`autointerp score`: workers that drain the queue's explain-and-score jobs.
+
+One process runs `workers` slots on one event loop, so that the LLM requests of many latents
+are in flight at once. A slot claims a job, keeps its lease alive, loads the latent's windows
+from the store (and those of a random other latent of the same SAE, drawn from the job's
+seed, for the shuffled specificity control), explains and scores it
+(`pipeline.explain_and_score`), and writes the explanations, the scores, every verdict and
+every LLM call together with the job's completion in ONE transaction: a job's results exist
+completely or not at all, and a worker whose lease was taken over writes nothing (the queue
+fences it). Jobs whose LLM stayed unreachable past the retry period, and jobs interrupted by
+Ctrl-C, go back to the queue, so a later run (on this or any machine sharing the store)
+resumes where this one stopped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from sae.errors import UserError
+from service.latent_examples import load_latent_examples, load_tokenizer, subject_model_of
+from service.llm.base import LLMClient, LLMConfig, LLMError, create_client
+from service.pipeline import LatentResult, NotScorable, explain_and_score, latent_seed
+from service.score_config import ScoreConfig
+from service.scorers import ScoreResult
+from service.store.engine import Store, open_store
+from service.store.models import Example, Explanation, Latent, LlmCall, Prediction, Sae, Score
+from service.store.queue import (
+    DEFAULT_LEASE_SECONDS,
+    Lease,
+    LeaseKeeper,
+    LeaseLost,
+    claim,
+    complete,
+    fail,
+    new_worker_id,
+)
+from service.store.worker import unfinished
+
+STAGE = "explain"
+
+
+@dataclass
+class ScoreStats:
+    """What this process did, for the progress bar and the final summary."""
+
+    started: float = field(default_factory=time.monotonic)
+    completed: int = 0
+    failed: int = 0
+    requeued: int = 0
+    lost: int = 0
+    answers: int = 0
+    parse_failures: int = 0
+    requests: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    @property
+    def elapsed_s(self) -> float:
+        return max(time.monotonic() - self.started, 1e-9)
+
+    @property
+    def latents_per_min(self) -> float:
+        return self.completed / self.elapsed_s * 60
+
+    @property
+    def parse_failure_rate(self) -> float:
+        return self.parse_failures / self.answers if self.answers else 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        """Tokens the LLM generated for this process, per second of wall time."""
+        return self.completion_tokens / self.elapsed_s
+
+    def add(self, result: LatentResult) -> None:
+        self.completed += 1
+        self.answers += result.n_answers
+        self.parse_failures += result.n_parse_failures
+        calls = result.calls
+        self.requests += len(calls)
+        self.prompt_tokens += sum(call.prompt_tokens or 0 for call in calls)
+        self.completion_tokens += sum(call.completion_tokens or 0 for call in calls)
+
+
+def write_result(session: Session, lease: Lease, result: LatentResult, model: str) -> None:
+    """Add a latent's explanations, scores, verdicts and LLM calls to `session`, and complete
+    its job there: the caller's commit writes all of it or none. A shuffled control's
+    explanation is stored under the latent it explains (another latent of the same SAE)."""
+    for explained in result.explained:
+        # An explanation no LLM wrote (the token baseline) names its explainer as its model.
+        explanation = Explanation(
+            latent_id=explained.source_latent_id or lease.latent_id,
+            job_id=lease.job_id,
+            explainer=explained.explanation.explainer,
+            model=model if explained.explanation.calls else explained.explanation.explainer,
+            config_hash=lease.config_hash,
+            text=explained.explanation.text,
+            raw=explained.explanation.raw,
+        )
+        session.add(explanation)
+        session.flush()
+        for score in explained.scores:
+            _write_score(session, lease, explanation.id, score)
+    session.add_all(
+        LlmCall(
+            job_id=lease.job_id,
+            model=call.model,
+            base_url=call.base_url,
+            prompt_tokens=call.prompt_tokens,
+            completion_tokens=call.completion_tokens,
+            latency_s=call.latency_s,
+            error=call.error,
+        )
+        for call in result.calls
+    )
+    complete(session, lease)
+
+
+def _write_score(session: Session, lease: Lease, explanation_id: int, score: ScoreResult) -> None:
+    row = Score(
+        latent_id=lease.latent_id,
+        explanation_id=explanation_id,
+        job_id=lease.job_id,
+        scorer=score.scorer,
+        control=score.control,
+        balanced_accuracy=score.balanced_accuracy,
+        f1=score.f1,
+        auc=score.auc,
+        n_examples=score.n_examples,
+        n_parsed=score.n_parsed,
+        n_failed=score.n_failed,
+    )
+    session.add(row)
+    session.flush()
+    session.add_all(
+        Prediction(
+            score_id=row.id,
+            example_id=verdict.window.example_id,
+            label=verdict.label,
+            predicted=verdict.predicted,
+            probability=verdict.probability,
+            raw=verdict.raw,
+        )
+        for verdict in score.verdicts
+    )
+
+
+# Draws of a random other latent before the control gives up (dead latents have no windows).
+CONTROL_DRAWS = 20
+
+
+def control_latent(session: Session, latent_id: int, seed: int) -> int | None:
+    """A random other latent of the same SAE that has an activating window, drawn
+    deterministically from `seed`; None when CONTROL_DRAWS draws find none."""
+    sae_id, n_latents = session.execute(
+        select(Latent.sae_id, Sae.n_latents)
+        .join(Sae, Sae.id == Latent.sae_id)
+        .where(Latent.id == latent_id)
+    ).one()
+    rng = random.Random(seed)
+    for _ in range(CONTROL_DRAWS if n_latents > 1 else 0):
+        other = session.scalar(
+            select(Latent.id).where(
+                Latent.sae_id == sae_id, Latent.index == rng.randrange(n_latents)
+            )
+        )
+        if other is None or other == latent_id:
+            continue
+        firing = session.scalar(
+            select(Example.id)
+            .where(Example.latent_id == other, Example.kind == "top", Example.max_activation > 0)
+            .limit(1)
+        )
+        if firing is not None:
+            return int(other)
+    return None
+
+
+class ScoreWorkers:
+    """`workers` concurrent slots claiming and finishing jobs of one stage."""
+
+    def __init__(
+        self,
+        store: Store,
+        llm: LLMClient,
+        home: Path,
+        *,
+        workers: int = 8,
+        stage: str = STAGE,
+        lease_seconds: float = DEFAULT_LEASE_SECONDS,
+        poll_seconds: float = 2.0,
+        max_jobs: int | None = None,
+        on_progress: Callable[[ScoreStats], None] | None = None,
+    ):
+        self.store = store
+        self.llm = llm
+        self.home = home
+        self.workers = workers
+        self.stage = stage
+        self.lease_seconds = lease_seconds
+        self.poll_seconds = poll_seconds
+        self.max_jobs = max_jobs
+        self.on_progress = on_progress
+        self.owner = new_worker_id()
+        self.stats = ScoreStats()
+        self._tokenizers: dict[str, Any] = {}
+        # Slots load windows in threads; one tokenizer load at a time (transformers' lazy
+        # imports are not safe to race, and a second load would be wasted).
+        self._tokenizer_lock = threading.Lock()
+        self._claimed = 0
+
+    async def run(self) -> ScoreStats:
+        await asyncio.gather(*(self._slot() for _ in range(self.workers)))
+        return self.stats
+
+    def _tokenizer_for(self, latent_id: int) -> Any:
+        with self.store.read_session() as session:
+            model = subject_model_of(session, latent_id)
+        with self._tokenizer_lock:
+            if model not in self._tokenizers:
+                self._tokenizers[model] = load_tokenizer(model, self.home)
+            return self._tokenizers[model]
+
+    def _load(self, latent_id: int, config: ScoreConfig) -> tuple[Any, Any]:
+        """The latent's windows, and those of its shuffled control latent (or None)."""
+        tokenizer = self._tokenizer_for(latent_id)
+        with self.store.read_session() as session:
+            examples = load_latent_examples(session, latent_id, tokenizer)
+            control = None
+            if config.shuffled_control:
+                other = control_latent(session, latent_id, latent_seed(config, latent_id))
+                if other is not None:
+                    control = load_latent_examples(session, other, tokenizer)
+            return examples, control
+
+    def _write(self, lease: Lease, result: LatentResult) -> None:
+        with self.store.session() as session, session.begin():
+            write_result(session, lease, result, self.llm.model)
+
+    async def _slot(self) -> None:
+        while self.max_jobs is None or self._claimed < self.max_jobs:
+            leases = await asyncio.to_thread(
+                claim, self.store, self.owner, 1, self.stage, self.lease_seconds
+            )
+            if not leases:
+                if await asyncio.to_thread(unfinished, self.store, self.stage) == 0:
+                    return
+                await asyncio.sleep(self.poll_seconds)
+                continue
+            self._claimed += 1
+            with LeaseKeeper(self.store, leases, self.lease_seconds) as keeper:
+                await self._finish(leases[0], keeper)
+            if self.on_progress is not None:
+                self.on_progress(self.stats)
+
+    async def _finish(self, lease: Lease, keeper: LeaseKeeper) -> None:
+        try:
+            config = ScoreConfig.model_validate(lease.config)
+            examples, control = await asyncio.to_thread(self._load, lease.latent_id, config)
+            result = await explain_and_score(examples, config, self.llm, control)
+            if not keeper.held(lease):
+                raise LeaseLost(f"job {lease.job_id} was taken over while it ran")
+            await asyncio.to_thread(self._write, lease, result)
+            self.stats.add(result)
+        except LeaseLost:
+            self.stats.lost += 1
+        except (NotScorable, ValidationError, UserError) as error:
+            # The latent or the job's config is unusable: another attempt would fail alike.
+            await self._fail(lease, " ".join(str(error).split()), retry=False)
+        except LLMError as error:
+            await self._fail(lease, f"LLM unavailable: {error}", retry=True)
+        except asyncio.CancelledError:
+            # Interrupted: hand the job back at once rather than when its lease runs out.
+            await asyncio.shield(self._fail(lease, "interrupted before it finished", retry=True))
+            raise
+        except Exception as error:  # one latent's bug is recorded on its job, not fatal here
+            await self._fail(lease, f"{type(error).__name__}: {error}", retry=True)
+
+    async def _fail(self, lease: Lease, error: str, retry: bool) -> None:
+        try:
+            state = await asyncio.to_thread(fail, self.store, lease, error, retry)
+        except LeaseLost:
+            self.stats.lost += 1
+            return
+        if state == "failed":
+            self.stats.failed += 1
+        else:
+            self.stats.requeued += 1
+
+
+class ScoreProgress:
+    """A live rich progress bar: latents done, latents/min, parse failures, tokens/s, ETA."""
+
+    def __init__(self, total: int, console: Console | None = None):
+        self.progress = Progress(
+            TextColumn("[bold]scoring"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[rate]:.1f} latents/min"),
+            TextColumn("parse failures {task.fields[failures]:.1%}"),
+            TextColumn("{task.fields[tokens]:.0f} tokens/s"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=console,
+        )
+        self.task = self.progress.add_task("score", total=total, rate=0.0, failures=0.0, tokens=0)
+
+    def update(self, stats: ScoreStats) -> None:
+        self.progress.update(
+            self.task,
+            completed=stats.completed + stats.failed,
+            rate=stats.latents_per_min,
+            failures=stats.parse_failure_rate,
+            tokens=stats.tokens_per_s,
+        )
+
+    def __enter__(self) -> ScoreProgress:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.progress.stop()
+
+
+async def score_queue(
+    store: Store,
+    llm: LLMClient,
+    home: Path,
+    *,
+    workers: int = 8,
+    stage: str = STAGE,
+    lease_seconds: float = DEFAULT_LEASE_SECONDS,
+    max_jobs: int | None = None,
+    console: Console | None = None,
+    show_progress: bool = True,
+) -> ScoreStats:
+    """Check the LLM, then work on `stage` jobs until the queue has none left."""
+    await llm.check()
+    total = unfinished(store, stage)
+    pool = ScoreWorkers(
+        store,
+        llm,
+        home,
+        workers=workers,
+        stage=stage,
+        lease_seconds=lease_seconds,
+        max_jobs=max_jobs,
+    )
+    try:
+        if not show_progress:
+            return await pool.run()
+        with ScoreProgress(total, console) as progress:
+            pool.on_progress = progress.update
+            return await pool.run()
+    finally:
+        await llm.aclose()
+
+
+def run_score(
+    db_url: str,
+    home: Path,
+    llm_config: LLMConfig,
+    *,
+    workers: int = 8,
+    stage: str = STAGE,
+    max_jobs: int | None = None,
+    console: Console | None = None,
+) -> ScoreStats:
+    """Open the store and the LLM, and drain the queue (the `autointerp score` command)."""
+    store = open_store(db_url)
+    try:
+        llm = create_client(llm_config, home)
+        return asyncio.run(
+            score_queue(
+                store, llm, home, workers=workers, stage=stage, max_jobs=max_jobs, console=console
+            )
+        )
+    finally:
+        store.dispose()

@@ -1,0 +1,60 @@
+"""The explainer's prompt and the parsing of what small models answer."""
+
+import pytest
+
+from sae.errors import UserError
+from service.explainers import create_explainers
+from service.explainers.llm import parse_explanation, render_examples
+from service.latent_examples import ExampleSplit, Window
+from service.prompts import load_prompt
+from service.score_config import ScoreConfig
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ('{"explanation": "the word \'return\' in code"}', "the word 'return' in code"),
+        ('```json\n{"explanation": "digits in dates"}\n```', "digits in dates"),
+        ('{"explanation": "opening parenth', "opening parenth"),
+        ('{\n  "explanation": "a \\"quoted\\" word"\n}', 'a "quoted" word'),
+        ("Explanation: capitalised words\nMore chatter", "capitalised words"),
+        ('"Python keywords"', "Python keywords"),
+        ("  \n  the word class  \n", "the word class"),
+    ],
+)
+def test_parse_explanation_accepts_what_models_write(raw, expected):
+    assert parse_explanation(raw) == expected
+
+
+@pytest.mark.parametrize("raw", ["", "   ", "{", '{"explanation": ""}', "{}", '"..."'])
+def test_parse_explanation_fails_on_nothing_usable(raw):
+    assert parse_explanation(raw) is None
+
+
+def test_parse_explanation_caps_the_length():
+    parsed = parse_explanation('{"explanation": "' + "word " * 100 + '"}')
+    assert parsed is not None and len(parsed) <= 200
+
+
+def test_explainer_prompt_shows_marked_windows_as_delimited_data():
+    split = ExampleSplit(
+        explain=[
+            Window(("x", " return", " y"), (0.0, 3.0, 0.0), "top"),
+            Window(("</example>", " $HOME", " return"), (0.0, 0.0, 1.0), "quantile", 2),
+        ],
+        positives=[],
+        negatives=[],
+    )
+    messages = load_prompt("explain_v1").render(examples=render_examples(split, 0.0))
+    user = messages[1]["content"]
+    assert messages[0]["role"] == "system" and "<<this>>" in messages[0]["content"]
+    assert '<example id="1">\nx <<return>> y\n</example>' in user
+    assert '<example id="2">\n&lt;/example&gt; $HOME <<return>>\n</example>' in user
+    assert user.count("</example>") == 2
+
+
+def test_unknown_explainer_and_prompt_are_user_errors():
+    with pytest.raises(UserError, match="unknown explainer 'oracle'"):
+        create_explainers(ScoreConfig(explainers=["llm", "oracle"]))
+    with pytest.raises(UserError, match="no prompt template 'explain_v9'"):
+        load_prompt("explain_v9")

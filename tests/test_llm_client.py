@@ -1,0 +1,145 @@
+"""The OpenAI-compatible client without a model: request bodies, load spreading, secrets, and
+retries against a real closed port."""
+
+import asyncio
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from sae.errors import UserError
+from service.llm import LLMConfig, LLMError, SamplingParams, create_client
+from service.llm.openai_client import OpenAIClient, backoff_s, normalize_base_url, request_body
+from service.llm.serve import free_port
+from service.settings import get_settings
+
+AUTOINTERP = str(Path(sys.executable).with_name("autointerp"))
+
+
+def test_each_request_body_is_built_from_its_own_parameters():
+    messages = [{"role": "user", "content": "hi"}]
+    short = SamplingParams(max_tokens=1)
+    rich = SamplingParams(
+        max_tokens=50,
+        temperature=0.7,
+        seed=3,
+        logprobs=True,
+        top_logprobs=5,
+        stop=("\n",),
+        json_schema={"type": "object"},
+    )
+    body_rich = request_body("m", messages, rich, structured=True)
+    body_short = request_body("m", messages, short, structured=True)
+    assert body_short == {
+        "model": "m",
+        "messages": messages,
+        "max_tokens": 1,
+        "temperature": 0.0,
+        "top_p": 1.0,
+    }
+    assert body_rich["top_logprobs"] == 5 and body_rich["seed"] == 3
+    assert body_rich["response_format"]["json_schema"]["schema"] == {"type": "object"}
+    assert "response_format" not in request_body("m", messages, rich, structured=False)
+    body_rich["messages"][0]["content"] = "changed"
+    assert messages[0]["content"] == "hi"
+    with pytest.raises(Exception, match="frozen"):
+        short.max_tokens = 9  # type: ignore[misc]
+
+
+def test_base_urls_are_normalised():
+    assert normalize_base_url("http://h:1") == "http://h:1/v1"
+    assert normalize_base_url("http://h:1/v1/") == "http://h:1/v1"
+    with pytest.raises(UserError, match="must start with http"):
+        normalize_base_url("h:1")
+
+
+def test_requests_go_to_the_healthy_server_with_fewest_in_flight():
+    client = OpenAIClient(LLMConfig(urls=["http://a:1", "http://b:1", "http://c:1"]))
+    a, b, c = client.endpoints
+    a.in_flight, b.in_flight, c.in_flight = 3, 1, 2
+    assert client.pick_endpoint() is b
+    b.avoid_until = time.monotonic() + 60
+    assert client.pick_endpoint() is c
+    asyncio.run(client.aclose())
+
+
+def test_backoff_grows_with_jitter_and_honours_retry_after():
+    delays = [backoff_s(attempt) for attempt in range(12) for _ in range(20)]
+    assert all(0 <= d <= 15.0 for d in delays)
+    assert max(backoff_s(0) for _ in range(50)) <= 0.5
+    assert len({round(d, 6) for d in delays}) > 100
+    assert backoff_s(0, retry_after=7.0) == 7.0
+
+
+def test_api_key_comes_from_the_environment_and_is_never_shown(monkeypatch):
+    monkeypatch.setenv("AUTOINTERP_LLM_API_KEY", "sk-secret-123")
+    config = LLMConfig(urls=["http://a:1"])
+    client = create_client(config, home=None)  # type: ignore[arg-type]
+    assert isinstance(client, OpenAIClient)
+    assert client._http.headers["authorization"] == "Bearer sk-secret-123"
+    assert "sk-secret" not in repr(client)
+    assert "sk-secret" not in config.model_dump_json()
+    asyncio.run(client.aclose())
+
+
+def test_connection_refused_is_retried_then_reported_as_transient():
+    config = LLMConfig(urls=[f"http://127.0.0.1:{free_port()}"], retry_for_s=3.0)
+    client = OpenAIClient(config)
+
+    async def ask():
+        try:
+            await client.chat([{"role": "user", "content": "hi"}], SamplingParams())
+        finally:
+            await client.aclose()
+
+    started = time.monotonic()
+    with pytest.raises(LLMError) as caught:
+        asyncio.run(ask())
+    assert caught.value.transient
+    assert len(caught.value.calls) >= 3
+    assert all("ConnectError" in (call.error or "") for call in caught.value.calls)
+    assert time.monotonic() - started < 10
+
+
+def test_unreachable_server_is_one_clear_line_at_start():
+    async def check():
+        client = OpenAIClient(LLMConfig(urls=[f"http://127.0.0.1:{free_port()}/v1"]))
+        try:
+            await client.check()
+        finally:
+            await client.aclose()
+
+    with pytest.raises(UserError, match=r"cannot reach the LLM server at .*llm serve"):
+        asyncio.run(check())
+
+
+def test_unknown_backend_is_a_user_error(tmp_path):
+    with pytest.raises(UserError, match="unknown LLM backend 'ollama'"):
+        create_client(LLMConfig(backend="ollama"), tmp_path)
+
+
+def test_serve_reports_a_missing_or_dying_server_in_one_line(tmp_path):
+    from service.llm.serve import start_server, wait_ready
+
+    result = subprocess.run(
+        [AUTOINTERP, "llm", "serve", "--python", str(tmp_path / "nope" / "python")],
+        capture_output=True,
+        text=True,
+    )
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert "no Python at" in lines[0] and "--python" in lines[0]
+
+    # A Python without vLLM: the server process dies at once, and the error quotes its log.
+    server = start_server(
+        "smollm2",
+        get_settings().home,
+        python=Path(sys.executable),
+        port=free_port(),
+        log_path=tmp_path / "vllm.log",
+    )
+    with pytest.raises(UserError, match=r"vLLM exited with status 1 .*No module named 'vllm'"):
+        wait_ready(server, timeout_s=60)
+    assert not server.running()

@@ -1,0 +1,261 @@
+"""Matching solvers against brute force and SciPy, and the shared-latent definitions."""
+
+import itertools
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from scipy.optimize import linear_sum_assignment
+
+from sae.checkpoint import SaeWeights, save_saelens, save_sparsify
+from sae.errors import UserError
+from sae.matching import (
+    MatchConfig,
+    match_checkpoints,
+    match_directions,
+    match_saes,
+    shared_mask,
+    unit_rows,
+    write_assignment,
+)
+from sae.sparse_assignment import assign_exact, assign_sparse
+
+
+def unit(x: torch.Tensor) -> torch.Tensor:
+    return x / x.norm(dim=1, keepdim=True)
+
+
+def random_unit(n: int, d: int, seed: int) -> torch.Tensor:
+    return unit(torch.randn(n, d, generator=torch.Generator().manual_seed(seed)))
+
+
+def brute_force_best(cos: np.ndarray) -> float:
+    p, q = cos.shape
+    return max(
+        sum(cos[i, cols[i]] for i in range(p)) for cols in itertools.permutations(range(q), p)
+    )
+
+
+@pytest.mark.parametrize(("p", "q"), [(1, 1), (3, 3), (5, 5), (6, 6), (2, 5), (4, 7)])
+def test_solvers_against_brute_force(p: int, q: int) -> None:
+    for seed in range(5):
+        a, b = random_unit(p, 3, seed), random_unit(q, 3, 100 + seed)
+        cos = (a @ b.T).double().numpy()
+        best = brute_force_best(cos)
+        exact = assign_exact(a, b)
+        assert exact.objective == pytest.approx(best, abs=1e-6)
+        assert len(set(exact.partner.tolist())) == p
+        # A graph of only 1 candidate per row and column may miss the optimum; the bound
+        # must still cover the gap, and with every edge present it must find the optimum.
+        narrow = assign_sparse(a, b, k=1)
+        assert len(set(narrow.partner.tolist())) == p
+        assert narrow.objective <= best + 1e-6
+        assert best - narrow.objective <= narrow.gap_bound + 1e-6
+        full = assign_sparse(a, b, k=q)
+        assert full.objective == pytest.approx(best, abs=1e-6)
+        assert full.gap_bound == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.mark.parametrize(("p", "q"), [(300, 300), (120, 250)])
+def test_exact_against_scipy(p: int, q: int) -> None:
+    a, b = random_unit(p, 16, 1), random_unit(q, 16, 2)
+    cos = (a @ b.T).double().numpy()
+    rows, cols = linear_sum_assignment(cos, maximize=True)
+    exact = assign_exact(a, b)
+    assert exact.solver == ("exact-lap" if p == q else "exact-scipy")
+    assert exact.objective == pytest.approx(cos[rows, cols].sum(), abs=1e-6)
+    np.testing.assert_allclose(exact.cosine, cos[np.arange(p), exact.partner], atol=1e-12)
+
+
+def test_sparse_gap_bound_holds_on_random_directions() -> None:
+    # Unstructured directions are the hard case for a sparse graph: a real gap exists.
+    a, b = random_unit(400, 8, 3), random_unit(400, 8, 4)
+    exact, sparse = assign_exact(a, b), assign_sparse(a, b, k=3)
+    gap = exact.objective - sparse.objective
+    assert -1e-6 <= gap <= sparse.gap_bound + 1e-6
+    assert sparse.candidate_edges < 400 * 400
+
+
+def planted(n: int, d: int, shared: int, noise: float, seed: int):
+    """B holds A's first `shared` directions, permuted and perturbed; the rest are fresh."""
+    gen = torch.Generator().manual_seed(seed)
+    a = unit(torch.randn(n, d, generator=gen))
+    b = unit(torch.randn(n, d, generator=gen))
+    perm = torch.randperm(n, generator=gen)
+    scale = noise * torch.rand(shared, 1, generator=gen)
+    b[perm[:shared]] = unit(a[:shared] + scale * torch.randn(shared, d, generator=gen) / d**0.5)
+    return a, b, perm
+
+
+def test_planted_permutation_recovered_by_both_solvers() -> None:
+    a, b, perm = planted(500, 32, 500, 0.3, seed=5)
+    for result in (assign_exact(a, b), assign_sparse(a, b, k=4)):
+        np.testing.assert_array_equal(result.partner, perm.numpy())
+    assert assign_sparse(a, b, k=4).gap_bound == pytest.approx(0.0, abs=1e-6)
+
+
+def test_sparse_equals_exact_on_structured_case() -> None:
+    a, b, _ = planted(2000, 64, 1000, 2.0, seed=6)
+    exact, sparse = assign_exact(a, b), assign_sparse(a, b, k=16, block_rows=300)
+    assert sparse.objective == pytest.approx(exact.objective, rel=1e-3)
+    assert exact.objective - sparse.objective <= sparse.gap_bound + 1e-6
+    np.testing.assert_array_equal(sparse.cosine > 0.7, exact.cosine > 0.7)
+
+
+def test_column_candidates_match_a_dense_top_k() -> None:
+    from sae.sparse_assignment import top_candidates
+
+    a, b = random_unit(700, 8, 7), random_unit(500, 8, 8)
+    cand = top_candidates(a, b, k=5, block_rows=64)
+    dense = a @ b.T
+    torch.testing.assert_close(cand.row_vals, dense.topk(5, dim=1).values)
+    col_best = dense.topk(5, dim=0).values
+    torch.testing.assert_close(cand.col_vals.sort(dim=0, descending=True).values, col_best)
+    got = dense.gather(0, cand.col_rows)
+    torch.testing.assert_close(got, cand.col_vals)
+
+
+def sae_from(decoder: torch.Tensor, encoder: torch.Tensor) -> SaeWeights:
+    n, d = decoder.shape
+    return SaeWeights(encoder, torch.zeros(n), decoder, torch.zeros(d), {"k": 4})
+
+
+def test_threshold_is_strict() -> None:
+    # a = (1, 0) against b = (3, 4) / 5 has cosine float32(0.6) exactly, through the whole
+    # path (float64 norms, float32 product); equal to the threshold is not shared.
+    a = torch.tensor([[1.0, 0.0]])
+    b = torch.tensor([[3.0, 4.0]])
+    cosine = float(np.float32(0.6))
+    first, second = sae_from(a, a), sae_from(b, b)
+    result = match_saes(first, second, MatchConfig(threshold=cosine))
+    assert result.decoder.cosine[0] == cosine
+    assert result.summary.shared_fraction == 0.0
+    assert result.summary.shared_fraction_decoder_only == 0.0
+    below = match_saes(first, second, MatchConfig(threshold=float(np.nextafter(cosine, 0))))
+    assert below.summary.shared_fraction == 1.0
+    assert not shared_mask(np.array([0.7]), np.array([0.9]), 0.7)[0]
+    assert shared_mask(np.array([np.nextafter(0.7, 1)]), np.array([0.9]), 0.7)[0]
+
+
+def test_shared_needs_both_decoder_and_encoder() -> None:
+    a, b, perm = planted(300, 32, 300, 0.1, seed=9)
+    encoder_b = b.clone()
+    encoder_b[perm[:100]] = random_unit(100, 32, 10)  # 100 latents lose their encoder match
+    result = match_saes(sae_from(a, a), sae_from(b, encoder_b))
+    assert result.summary.shared_fraction_decoder_only == 1.0
+    assert result.summary.shared_fraction == pytest.approx(200 / 300)
+    # The 100 re-drawn encoder rows pair up among themselves; a few may land on the decoder's
+    # partner by chance.
+    assert 200 / 300 <= result.summary.encoder_decoder_agreement <= 210 / 300
+    assert result.summary.agreement_among_shared == 1.0
+    assert result.summary.mean_cos_decoder > result.summary.mean_cos_encoder
+
+
+def test_reversed_pair_matches_direct_matching() -> None:
+    a, b, _ = planted(200, 16, 120, 1.5, seed=11)
+    forward = match_saes(sae_from(a, b), sae_from(b, a))
+    backward = match_saes(sae_from(b, a), sae_from(a, b))
+    reversed_ = forward.reversed()
+    np.testing.assert_array_equal(reversed_.decoder.partner, backward.decoder.partner)
+    assert reversed_.summary.shared_fraction == backward.summary.shared_fraction
+
+
+def test_zero_and_nan_rows_are_unmatched_and_counted() -> None:
+    a, b, _ = planted(50, 8, 50, 0.1, seed=12)
+    a[3] = 0.0
+    b[7] = float("nan")
+    unit_a, valid = unit_rows(a)
+    assert not valid[3] and valid.sum() == 49
+    result = match_saes(sae_from(a, a), sae_from(b, b))
+    assert result.decoder.partner[3] == -1 and math.isnan(result.decoder.cosine[3])
+    assert result.summary.invalid_rows == {
+        "decoder_a": 1,
+        "decoder_b": 1,
+        "encoder_a": 1,
+        "encoder_b": 1,
+    }
+    assert result.summary.unmatched_decoder == 1
+    assert 7 not in result.decoder.partner.tolist()
+    assert not result.shared[3]
+
+
+def test_rectangular_needs_opt_in_and_matches_smaller_into_larger() -> None:
+    small, large = random_unit(30, 8, 13), random_unit(50, 8, 14)
+    with pytest.raises(UserError, match="--into-larger") as info:
+        match_saes(sae_from(small, small), sae_from(large, large))
+    assert "\n" not in str(info.value)
+    config = MatchConfig(into_larger=True)
+    into = match_saes(sae_from(small, small), sae_from(large, large), config)
+    assert (into.decoder.partner >= 0).all() and len(set(into.decoder.partner.tolist())) == 30
+    cos = (small @ large.T).double().numpy()
+    rows, cols = linear_sum_assignment(cos, maximize=True)
+    assert into.decoder.objective == pytest.approx(cos[rows, cols].sum(), abs=1e-6)
+    # The larger into the smaller: 20 latents of the base stay unmatched.
+    out = match_saes(sae_from(large, large), sae_from(small, small), config)
+    assert out.summary.unmatched_decoder == 20
+    assert out.decoder.objective == pytest.approx(into.decoder.objective, abs=1e-6)
+    sparse = match_directions(large, small, config.model_copy(update={"solver": "sparse"}))
+    assert sparse.objective == pytest.approx(into.decoder.objective, abs=1e-3)
+
+
+def test_different_d_in_is_an_error() -> None:
+    with pytest.raises(UserError, match="d_in 8 but B has d_in 9"):
+        match_saes(sae_from(*[random_unit(5, 8, 0)] * 2), sae_from(*[random_unit(5, 9, 0)] * 2))
+
+
+def test_layouts_give_the_same_answer(tmp_path: Path) -> None:
+    a, b, _ = planted(200, 16, 150, 1.0, seed=15)
+    enc_a, enc_b, _ = planted(200, 16, 150, 1.5, seed=16)
+    first, second = sae_from(a, enc_a), sae_from(b, enc_b)
+    save_sparsify(tmp_path / "sparsify_a", first)
+    save_saelens(tmp_path / "saelens_a", first)
+    save_sparsify(tmp_path / "sparsify_b", second)
+    save_saelens(tmp_path / "saelens_b", second)
+    direct = match_saes(first, second)
+    for name_a, name_b in [("sparsify_a", "saelens_b"), ("saelens_a", "saelens_b")]:
+        loaded = match_checkpoints(tmp_path / name_a, tmp_path / name_b)
+        np.testing.assert_array_equal(loaded.decoder.partner, direct.decoder.partner)
+        np.testing.assert_array_equal(loaded.encoder.partner, direct.encoder.partner)
+        assert loaded.summary.shared_fraction == direct.summary.shared_fraction
+
+
+@pytest.mark.parametrize("solver", ["exact", "sparse"])
+def test_config_picks_solver(solver: str) -> None:
+    a, b, _ = planted(100, 8, 100, 0.2, seed=17)
+    result = match_saes(sae_from(a, a), sae_from(b, b), MatchConfig(solver=solver))
+    assert result.summary.solver.startswith(solver)
+    auto = match_saes(sae_from(a, a), sae_from(b, b), MatchConfig(exact_max_latents=50))
+    assert auto.summary.solver == "sparse"
+
+
+def test_assignment_files(tmp_path: Path) -> None:
+    a, b, _ = planted(40, 8, 20, 0.2, seed=18)
+    a[0] = 0.0
+    result = match_saes(sae_from(a, a), sae_from(b, b))
+    write_assignment(tmp_path / "m.csv", result)
+    lines = (tmp_path / "m.csv").read_text().splitlines()
+    assert lines[0] == "latent,decoder_partner,decoder_cosine,encoder_partner,encoder_cosine,shared"
+    assert lines[1] == "0,-1,,-1,,0" and len(lines) == 41
+    write_assignment(tmp_path / "m.npz", result)
+    arrays = np.load(tmp_path / "m.npz")
+    np.testing.assert_array_equal(arrays["decoder_partner"], result.decoder.partner)
+    np.testing.assert_array_equal(arrays["shared"], result.shared)
+    record = json.loads((tmp_path / "m.json").read_text())
+    assert record["config"]["threshold"] == 0.7
+    assert record["summary"]["n_latents"] == 40
+    with pytest.raises(UserError, match=r"\.csv or \.npz"):
+        write_assignment(tmp_path / "m.txt", result)
+
+
+def test_exact_too_large_for_memory_is_a_user_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sae.matching
+
+    monkeypatch.setattr(sae.matching, "available_memory", lambda: 1000)
+    a = random_unit(20, 4, 19)
+    with pytest.raises(UserError, match="use --solver sparse"):
+        match_saes(sae_from(a, a), sae_from(a, a), MatchConfig(solver="exact"))
+    sparse = match_saes(sae_from(a, a), sae_from(a, a), MatchConfig(solver="sparse"))
+    assert sparse.summary.shared_fraction == 1.0

@@ -1,0 +1,314 @@
+"""The job queue on real SQLite and PostgreSQL: idempotent enqueue, exclusive claims, leases
+that expire and are fenced, attempts and failure, status, and choosing latents to queue."""
+
+import threading
+import time
+
+import pytest
+from sqlalchemy import func, select, update
+
+from sae.errors import UserError
+from service.store.engine import Store
+from service.store.models import Explanation, Job, Latent, Sae
+from service.store.queue import (
+    Lease,
+    LeaseKeeper,
+    LeaseLost,
+    claim,
+    complete,
+    config_hash,
+    enqueue,
+    fail,
+    renew,
+    status,
+)
+from service.store.results import register_run, register_sae, store_match_pair
+from service.store.sampling import queue_run
+from service.store.worker import work
+
+
+def make_run(store: Store, n_latents: int = 20, name: str = "r") -> list[int]:
+    """A run with SAEs of seeds 0 and 1; returns the latent ids of seed 0."""
+    with store.session() as session, session.begin():
+        run = register_run(
+            session,
+            name,
+            subject_model="smollm2",
+            hookpoint="h",
+            dataset="embedded",
+            architecture="topk",
+            n_latents=n_latents,
+            k=4,
+            seeds=[0, 1],
+        )
+        sae = register_sae(session, run, 0, n_latents=n_latents, d_in=8)
+        register_sae(session, run, 1, n_latents=n_latents, d_in=8)
+        return list(
+            session.scalars(select(Latent.id).where(Latent.sae_id == sae.id).order_by(Latent.index))
+        )
+
+
+def queue_jobs(store: Store, n: int, stage: str = "explain", max_attempts: int = 3) -> list[int]:
+    latents = make_run(store, n)
+    with store.session() as session, session.begin():
+        assert enqueue(session, latents, stage, {"model": "m"}, max_attempts) == n
+    return latents
+
+
+def job_states(store: Store) -> dict[str, int]:
+    with store.read_session() as session:
+        return dict(session.execute(select(Job.state, func.count()).group_by(Job.state)).all())
+
+
+def write_result(lease: Lease):
+    def write(session):
+        session.add(
+            Explanation(
+                latent_id=lease.latent_id,
+                job_id=lease.job_id,
+                explainer="test",
+                model=lease.owner,
+                config_hash=lease.config_hash,
+                text=f"attempt {lease.attempt}",
+            )
+        )
+
+    return write
+
+
+def test_config_hash_ignores_key_order():
+    assert config_hash({"a": 1, "b": [1, 2]}) == config_hash({"b": [1, 2], "a": 1})
+    assert config_hash({"a": 1}) != config_hash({"a": 2})
+
+
+def test_enqueue_is_idempotent_per_latent_stage_and_config(store: Store):
+    latents = make_run(store, 10)
+    with store.session() as session, session.begin():
+        assert enqueue(session, latents, "explain", {"model": "m"}) == 10
+        assert enqueue(session, latents + latents[:3], "explain", {"model": "m"}) == 0
+        assert enqueue(session, latents[:4], "explain", {"model": "other"}) == 4
+        assert enqueue(session, latents[:2], "score", {"model": "m"}) == 2
+    assert job_states(store) == {"queued": 16}
+
+
+def test_claim_leases_oldest_first_and_counts_attempts(store: Store):
+    latents = queue_jobs(store, 5)
+    leases = claim(store, "w1", n=3, stage="explain", lease_seconds=60)
+    assert [lease.latent_id for lease in leases] == latents[:3]
+    assert all(lease.attempt == 1 and lease.owner == "w1" for lease in leases)
+    assert leases[0].config == {"model": "m"}
+    assert len(claim(store, "w2", n=10, stage="explain")) == 2
+    assert claim(store, "w3", n=10, stage="explain") == []
+    assert claim(store, "w3", n=10, stage="score") == []
+    assert job_states(store) == {"leased": 5}
+
+
+def test_concurrent_claims_hand_each_job_to_one_worker(store: Store):
+    queue_jobs(store, 300)
+    claimed: dict[str, list[int]] = {}
+    errors: list[BaseException] = []
+
+    def worker(owner: str) -> None:
+        got: list[int] = []
+        try:
+            while leases := claim(store, owner, n=3, lease_seconds=600):
+                got.extend(lease.job_id for lease in leases)
+        except BaseException as error:
+            errors.append(error)
+        claimed[owner] = got
+
+    threads = [threading.Thread(target=worker, args=(f"w{i}",)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors
+    every = [job for jobs in claimed.values() for job in jobs]
+    assert len(every) == 300 and len(set(every)) == 300
+    assert sum(1 for jobs in claimed.values() if jobs) > 1
+
+
+def test_expired_lease_is_reclaimed_and_the_old_owner_is_fenced_off(store: Store):
+    queue_jobs(store, 1)
+    (old,) = claim(store, "slow", lease_seconds=0.3)
+    assert claim(store, "fast", lease_seconds=60) == []
+    time.sleep(0.5)
+    (new,) = claim(store, "fast", lease_seconds=60)
+    assert new.job_id == old.job_id and new.attempt == 2
+
+    # The slow worker's results and completion roll back together.
+    with pytest.raises(LeaseLost), store.session() as session, session.begin():
+        write_result(old)(session)
+        complete(session, old)
+    assert renew(store, [old]) == []
+    with pytest.raises(LeaseLost):
+        fail(store, old, "late")
+    with store.session() as session, session.begin():
+        write_result(new)(session)
+        complete(session, new)
+    with store.read_session() as session:
+        texts = session.scalars(select(Explanation.text)).all()
+        job = session.get_one(Job, new.job_id)
+    assert texts == ["attempt 2"]
+    assert (job.state, job.lease_owner, job.attempts) == ("done", "fast", 2)
+    assert job.finished_at is not None
+    with pytest.raises(LeaseLost), store.session() as session, session.begin():
+        complete(session, new)
+
+
+def test_renewed_lease_is_not_reclaimed(store: Store):
+    queue_jobs(store, 1)
+    (lease,) = claim(store, "w1", lease_seconds=0.4)
+    for _ in range(3):
+        time.sleep(0.2)
+        (lease,) = renew(store, [lease], lease_seconds=0.4)
+    assert claim(store, "w2") == []
+    with store.session() as session, session.begin():
+        complete(session, lease)
+    assert job_states(store) == {"done": 1}
+
+
+def test_lease_keeper_holds_a_lease_past_its_first_expiry(store: Store):
+    queue_jobs(store, 1)
+    leases = claim(store, "w1", lease_seconds=0.3)
+    with LeaseKeeper(store, leases, lease_seconds=0.3) as keeper:
+        time.sleep(0.8)
+        assert claim(store, "w2") == []
+        assert keeper.held(leases[0])
+    time.sleep(0.5)
+    assert len(claim(store, "w2")) == 1
+
+
+def test_fail_requeues_until_max_attempts_then_keeps_the_error(store: Store):
+    queue_jobs(store, 1, max_attempts=2)
+    (lease,) = claim(store, "w1")
+    assert fail(store, lease, "boom 1") == "queued"
+    (lease,) = claim(store, "w1")
+    assert lease.attempt == 2
+    assert fail(store, lease, "boom 2") == "failed"
+    assert claim(store, "w1") == []
+    with store.read_session() as session:
+        job = session.scalars(select(Job)).one()
+    assert (job.state, job.attempts, job.last_error) == ("failed", 2, "boom 2")
+    assert job.lease_owner is None and job.finished_at is not None
+
+
+def test_fail_without_retry_fails_at_once(store: Store):
+    queue_jobs(store, 1)
+    (lease,) = claim(store, "w1")
+    assert fail(store, lease, "bad input", retry=False) == "failed"
+
+
+def test_lease_expiring_on_the_last_attempt_fails_the_job(store: Store):
+    queue_jobs(store, 1, max_attempts=1)
+    claim(store, "dies", lease_seconds=0.2)
+    time.sleep(0.4)
+    assert claim(store, "w2") == []
+    with store.read_session() as session:
+        job = session.scalars(select(Job)).one()
+    assert job.state == "failed" and "lease expired on the last attempt" in (job.last_error or "")
+
+
+def test_status_counts_rate_and_eta(store: Store):
+    queue_jobs(store, 10)
+    for lease in claim(store, "w", n=4):
+        with store.session() as session, session.begin():
+            complete(session, lease)
+        time.sleep(0.05)
+    (failing,) = claim(store, "w", n=1)
+    fail(store, failing, "x", retry=False)
+    claim(store, "w", n=1)
+    report = status(store)
+    (explain,) = report.stages
+    assert explain.counts == {"queued": 4, "leased": 1, "done": 4, "failed": 1}
+    assert explain.remaining == 5 and report.total.total == 10
+    assert explain.rate_per_s is not None and explain.rate_per_s > 0
+    assert explain.eta_s == pytest.approx(5 / explain.rate_per_s)
+
+
+def test_status_of_an_empty_queue(store: Store):
+    report = status(store)
+    assert report.stages == [] and report.total.total == 0 and report.total.eta_s == 0.0
+
+
+def test_worker_completes_fails_and_drains(store: Store):
+    queue_jobs(store, 12, max_attempts=2)
+
+    def process(lease: Lease):
+        if lease.latent_id % 4 == 0:
+            raise ValueError("unparseable answer")
+        return write_result(lease)
+
+    stats = work(store, "explain", process, batch=5, lease_seconds=30, poll_seconds=0.05)
+    failing = 3  # latents 4, 8, 12 of the first run
+    assert stats.completed == 12 - failing and stats.lost == 0
+    assert stats.failed == 2 * failing
+    assert job_states(store) == {"done": 12 - failing, "failed": failing}
+    with store.read_session() as session:
+        errors = set(session.scalars(select(Job.last_error).where(Job.state == "failed")))
+    assert errors == {"ValueError: unparseable answer"}
+
+
+# --- choosing latents to queue --------------------------------------------------------------
+
+
+def test_queue_run_all_skips_dead_latents_and_is_idempotent(store: Store):
+    latents = make_run(store, 10)
+    with store.session() as session, session.begin():
+        session.execute(update(Latent).where(Latent.id == latents[0]).values(firing_count=0))
+    result = queue_run(store, "r", selection="all")
+    assert (result.selected, result.inserted) == (19, 19)
+    assert queue_run(store, "r").inserted == 0
+
+
+def test_queue_run_sample_is_seeded(store: Store):
+    make_run(store, 50)
+    first = queue_run(store, "r", stage="a", selection="sample", n=10, seed=3)
+    again = queue_run(store, "r", stage="b", selection="sample", n=10, seed=3)
+    with store.read_session() as session:
+        chosen = {
+            stage: set(session.scalars(select(Job.latent_id).where(Job.stage == stage)))
+            for stage in ("a", "b")
+        }
+    assert first.inserted == again.inserted == 10
+    assert chosen["a"] == chosen["b"]
+
+
+def test_queue_run_stratified_takes_equal_shared_and_specific(store: Store):
+    make_run(store, 10)
+    with store.session() as session, session.begin():
+        sae_a, sae_b = session.scalars(select(Sae).order_by(Sae.seed)).all()
+        cos = [0.9, 0.9, 0.9, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1]
+        store_match_pair(
+            session,
+            sae_a,
+            sae_b,
+            partner_decoder=range(10),
+            cos_decoder=cos,
+            partner_encoder=range(10),
+            cos_encoder=cos,
+            solver="scipy",
+        )
+    result = queue_run(store, "r", selection="stratified", n=5, seed=1)
+    assert (result.shared, result.seed_specific, result.inserted) == (3, 3, 6)
+    with store.read_session() as session:
+        indices = sorted(
+            session.scalars(
+                select(Latent.index).join(Job, Job.latent_id == Latent.id).where(Latent.index < 3)
+            )
+        )
+    assert indices == [0, 1, 2]
+
+
+def test_queue_run_stratified_without_matches_is_refused(store: Store):
+    make_run(store, 10)
+    with pytest.raises(UserError, match="no stored matches"):
+        queue_run(store, "r", selection="stratified", n=5)
+    assert job_states(store) == {}
+
+
+def test_queue_run_of_a_missing_run_changes_nothing(store: Store):
+    make_run(store, 10)
+    with pytest.raises(UserError, match="no run named 'ghost'"):
+        queue_run(store, "ghost")
+    assert job_states(store) == {}
