@@ -20,6 +20,7 @@ from service.score_config import ScoreConfig
         ("Explanation: capitalised words\nMore chatter", "capitalised words"),
         ('"Python keywords"', "Python keywords"),
         ("  \n  the word class  \n", "the word class"),
+        ("The marked tokens have the following:\n- the keyword return", "the keyword return"),
     ],
 )
 def test_parse_explanation_accepts_what_models_write(raw, expected):

@@ -56,8 +56,11 @@ def parse_explanation(raw: str) -> str | None:
     match = _LABELLED.search(text)
     if match:
         return _clean(match.group(1).splitlines()[0])
-    lines = [line for line in text.splitlines() if line.strip()]
-    return _clean(lines[0]) if lines else None
+    lines = [line.strip().lstrip("-*• ") for line in text.splitlines() if line.strip()]
+    # Small models often open with a preamble such as "The marked tokens have the following:"
+    # and put the explanation on the next line.
+    content = [line for line in lines if line and not line.endswith(":")]
+    return _clean(content[0]) if content else (_clean(lines[0]) if lines else None)
 
 
 def render_examples(split: ExampleSplit, mark_fraction: float) -> str:

@@ -1,0 +1,116 @@
+"""`autointerp run`: a whole study at its smallest size, on the real model and stores."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from sqlalchemy import func, select
+
+from sae.errors import UserError
+from service.store.engine import open_store
+from service.store.models import Example, Job, MatchPair, Score
+from service.study import load_study
+
+AUTOINTERP = str(Path(sys.executable).with_name("autointerp"))
+
+SMALLEST = """
+name = "tiny"
+out = "out"
+
+[train]
+tokens = 8192
+chunk_len = 128
+latents = 64
+k = 4
+seeds = [0, 1]
+epochs = 2
+batch_tokens = 512
+
+[cache]
+tokens = 4096
+window = 16
+chunk_len = 128
+quantile_bins = 2
+per_quantile_bin = 2
+negatives = 6
+
+[queue]
+selection = "sample"
+latents = 6
+
+[score]
+backend = "transformers"
+
+[score.config]
+explainers = ["token_baseline"]
+scorers = ["embedding"]
+n_explain_top = 4
+n_explain_quantile = 2
+n_positive = 4
+n_negative = 4
+
+[report]
+html = "out/report.html"
+"""
+
+
+def run_study(study: Path, db_url: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [AUTOINTERP, "run", str(study)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**os.environ, "AUTOINTERP_DB": db_url},
+    )
+
+
+def test_smallest_study_completes_and_resumes(tmp_path: Path, store_url: str):
+    study = tmp_path / "study.toml"
+    study.write_text(SMALLEST)
+    first = run_study(study, store_url)
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert "train: trained 2 SAEs" in first.stdout
+    assert (tmp_path / "out" / "report.html").is_file()
+    store = open_store(store_url)
+    try:
+        with store.read_session() as session:
+            assert session.scalar(select(func.count()).select_from(MatchPair)) == 2
+            assert session.scalar(select(func.count()).select_from(Example)) > 0
+            jobs = session.scalars(select(Job.state)).all()
+            assert jobs and set(jobs) == {"done"}
+            controls = set(session.scalars(select(Score.control)).all())
+            assert controls == {"own", "shuffled"}
+            n_scores = session.scalar(select(func.count()).select_from(Score))
+    finally:
+        store.dispose()
+    # A second run finds every stage done and adds nothing.
+    second = run_study(study, store_url)
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert "train: already trained" in second.stdout
+    assert "match: already stored" in second.stdout
+    assert "cache: already stored" in second.stdout
+    store = open_store(store_url)
+    try:
+        with store.read_session() as session:
+            assert session.scalar(select(func.count()).select_from(Score)) == n_scores
+    finally:
+        store.dispose()
+
+
+def test_unknown_keys_are_named(tmp_path: Path):
+    study = tmp_path / "study.toml"
+    study.write_text('name = "x"\nout = "o"\ncolour = 1\n[train]\nlatent = 5\n')
+    with pytest.raises(UserError) as error:
+        load_study(study)
+    assert "colour: unknown key" in str(error.value)
+    assert "train.latent: unknown key" in str(error.value)
+    result = subprocess.run([AUTOINTERP, "run", str(study)], capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and "unknown key" in result.stderr
+
+
+def test_missing_study_file(tmp_path: Path):
+    with pytest.raises(UserError, match="does not exist"):
+        load_study(tmp_path / "missing.toml")
