@@ -6,6 +6,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from sae.errors import UserError
@@ -25,7 +26,8 @@ def main() -> None:
     try:
         app()
     except UserError as error:
-        err_console.print(f"[bold red]error:[/] {error}", highlight=False)
+        # Escaped: a message naming e.g. "[train]" must not be read as rich markup.
+        err_console.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False)
         sys.exit(2)
 
 

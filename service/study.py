@@ -47,7 +47,7 @@ class TrainSection(_Section):
     k: int = 8
     seeds: list[int] = [0, 1, 2]
     epochs: int = 5
-    batch_tokens: int = 4096
+    batch_tokens: int = 1024
     lr: float | None = None
 
     def train_config(self, activation_cache: Path | None) -> TrainConfig:
