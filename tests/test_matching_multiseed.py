@@ -209,3 +209,40 @@ def test_cli_match_into_larger(run_folder: Path) -> None:
     summary = json.loads(result.stdout)
     assert summary["n_latents"] == 150 and summary["n_latents_b"] == 200
     assert summary["unmatched_decoder"] == 0
+
+
+def test_analyse_folder_keeps_each_pair_and_resumes(tmp_path: Path) -> None:
+    write_run(tmp_path, seed_saes(3))
+    first = analyse_folder(tmp_path)["model.layers.6.mlp"]
+    finished = tmp_path / "model.layers.6.mlp" / "matches"
+    assert sorted(p.name for p in finished.glob("*.npz")) == [
+        "seed0-seed1.npz",
+        "seed0-seed2.npz",
+        "seed1-seed2.npz",
+    ]
+    # An interrupted run leaves no record for the pair it was solving: that pair is solved
+    # again, the others are read back (their recorded solve time is the original one).
+    (finished / "seed1-seed2.json").unlink()
+    again = analyse_folder(tmp_path)["model.layers.6.mlp"]
+    assert again.pairs["0->1"].seconds == first.pairs["0->1"].seconds
+    assert again.pairs["1->2"].seconds != first.pairs["1->2"].seconds
+    assert again.shared_fraction == first.shared_fraction
+    assert again.present_in_exactly == first.present_in_exactly
+    # The threshold only decides what counts as shared: saved assignments are re-summarised.
+    strict = analyse_folder(tmp_path, MatchConfig(threshold=0.95))["model.layers.6.mlp"]
+    assert strict.pairs["0->1"].seconds == first.pairs["0->1"].seconds
+    expected = analyse_seeds(seed_saes(3), MatchConfig(threshold=0.95))
+    assert strict.shared_fraction == expected.shared_fraction
+    assert strict.shared_fraction[0][1] < first.shared_fraction[0][1]
+    # Another solver gives other assignments: nothing saved under the old one is reused.
+    sparse = analyse_folder(tmp_path, MatchConfig(solver="sparse"))["model.layers.6.mlp"]
+    assert sparse.pairs["0->1"].solver == "sparse"
+    assert sparse.pairs["0->1"].seconds != first.pairs["0->1"].seconds
+
+
+def test_unreadable_saved_pair_is_one_clear_error(tmp_path: Path) -> None:
+    write_run(tmp_path, seed_saes(2, n=20))
+    analyse_folder(tmp_path)
+    (tmp_path / "model.layers.6.mlp" / "matches" / "seed0-seed1.npz").write_bytes(b"garbage")
+    with pytest.raises(UserError, match="delete it to match again"):
+        analyse_folder(tmp_path)

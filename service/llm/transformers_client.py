@@ -2,13 +2,16 @@
 
 The embedded default for machines without a vLLM server (SmolLM2 by default, via
 `sae.models.load_model`). One generation runs at a time, in a worker thread so the event loop
-stays responsive; log-probabilities come from the model's raw logits. JSON schemas are not
-enforced here: the prompts ask for the format and the parsers accept what comes.
+stays responsive; log-probabilities come from the model's raw logits. A request's JSON schema
+is enforced as vLLM enforces it, by masking the logits at every step to the tokens the schema
+allows (xgrammar, the library vLLM uses for it): a small model that ignores the format asked
+for in the prompt still answers in it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -32,7 +35,7 @@ IN_PROCESS = "in-process"
 class TransformersClient(LLMClient):
     """Generates with a transformers causal LM loaded on first use."""
 
-    enforces_json_schema = False
+    enforces_json_schema = True
 
     def __init__(self, model: str, home: Path, loaded: tuple[Any, Any] | None = None):
         """`loaded`: an already loaded (model, tokenizer) pair to use instead of loading."""
@@ -40,6 +43,7 @@ class TransformersClient(LLMClient):
         self.home = home
         self._loaded = loaded
         self._lock = asyncio.Lock()
+        self._grammar_compiler: Any = None
 
     def _load(self) -> tuple[Any, Any]:
         if self._loaded is None:
@@ -89,6 +93,8 @@ class TransformersClient(LLMClient):
             # The checkpoint's generation config may carry sampling defaults; greedy means
             # none of them apply.
             options.update(temperature=None, top_p=None, top_k=None)
+        if params.json_schema is not None:
+            options["logits_processor"] = [self._schema_processor(params.json_schema)]
         if params.seed is not None:
             torch.manual_seed(params.seed)
         with torch.inference_mode():
@@ -124,6 +130,21 @@ class TransformersClient(LLMClient):
             completion_tokens=len(new_ids),
         )
         return Completion(text, tokens, finish_reason, [record])
+
+    def _schema_processor(self, schema: dict[str, Any]) -> Any:
+        """A fresh logits processor (one per generation) masking to `schema`'s tokens."""
+        import xgrammar
+        from xgrammar.contrib.hf import LogitsProcessor
+
+        model, tokenizer = self._load()
+        if self._grammar_compiler is None:
+            info = xgrammar.TokenizerInfo.from_huggingface(
+                tokenizer, vocab_size=model.config.vocab_size
+            )
+            self._grammar_compiler = xgrammar.GrammarCompiler(info)
+        # The compiler caches compiled grammars by their text.
+        grammar = self._grammar_compiler.compile_json_schema(json.dumps(schema, sort_keys=True))
+        return LogitsProcessor(grammar)
 
 
 @register_backend("transformers")

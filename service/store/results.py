@@ -182,8 +182,10 @@ def store_match_pair(
     n = sae_a.n_latents
     if any(array.shape != (n,) for array in (partner_dec, partner_enc, cos_dec, cos_enc)):
         raise ValueError(f"expected one partner and cosine per latent of SAE A ({n})")
-    shared = (cos_dec > threshold) & (cos_enc > threshold)
-    agree = partner_dec == partner_enc
+    with np.errstate(invalid="ignore"):
+        shared = (cos_dec > threshold) & (cos_enc > threshold)
+    # An unmatched latent (partner -1 under both) has no partner to agree on.
+    agree = (partner_dec == partner_enc) & (partner_dec >= 0)
     summary = {
         "solver": solver,
         "threshold": threshold,
