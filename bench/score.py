@@ -8,13 +8,22 @@ each explanation with detection and fuzzing on 20 held-out windows per scorer (1
   flight at once (bounded by the client's semaphore), detection and fuzzing concurrently;
 - naive: one request at a time, one window per request, one latent after another.
 
+Two job configs, each timed in both modes:
+- "llm only": the LLM explainer alone, no control;
+- "with controls": what `autointerp score` does by default (without the in-process embedding
+  scorer): the LLM explainer and the token baseline, and the shuffled control (each latent
+  also scored with another latent's explanations), so every held-out window is scored under
+  four explanations. Scoring prompts put the windows before the explanation, so the server's
+  prefix cache computes a latent's windows once for all its explanations.
+
 Printed per mode: latents explained+scored per hour, LLM requests per latent, prompt tokens
 per scored window, the server's generated tokens/s over the run (vLLM's
-`vllm:generation_tokens_total` counter), parse failures; then the pipeline/naive ratio.
-Each run draws new latents and seeds (print with --seed to repeat one), and the two modes
-different ones, so that no mode finds its prompts in the server's prefix cache from before.
+`vllm:generation_tokens_total` counter) and its prefix-cache hit rate, parse failures; then
+the pipeline/naive ratio. Each run draws new latents and seeds (print with --seed to repeat
+one), and each mode different ones, so that no mode finds its prompts in the server's prefix
+cache from before.
 
-    python bench/score.py [--llm-url URL] [--latents 8] [--naive-latents 2]
+    python -m bench.score [--llm-url URL] [--latents 8] [--naive-latents 2]
 
 Without --llm-url it starts vLLM from .venv-vllm (about two minutes) and stops it after.
 """
@@ -34,6 +43,7 @@ sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != HE
 import argparse
 import asyncio
 import time
+from collections.abc import Awaitable
 from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any
@@ -49,6 +59,9 @@ from service.score_config import ScoreConfig
 from service.settings import get_settings
 
 GENERATED = "vllm:generation_tokens_total"
+PREFIX_QUERIES = "vllm:prefix_cache_queries_total"
+PREFIX_HITS = "vllm:prefix_cache_hits_total"
+COUNTERS = (GENERATED, PREFIX_QUERIES, PREFIX_HITS)
 
 
 @dataclass
@@ -57,7 +70,7 @@ class ModeResult:
     latents: int
     seconds: float
     results: list[LatentResult]
-    server_generated: float | None
+    counters: dict[str, float | None]
 
     @property
     def per_hour(self) -> float:
@@ -86,6 +99,15 @@ class ModeResult:
             sum(r.n_answers for r in self.results),
         )
 
+    def rate(self, counter: str) -> str:
+        value = self.counters[counter]
+        return "-" if value is None else f"{value / self.seconds:.1f}"
+
+    @property
+    def prefix_hit_rate(self) -> str:
+        hits, queries = self.counters[PREFIX_HITS], self.counters[PREFIX_QUERIES]
+        return "-" if hits is None or not queries else f"{hits / queries:.0%}"
+
 
 async def run_mode(
     name: str,
@@ -95,25 +117,32 @@ async def run_mode(
     concurrency: int,
     sequential: bool,
 ) -> ModeResult:
+    """Explain and score every latent; latent i's shuffled control is latent i + 1."""
     client = OpenAIClient(LLMConfig(urls=[url], max_concurrency=concurrency))
+    controls = latents[1:] + latents[:1]
+
+    def job(index: int) -> Awaitable[LatentResult]:
+        return explain_and_score(latents[index], config, client, controls[index])
+
     try:
         await client.check()
-        before = await client.server_metric(GENERATED)
+        before = {counter: await client.server_metric(counter) for counter in COUNTERS}
         started = time.monotonic()
         if sequential:
-            results = [await explain_and_score(latent, config, client) for latent in latents]
+            results = [await job(index) for index in range(len(latents))]
         else:
-            results = list(
-                await asyncio.gather(
-                    *(explain_and_score(latent, config, client) for latent in latents)
-                )
-            )
+            results = list(await asyncio.gather(*(job(index) for index in range(len(latents)))))
         seconds = time.monotonic() - started
-        after = await client.server_metric(GENERATED)
+        after = {counter: await client.server_metric(counter) for counter in COUNTERS}
     finally:
         await client.aclose()
-    generated = after - before if before is not None and after is not None else None
-    return ModeResult(name, len(latents), seconds, results, generated)
+    counters = {
+        counter: None
+        if before[counter] is None or after[counter] is None
+        else after[counter] - before[counter]  # type: ignore[operator]
+        for counter in COUNTERS
+    }
+    return ModeResult(name, len(latents), seconds, results, counters)
 
 
 def planted(tokenizer: Any, n: int, offset: int) -> list[LatentExamples]:
@@ -131,15 +160,55 @@ def planted(tokenizer: Any, n: int, offset: int) -> list[LatentExamples]:
 
 def report(mode: ModeResult) -> None:
     failures, answers = mode.parse_failures
-    generated = (
-        f"{mode.server_generated / mode.seconds:.1f}" if mode.server_generated is not None else "-"
-    )
     print(
         f"{mode.name:>8}: {mode.latents} latents in {mode.seconds:.1f} s = "
         f"{mode.per_hour:.0f} latents/h | {mode.requests / mode.latents:.1f} requests/latent | "
         f"{mode.scoring_prompt_tokens / max(mode.scored_windows, 1):.0f} prompt tokens per "
         f"scored window ({mode.prompt_tokens / mode.latents:.0f} per latent) | server "
-        f"{generated} generated tokens/s | parse failures {failures}/{answers}"
+        f"{mode.rate(GENERATED)} generated tokens/s, prefix cache hits "
+        f"{mode.prefix_hit_rate} | parse failures {failures}/{answers}",
+        flush=True,
+    )
+
+
+CONFIGS = {
+    "llm only": ScoreConfig(
+        explainers=["llm"], scorers=["detection", "fuzzing"], shuffled_control=False
+    ),
+    "with controls": ScoreConfig(
+        explainers=["llm", "token_baseline"],
+        scorers=["detection", "fuzzing"],
+        shuffled_control=True,
+    ),
+}
+
+
+def compare(
+    name: str, config: ScoreConfig, url: str, tokenizer: Any, args: argparse.Namespace, offset: int
+) -> None:
+    """Time one job config naively and through the pipeline, and print the ratios."""
+    print(f"-- {name}: explainers {config.explainers}, shuffled control {config.shuffled_control}")
+    naive_config = config.model_copy(update={"examples_per_request": 1, "seed": offset})
+    pipeline_config = config.model_copy(
+        update={"examples_per_request": args.examples_per_request, "seed": offset + 1}
+    )
+    naive_latents = planted(tokenizer, args.naive_latents, offset * 100)
+    naive = asyncio.run(run_mode("naive", url, naive_latents, naive_config, 1, True))
+    report(naive)
+    pipeline_latents = planted(tokenizer, args.latents, (offset + 1) * 100)
+    pipeline = asyncio.run(
+        run_mode("pipeline", url, pipeline_latents, pipeline_config, args.concurrency, False)
+    )
+    report(pipeline)
+    speedup = pipeline.per_hour / naive.per_hour
+    fewer_requests = (naive.requests / naive.latents) / (pipeline.requests / pipeline.latents)
+    naive_tokens = naive.scoring_prompt_tokens / max(naive.scored_windows, 1)
+    pipeline_tokens = pipeline.scoring_prompt_tokens / max(pipeline.scored_windows, 1)
+    print(
+        f"{name}, pipeline / naive: {speedup:.1f}x latents per hour (target >= 5x), "
+        f"{fewer_requests:.1f}x fewer requests per latent, "
+        f"{naive_tokens / pipeline_tokens:.1f}x fewer prompt tokens per scored window",
+        flush=True,
     )
 
 
@@ -150,19 +219,18 @@ def main() -> None:
     parser.add_argument("--naive-latents", type=int, default=2, help="latents in the naive run")
     parser.add_argument("--examples-per-request", type=int, default=10)
     parser.add_argument("--concurrency", type=int, default=64, help="pipeline requests in flight")
+    parser.add_argument(
+        "--configs", default=",".join(CONFIGS), help=f"comma-separated, of: {', '.join(CONFIGS)}"
+    )
     parser.add_argument("--seed", type=int, default=int(time.time()) % 100_000)
     args = parser.parse_args()
+    names = [name.strip() for name in args.configs.split(",")]
+    unknown = [name for name in names if name not in CONFIGS]
+    if unknown:
+        parser.error(f"unknown config {unknown[0]!r}; choose from {', '.join(CONFIGS)}")
 
     home = get_settings().home
     tokenizer = load_tokenizer("smollm2", home)
-    # The LLM path only: the token baseline, embedding scorer and control are not timed here.
-    llm_only = ScoreConfig(
-        explainers=["llm"], scorers=["detection", "fuzzing"], shuffled_control=False
-    )
-    pipeline_config = llm_only.model_copy(
-        update={"examples_per_request": args.examples_per_request, "seed": 2 * args.seed + 1}
-    )
-    naive_config = llm_only.model_copy(update={"examples_per_request": 1, "seed": 2 * args.seed})
     with ExitStack() as stack:
         url = args.llm_url
         if url is None:
@@ -173,29 +241,8 @@ def main() -> None:
             "detection + fuzzing",
             flush=True,
         )
-        naive_latents = planted(tokenizer, args.naive_latents, 2 * args.seed * 100)
-        naive = asyncio.run(run_mode("naive", url, naive_latents, naive_config, 1, True))
-        report(naive)
-        pipeline = asyncio.run(
-            run_mode(
-                "pipeline",
-                url,
-                planted(tokenizer, args.latents, (2 * args.seed + 1) * 100),
-                pipeline_config,
-                args.concurrency,
-                False,
-            )
-        )
-        report(pipeline)
-    speedup = pipeline.per_hour / naive.per_hour
-    fewer_requests = (naive.requests / naive.latents) / (pipeline.requests / pipeline.latents)
-    naive_tokens = naive.scoring_prompt_tokens / max(naive.scored_windows, 1)
-    pipeline_tokens = pipeline.scoring_prompt_tokens / max(pipeline.scored_windows, 1)
-    print(
-        f"pipeline / naive: {speedup:.1f}x latents per hour (target >= 5x), "
-        f"{fewer_requests:.1f}x fewer requests per latent, "
-        f"{naive_tokens / pipeline_tokens:.1f}x fewer prompt tokens per scored window"
-    )
+        for number, name in enumerate(names):
+            compare(name, CONFIGS[name], url, tokenizer, args, 2 * (args.seed + 10 * number))
 
 
 if __name__ == "__main__":

@@ -61,7 +61,9 @@ class CalibrationConfig(BaseModel):
     max_tokens: int = Field(default=60_000, ge=1000)
     rules: list[str] = Field(default_factory=lambda: sorted(RULES), min_length=2)
     score: ScoreConfig = Field(
-        default_factory=lambda: ScoreConfig(shuffled_control=False, n_positive=15, n_negative=15)
+        default_factory=lambda: ScoreConfig(
+            shuffled_control=False, cross_seed=0, n_positive=15, n_negative=15
+        )
     )
     min_auc: float = Field(default=0.75, gt=0.5, le=1, description="right vs wrong AUC")
     min_gap: float = Field(default=0.1, ge=0, description="mean right - mean wrong score")

@@ -333,6 +333,7 @@ def calibrate_command(
         explainers=_comma_names([explainers]),
         scorers=_comma_names([scorers]),
         shuffled_control=False,
+        cross_seed=0,
         n_positive=n_examples,
         n_negative=n_examples,
     )

@@ -2,16 +2,18 @@
 explainer, then run every scorer on the held-out windows concurrently. The worker (store,
 queue, progress), the calibration and the benchmark call `explain_and_score`.
 
-The specificity control: given the windows of another latent of the same SAE, each explainer
-also explains THAT latent (from its own split, exactly as that latent's own job would), and
-every scorer tests those explanations on this latent's held-out windows, as `shuffled`
-results. A scorer that rates a foreign explanation as well as the latent's own is not
-measuring the explanation.
+Controls: given the windows of other latents, each explainer also explains THOSE latents
+(each from its own split, exactly as that latent's own job would), and every scorer tests
+those explanations on this latent's held-out windows, labelled with the control's name. The
+shuffled control is a random other latent of the same SAE: a scorer that rates a foreign
+explanation as well as the latent's own is not measuring the explanation. Cross-seed scoring
+uses the latent's matched partner in another seed: does the partner's explanation transfer?
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from service.explainers import Explainer, ExplanationResult, create_explainers
@@ -22,6 +24,8 @@ from service.scorers import Scorer, ScoreResult, create_scorers
 
 CONTROL_OWN = "own"
 CONTROL_SHUFFLED = "shuffled"
+CONTROL_CROSS_SEED = "cross_seed"
+EXPLAIN_STAGE = "explain"
 
 
 class NotScorable(Exception):
@@ -31,8 +35,8 @@ class NotScorable(Exception):
 @dataclass
 class Explained:
     """One explanation and the scores it got on the scored latent's held-out windows.
-    `source_latent_id` is the latent it explains: the scored latent itself, or for the
-    shuffled control another latent of the same SAE."""
+    `source_latent_id` is the latent it explains: the scored latent itself, or for a
+    control the other latent (of the same SAE, or the matched partner in another seed)."""
 
     explanation: ExplanationResult
     source_latent_id: int | None
@@ -59,12 +63,21 @@ class LatentResult:
         return [score for e in self.explained for score in e.scores]
 
     @property
-    def calls(self) -> list[CallRecord]:
+    def calls_by_stage(self) -> list[tuple[str, CallRecord]]:
+        """Every LLM call, with the step it served: EXPLAIN_STAGE or the scorer's name."""
         return [
-            call
+            (stage, call)
             for e in self.explained
-            for call in e.explanation.calls + [c for score in e.scores for c in score.calls]
+            for stage, calls in [
+                (EXPLAIN_STAGE, e.explanation.calls),
+                *((score.scorer, score.calls) for score in e.scores),
+            ]
+            for call in calls
         ]
+
+    @property
+    def calls(self) -> list[CallRecord]:
+        return [call for _, call in self.calls_by_stage]
 
     @property
     def n_answers(self) -> int:
@@ -100,31 +113,33 @@ def split_for(examples: LatentExamples, config: ScoreConfig) -> ExampleSplit:
     )
 
 
-async def _score_all(
-    explained: Explained,
-    scorers: list[Scorer],
-    split: ExampleSplit,
-    llm: LLMClient | None,
-    seed: int,
-) -> None:
-    if not explained.explanation.parsed:
-        return  # an unparseable explanation is kept, not scored
-    text = explained.explanation.text
-    results = await asyncio.gather(*(s.score(text, split, llm, seed) for s in scorers))
-    for result in results:
-        result.control = explained.control
-    explained.scores = list(results)
-
-
-async def _explain_all(
-    explainers: list[Explainer],
-    split: ExampleSplit,
-    llm: LLMClient | None,
+async def _explain_and_score_one(
+    explainer: Explainer,
+    explained_split: ExampleSplit,
     source_latent_id: int | None,
     control: str,
-) -> list[Explained]:
-    explanations = await asyncio.gather(*(e.explain(split, llm) for e in explainers))
-    return [Explained(e, source_latent_id, control) for e in explanations]
+    scorers: list[Scorer],
+    scored_split: ExampleSplit,
+    llm: LLMClient | None,
+    seed: int,
+) -> Explained:
+    """One explainer's explanation of `explained_split`, scored on `scored_split` at once.
+
+    Scoring starts the moment its explanation exists, not when every explanation does:
+    scoring prompts put the held-out windows before the explanation, so the first scoring
+    request of a window batch (usually the instant token baseline's) fills the server's prefix
+    cache and the requests of the explanations that arrive later reuse it."""
+    explanation = await explainer.explain(explained_split, llm)
+    explained = Explained(explanation, source_latent_id, control)
+    if not explanation.parsed:
+        return explained  # an unparseable explanation is kept, not scored
+    results = await asyncio.gather(
+        *(s.score(explanation.text, scored_split, llm, seed) for s in scorers)
+    )
+    for result in results:
+        result.control = control
+    explained.scores = list(results)
+    return explained
 
 
 async def explain_and_score(
@@ -132,23 +147,35 @@ async def explain_and_score(
     config: ScoreConfig,
     llm: LLMClient | None,
     control: LatentExamples | None = None,
+    partners: Sequence[LatentExamples] = (),
 ) -> LatentResult:
-    """Explain one latent with each explainer and score each explanation with each scorer;
-    with `control` (another latent of the same SAE) and `config.shuffled_control`, score that
-    latent's explanations on this latent's windows too."""
+    """Explain one latent with each explainer and score each explanation with each scorer.
+    Score other latents' explanations on this latent's windows too: with `control` (another
+    latent of the same SAE) and `config.shuffled_control`, that latent's, as `shuffled`; and
+    those of the first `config.cross_seed` of `partners` (its matched partners in other
+    seeds), as `cross_seed`. Another latent without an activating window is skipped."""
     explainers = create_explainers(config)
     scorers = create_scorers(config)
     seed = latent_seed(config, examples.latent_id)
     split = split_for(examples, config)
     if not split.explain:
         raise NotScorable(f"latent {examples.latent_id} has no activating example to explain")
-    tasks = [_explain_all(explainers, split, llm, examples.latent_id, CONTROL_OWN)]
-    if control is not None and config.shuffled_control:
-        control_split = split_for(control, config)
-        if control_split.explain:
-            tasks.append(
-                _explain_all(explainers, control_split, llm, control.latent_id, CONTROL_SHUFFLED)
+    others = (
+        [(control, CONTROL_SHUFFLED)] if control is not None and config.shuffled_control else []
+    )
+    others += [(partner, CONTROL_CROSS_SEED) for partner in partners[: config.cross_seed]]
+    sources = [(split, examples.latent_id, CONTROL_OWN)]
+    for other, label in others:
+        other_split = split_for(other, config)
+        if other_split.explain:
+            sources.append((other_split, other.latent_id, label))
+    explained = await asyncio.gather(
+        *(
+            _explain_and_score_one(
+                explainer, source_split, source_id, label, scorers, split, llm, seed
             )
-    explained = [e for group in await asyncio.gather(*tasks) for e in group]
-    await asyncio.gather(*(_score_all(e, scorers, split, llm, seed) for e in explained))
-    return LatentResult(examples.latent_id, split, explained)
+            for source_split, source_id, label in sources
+            for explainer in explainers
+        )
+    )
+    return LatentResult(examples.latent_id, split, list(explained))

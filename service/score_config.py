@@ -13,7 +13,8 @@ from service.embedding import DEFAULT_EMBEDDING_MODEL
 
 class ScoreConfig(BaseModel):
     """Explain one latent with each explainer, then score each explanation with each scorer,
-    and (the specificity control) score it with another latent's explanations too."""
+    and score it with other latents' explanations too: a random other latent's (the
+    specificity control) and its matched partners' in other seeds (cross-seed scoring)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -24,6 +25,12 @@ class ScoreConfig(BaseModel):
         default=True,
         description="also score each latent with a random other latent's explanations",
     )
+    cross_seed: int = Field(
+        default=1,
+        ge=0,
+        description="also score each latent with the explanations of its decoder-matched "
+        "partners in this many other seeds (the seeds after its own, wrapping around); 0: off",
+    )
     embedding_model: str = Field(
         default=DEFAULT_EMBEDDING_MODEL,
         description="sentence-transformers model of the embedding scorer (name or folder)",
@@ -32,8 +39,8 @@ class ScoreConfig(BaseModel):
     prompts: dict[str, str] = Field(
         default_factory=lambda: {
             "explain": "explain_v1",
-            "detection": "detection_v1",
-            "fuzzing": "fuzzing_v1",
+            "detection": "detection_v2",
+            "fuzzing": "fuzzing_v2",
         }
     )
     n_explain_top: int = Field(default=10, ge=0, description="top windows shown to the explainer")

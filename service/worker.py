@@ -2,8 +2,9 @@
 
 One process runs `workers` slots on one event loop, so that the LLM requests of many latents
 are in flight at once. A slot claims a job, keeps its lease alive, loads the latent's windows
-from the store (and those of a random other latent of the same SAE, drawn from the job's
-seed, for the shuffled specificity control), explains and scores it
+from the store (and those of its control latents, `service.control_latents`: a random other
+latent of the same SAE drawn from the job's seed, the shuffled specificity control, and its
+matched partners in other seeds, for cross-seed scoring), explains and scores it
 (`pipeline.explain_and_score`), and writes the explanations, the scores, every verdict and
 every LLM call together with the job's completion in ONE transaction: a job's results exist
 completely or not at all, and a worker whose lease was taken over writes nothing (the queue
@@ -15,7 +16,6 @@ resumes where this one stopped.
 from __future__ import annotations
 
 import asyncio
-import random
 import threading
 import time
 from collections.abc import Callable
@@ -33,17 +33,22 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from sae.errors import UserError
-from service.latent_examples import load_latent_examples, load_tokenizer, subject_model_of
+from service.control_latents import control_latent, cross_seed_partners
+from service.latent_examples import (
+    LatentExamples,
+    load_latent_examples,
+    load_tokenizer,
+    subject_model_of,
+)
 from service.llm.base import LLMClient, LLMConfig, LLMError, create_client
 from service.pipeline import LatentResult, NotScorable, explain_and_score, latent_seed
 from service.score_config import ScoreConfig
 from service.scorers import ScoreResult
 from service.store.engine import Store, open_store
-from service.store.models import Example, Explanation, Latent, LlmCall, Prediction, Sae, Score
+from service.store.models import Explanation, LlmCall, Prediction, Score
 from service.store.queue import (
     DEFAULT_LEASE_SECONDS,
     Lease,
@@ -53,6 +58,7 @@ from service.store.queue import (
     complete,
     fail,
     new_worker_id,
+    release,
 )
 from service.store.worker import unfinished
 
@@ -103,8 +109,9 @@ class ScoreStats:
 
 def write_result(session: Session, lease: Lease, result: LatentResult, model: str) -> None:
     """Add a latent's explanations, scores, verdicts and LLM calls to `session`, and complete
-    its job there: the caller's commit writes all of it or none. A shuffled control's
-    explanation is stored under the latent it explains (another latent of the same SAE)."""
+    its job there: the caller's commit writes all of it or none. A control's explanation is
+    stored under the latent it explains (another latent of the same SAE, or the matched
+    partner in another seed); its scores, like all of them, under the job's latent."""
     for explained in result.explained:
         # An explanation no LLM wrote (the token baseline) names its explainer as its model.
         explanation = Explanation(
@@ -123,6 +130,7 @@ def write_result(session: Session, lease: Lease, result: LatentResult, model: st
     session.add_all(
         LlmCall(
             job_id=lease.job_id,
+            stage=stage,
             model=call.model,
             base_url=call.base_url,
             prompt_tokens=call.prompt_tokens,
@@ -130,7 +138,7 @@ def write_result(session: Session, lease: Lease, result: LatentResult, model: st
             latency_s=call.latency_s,
             error=call.error,
         )
-        for call in result.calls
+        for stage, call in result.calls_by_stage
     )
     complete(session, lease)
 
@@ -162,37 +170,6 @@ def _write_score(session: Session, lease: Lease, explanation_id: int, score: Sco
         )
         for verdict in score.verdicts
     )
-
-
-# Draws of a random other latent before the control gives up (dead latents have no windows).
-CONTROL_DRAWS = 20
-
-
-def control_latent(session: Session, latent_id: int, seed: int) -> int | None:
-    """A random other latent of the same SAE that has an activating window, drawn
-    deterministically from `seed`; None when CONTROL_DRAWS draws find none."""
-    sae_id, n_latents = session.execute(
-        select(Latent.sae_id, Sae.n_latents)
-        .join(Sae, Sae.id == Latent.sae_id)
-        .where(Latent.id == latent_id)
-    ).one()
-    rng = random.Random(seed)
-    for _ in range(CONTROL_DRAWS if n_latents > 1 else 0):
-        other = session.scalar(
-            select(Latent.id).where(
-                Latent.sae_id == sae_id, Latent.index == rng.randrange(n_latents)
-            )
-        )
-        if other is None or other == latent_id:
-            continue
-        firing = session.scalar(
-            select(Example.id)
-            .where(Example.latent_id == other, Example.kind == "top", Example.max_activation > 0)
-            .limit(1)
-        )
-        if firing is not None:
-            return int(other)
-    return None
 
 
 class ScoreWorkers:
@@ -240,8 +217,11 @@ class ScoreWorkers:
                 self._tokenizers[model] = load_tokenizer(model, self.home)
             return self._tokenizers[model]
 
-    def _load(self, latent_id: int, config: ScoreConfig) -> tuple[Any, Any]:
-        """The latent's windows, and those of its shuffled control latent (or None)."""
+    def _load(
+        self, latent_id: int, config: ScoreConfig
+    ) -> tuple[LatentExamples, LatentExamples | None, list[LatentExamples]]:
+        """The latent's windows, those of its shuffled control latent (or None) and those of
+        its cross-seed partners (each only where the config asks for it)."""
         tokenizer = self._tokenizer_for(latent_id)
         with self.store.read_session() as session:
             examples = load_latent_examples(session, latent_id, tokenizer)
@@ -250,7 +230,11 @@ class ScoreWorkers:
                 other = control_latent(session, latent_id, latent_seed(config, latent_id))
                 if other is not None:
                     control = load_latent_examples(session, other, tokenizer)
-            return examples, control
+            partners = [
+                load_latent_examples(session, partner, tokenizer)
+                for partner in cross_seed_partners(session, latent_id, config.cross_seed)
+            ]
+            return examples, control, partners
 
     def _write(self, lease: Lease, result: LatentResult) -> None:
         with self.store.session() as session, session.begin():
@@ -275,8 +259,10 @@ class ScoreWorkers:
     async def _finish(self, lease: Lease, keeper: LeaseKeeper) -> None:
         try:
             config = ScoreConfig.model_validate(lease.config)
-            examples, control = await asyncio.to_thread(self._load, lease.latent_id, config)
-            result = await explain_and_score(examples, config, self.llm, control)
+            examples, control, partners = await asyncio.to_thread(
+                self._load, lease.latent_id, config
+            )
+            result = await explain_and_score(examples, config, self.llm, control, partners)
             if not keeper.held(lease):
                 raise LeaseLost(f"job {lease.job_id} was taken over while it ran")
             await asyncio.to_thread(self._write, lease, result)
@@ -289,11 +275,20 @@ class ScoreWorkers:
         except LLMError as error:
             await self._fail(lease, f"LLM unavailable: {error}", retry=True)
         except asyncio.CancelledError:
-            # Interrupted: hand the job back at once rather than when its lease runs out.
-            await asyncio.shield(self._fail(lease, "interrupted before it finished", retry=True))
+            # Interrupted: hand the job back at once rather than when its lease runs out, and
+            # without using up one of its attempts (the job did not fail).
+            await asyncio.shield(self._release(lease))
             raise
         except Exception as error:  # one latent's bug is recorded on its job, not fatal here
             await self._fail(lease, f"{type(error).__name__}: {error}", retry=True)
+
+    async def _release(self, lease: Lease) -> None:
+        try:
+            await asyncio.to_thread(release, self.store, lease, "interrupted before it finished")
+        except LeaseLost:
+            self.stats.lost += 1
+            return
+        self.stats.requeued += 1
 
     async def _fail(self, lease: Lease, error: str, retry: bool) -> None:
         try:

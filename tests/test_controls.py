@@ -18,6 +18,7 @@ import pytest
 from sqlalchemy import select
 
 from sae.data import load_chunks
+from service.control_latents import control_latent
 from service.explainers.token_baseline import TokenBaselineExplainer
 from service.latent_examples import ExampleSplit, LatentExamples, load_tokenizer
 from service.llm import LLMConfig
@@ -35,7 +36,7 @@ from service.store.engine import Store
 from service.store.models import Example, Explanation, Job, Prediction, Score
 from service.store.queue import enqueue
 from service.store.results import encode_window, latent_ids, register_run, register_sae
-from service.worker import ScoreWorkers, control_latent
+from service.worker import ScoreWorkers
 
 CONFIG = ScoreConfig(
     explainers=["token_baseline"],

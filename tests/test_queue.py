@@ -19,6 +19,7 @@ from service.store.queue import (
     config_hash,
     enqueue,
     fail,
+    release,
     renew,
     status,
 )
@@ -197,6 +198,24 @@ def test_fail_without_retry_fails_at_once(store: Store):
     queue_jobs(store, 1)
     (lease,) = claim(store, "w1")
     assert fail(store, lease, "bad input", retry=False) == "failed"
+
+
+def test_release_requeues_without_counting_the_attempt(store: Store):
+    queue_jobs(store, 1, max_attempts=1)
+    (lease,) = claim(store, "w1")
+    release(store, lease, "interrupted")
+    with store.read_session() as session:
+        job = session.scalars(select(Job)).one()
+    assert (job.state, job.attempts, job.last_error) == ("queued", 0, "interrupted")
+    assert job.lease_owner is None and job.finished_at is None
+    # Its one attempt is still there: released work is never what uses attempts up.
+    (again,) = claim(store, "w2")
+    assert again.attempt == 1
+    with pytest.raises(LeaseLost):
+        release(store, lease, "stale")
+    with store.session() as session, session.begin():
+        complete(session, again)
+    assert job_states(store) == {"done": 1}
 
 
 def test_lease_expiring_on_the_last_attempt_fails_the_job(store: Store):

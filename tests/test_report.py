@@ -106,6 +106,11 @@ def test_report_numbers_match_the_study(store: Store, minilm: Embedder):
     assert cross.cross_seed.n == len(study.cross_seed)
     assert cross.cross_seed.mean == pytest.approx(np.mean(study.cross_seed))
     assert cross.gap.mean == pytest.approx(0.05)
+    # Every cross-seed score is of a latent shared with the explanation's seed.
+    by_sharing = cross.cross_seed_shared_vs_specific
+    assert by_sharing is not None
+    assert (by_sharing.shared.n, by_sharing.seed_specific.n) == (len(study.cross_seed), 0)
+    assert by_sharing.shared.mean == pytest.approx(np.mean(study.cross_seed))
 
 
 def test_dense_scores_keep_the_newest_per_latent():
@@ -234,6 +239,7 @@ def test_json_and_terminal_headline(store: Store, minilm: Embedder):
     assert "UNINFORMATIVE" in text and "informative (gap" in text
     assert "not shown: scorer failed its control" in text
     assert "0 -> 1" in text
+    assert "the partner's explanation (other seed) scored on the latent" in text
 
 
 def test_nothing_scored_yet(store: Store, tmp_path: Path):

@@ -198,6 +198,11 @@ def test_queue_to_stored_scores_through_vllm(
         assert len(calls) == stats.requests >= 2
         assert all(c.prompt_tokens and c.completion_tokens and c.latency_s for c in calls)
         assert all(c.error is None and c.job_id is not None for c in calls)
+        # Per latent one explanation; per parsed explanation 8 windows, 8 per request: one
+        # request per scorer.
+        parsed = sum(1 for explanation in explanations if explanation.text)
+        expected = ["explain"] * len(latents) + ["detection", "fuzzing"] * parsed
+        assert sorted(c.stage for c in calls) == sorted(expected)
 
 
 def test_truncated_answers_are_recorded_as_parse_failures(
@@ -320,7 +325,8 @@ def test_interrupted_run_hands_its_jobs_back_and_the_command_resumes(
     asyncio.run(interrupt())
     with store.read_session() as session:
         jobs = session.scalars(select(Job)).all()
-        assert [(j.state, j.attempts) for j in jobs] == [("queued", 1), ("queued", 1)]
+        # Handed back uncounted: an interruption is not a failed attempt.
+        assert [(j.state, j.attempts) for j in jobs] == [("queued", 0), ("queued", 0)]
         assert all("interrupted" in (j.last_error or "") for j in jobs)
         assert session.scalar(select(func.count()).select_from(Explanation)) == 0
 
@@ -336,7 +342,7 @@ def test_interrupted_run_hands_its_jobs_back_and_the_command_resumes(
     assert "latents done" in result.stdout and "tokens/s" in result.stdout
     with store.read_session() as session:
         jobs = session.scalars(select(Job)).all()
-        assert [(j.state, j.attempts) for j in jobs] == [("done", 2)] * 2
+        assert [(j.state, j.attempts) for j in jobs] == [("done", 1)] * 2
         per_latent = session.execute(
             select(Explanation.latent_id, func.count()).group_by(Explanation.latent_id)
         ).all()

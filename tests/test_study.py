@@ -81,7 +81,7 @@ def test_smallest_study_completes_and_resumes(tmp_path: Path, store_url: str):
             jobs = session.scalars(select(Job.state)).all()
             assert jobs and set(jobs) == {"done"}
             controls = set(session.scalars(select(Score.control)).all())
-            assert controls == {"own", "shuffled"}
+            assert controls == {"own", "shuffled", "cross_seed"}
             n_scores = session.scalar(select(func.count()).select_from(Score))
     finally:
         store.dispose()

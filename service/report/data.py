@@ -13,6 +13,12 @@ Score controls (the `score.control` column): 'own' is the latent's own explanati
 control); 'cross_seed' is the explanation of the latent's matched partner in another seed.
 Each score row keeps which latent its explanation came from, so the last two can be paired
 with the right own scores.
+
+A control's explanation is stored under the latent it explains, by the job that needed it; it
+was written from that latent's own windows with the job's config, as that latent's own job
+would write it. So "the latest explanation of a latent" may come from another latent's job,
+and a latent whose own job never ran still has one (explanation agreement needs exactly these
+for matched partners). Each latent keeps one explanation per explainer, whichever job wrote it.
 """
 
 from __future__ import annotations

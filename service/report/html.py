@@ -351,24 +351,37 @@ def _agreement_table(group: HookpointReport) -> str:
     )
 
 
+def _failed_control(group: HookpointReport, explainer: str, scorer: str) -> bool:
+    return any(
+        section.informative is False
+        for section in group.scorers
+        if (section.explainer, section.scorer) == (explainer, scorer)
+    )
+
+
 def _cross_seed_table(group: HookpointReport) -> str:
     if not group.cross_seed:
         return ""
-    rows: list[Row] = [
-        (
-            f"{section.explainer} / {section.scorer}",
-            [
-                _number(section.cross_seed.n),
-                _number(section.cross_seed.mean),
-                _number(section.own.n),
-                _number(section.own.mean),
-                _number(section.gap.mean),
-                _number(section.gap.ci_low),
-                _number(section.gap.ci_high),
-            ],
+    rows: list[Row] = []
+    for section in group.cross_seed:
+        label = f"{section.explainer} / {section.scorer}"
+        if _failed_control(group, section.explainer, section.scorer):
+            rows.append((label, [f"note:{UNINFORMATIVE}"]))
+            continue
+        rows.append(
+            (
+                label,
+                [
+                    _number(section.cross_seed.n),
+                    _number(section.cross_seed.mean),
+                    _number(section.own.n),
+                    _number(section.own.mean),
+                    _number(section.gap.mean),
+                    _number(section.gap.ci_low),
+                    _number(section.gap.ci_high),
+                ],
+            )
         )
-        for section in group.cross_seed
-    ]
     return _table(
         "Cross-seed scoring: the partner's explanation scored on the latent",
         [
@@ -380,6 +393,53 @@ def _cross_seed_table(group: HookpointReport) -> str:
             "own minus cross-seed: mean",
             "gap CI low",
             "gap CI high",
+        ],
+        rows,
+    )
+
+
+def _cross_seed_sharing_table(group: HookpointReport) -> str:
+    rows: list[Row] = []
+    for section in group.cross_seed:
+        label = f"{section.explainer} / {section.scorer}"
+        cross, gap = section.cross_seed_shared_vs_specific, section.gap_shared_vs_specific
+        if _failed_control(group, section.explainer, section.scorer):
+            rows.append((label, [f"note:{UNINFORMATIVE}"]))
+        elif cross is None or gap is None:
+            rows.append((label, ["note:no matchings: shared status unknown"]))
+        else:
+            rows.append(
+                (
+                    label,
+                    [
+                        _number(cross.shared.n),
+                        _number(cross.shared.mean),
+                        _number(cross.seed_specific.n),
+                        _number(cross.seed_specific.mean),
+                        _number(cross.difference),
+                        _p_value(cross.p_value),
+                        _number(gap.shared.mean),
+                        _number(gap.seed_specific.mean),
+                        _p_value(gap.p_value),
+                    ],
+                )
+            )
+    if not rows:
+        return ""
+    return _table(
+        "Cross-seed scoring of shared vs seed-specific latents "
+        "(shared with the seed the explanation came from)",
+        [
+            "explainer / scorer",
+            "shared latents scored cross-seed",
+            "cross-seed mean, shared",
+            "seed-specific latents scored cross-seed",
+            "cross-seed mean, seed-specific",
+            "cross-seed: shared minus seed-specific",
+            "cross-seed p-value (Mann-Whitney U)",
+            "own minus cross-seed, shared: mean",
+            "own minus cross-seed, seed-specific: mean",
+            "own minus cross-seed p-value (Mann-Whitney U)",
         ],
         rows,
     )
@@ -425,6 +485,7 @@ def _hookpoint_section(group: HookpointReport, plots: Sequence[Plot], report: Re
         parts.append(_by_presence_table(group))
     parts.append(_agreement_table(group))
     parts.append(_cross_seed_table(group))
+    parts.append(_cross_seed_sharing_table(group))
     parts.extend(_figure(plot) for plot in plots)
     return "\n".join(part for part in parts if part)
 

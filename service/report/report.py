@@ -6,7 +6,8 @@ multi-seed "present in exactly m SAEs" table; per explainer and scorer, the spec
 control (own vs shuffled explanation), shared vs seed-specific interpretability, score
 against firing frequency and against matched similarity, the share of latents that score
 well yet are seed-specific and the score by presence count; explanation agreement; and
-cross-seed scoring (explanation of a latent's partner in another seed, scored on the latent).
+cross-seed scoring (explanation of a latent's partner in another seed, scored on the latent),
+split by whether the latent is shared with that partner's seed.
 
 A latent is *shared* here when it is shared with at least one other seed of its hookpoint
 (the same test as the stratified queue); *seed-specific* when it was matched against other
@@ -31,6 +32,7 @@ from service.report.data import (
     CONTROL_SHUFFLED,
     HookpointData,
     RunData,
+    SaeData,
     ScoreData,
 )
 from service.report.statistics import (
@@ -113,13 +115,22 @@ class ScorerSection(BaseModel):
 
 
 class CrossSeedSection(BaseModel):
-    """Explanations written for a latent of another seed, scored on this seed's latent."""
+    """Explanations written for a latent's matched partner in another seed, scored on the
+    latent. Split by whether the latent is shared with the partner's seed: does a
+    seed-specific latent's partner explanation transfer worse?"""
 
     explainer: str
     scorer: str
     cross_seed: Summary
     own: Summary = Field(description="the same latents scored with their own explanations")
     gap: Summary = Field(description="own - cross-seed, per latent")
+    cross_seed_shared_vs_specific: Comparison | None = Field(
+        description="cross-seed scores of latents shared with the partner's seed against "
+        "seed-specific ones; None: no matching of the two seeds stored"
+    )
+    gap_shared_vs_specific: Comparison | None = Field(
+        description="own - cross-seed gap, shared against seed-specific latents"
+    )
 
 
 class HookpointReport(BaseModel):
@@ -295,17 +306,31 @@ def _scorer_section(
     )
 
 
+def _shared_with_source(group: HookpointData, sae: SaeData, rows: ScoreData) -> np.ndarray:
+    """Per score row of `sae`: 1.0 when the scored latent is shared with the seed its
+    explanation came from, 0.0 when seed-specific to it, NaN when that pair is unmatched."""
+    seed_of = {other.id: seed for seed, other in group.saes.items()}
+    shared = np.full(rows.latent_index.size, np.nan)
+    for source_sae_id in np.unique(rows.source_sae_id).tolist():
+        pair = group.pairs.get((sae.seed, seed_of.get(source_sae_id, -1)))
+        if pair is None:
+            continue
+        from_source = rows.source_sae_id == source_sae_id
+        shared[from_source] = pair.shared[rows.latent_index[from_source]]
+    return shared
+
+
 def _cross_seed_sections(
     group: HookpointData, data: RunData, config: ReportConfig
 ) -> list[CrossSeedSection]:
     """Each cross-seed score paired with the scored latent's own score (same explainer and
     scorer). A latent may be scored with the explanations of several seeds' partners: each
-    such score is one pair."""
+    such score is one pair, shared or seed-specific with respect to that partner's seed."""
     bootstrap = config.bootstrap
     sections = []
     for cross in data.score_sets(CONTROL_CROSS_SEED):
         own = data.find_scores(cross.explainer, cross.scorer, CONTROL_OWN)
-        cross_values, own_values = [], []
+        cross_values, own_values, shared_values = [], [], []
         for sae in group.saes.values():
             rows = cross.for_sae(sae.id)
             cross_values.append(rows.value)
@@ -315,17 +340,29 @@ def _cross_seed_sections(
                 else np.full(sae.n_latents, np.nan)
             )
             own_values.append(own_dense[rows.latent_index])
+            shared_values.append(_shared_with_source(group, sae, rows))
         cross_all, own_all = np.concatenate(cross_values), np.concatenate(own_values)
         if not np.isfinite(cross_all).any():
             continue
+        shared_all = np.concatenate(shared_values)
         both = np.isfinite(cross_all) & np.isfinite(own_all)
+        gap_all = own_all - cross_all
+        cross_by_sharing = gap_by_sharing = None
+        if np.isfinite(shared_all).any():
+            shared, specific = shared_all == 1, shared_all == 0
+            cross_by_sharing = compare_groups(cross_all[shared], cross_all[specific], bootstrap)
+            gap_by_sharing = compare_groups(
+                gap_all[both & shared], gap_all[both & specific], bootstrap
+            )
         sections.append(
             CrossSeedSection(
                 explainer=cross.explainer,
                 scorer=cross.scorer,
                 cross_seed=summarize(cross_all, bootstrap),
                 own=summarize(own_all[both], bootstrap),
-                gap=summarize(own_all[both] - cross_all[both], bootstrap),
+                gap=summarize(gap_all[both], bootstrap),
+                cross_seed_shared_vs_specific=cross_by_sharing,
+                gap_shared_vs_specific=gap_by_sharing,
             )
         )
     return sections

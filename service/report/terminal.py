@@ -1,7 +1,7 @@
 """The report's headline as rich tables for the terminal: pairs of seeds, the multi-seed
 presence table, each scorer's control verdict with shared vs seed-specific interpretability
-and the latents that score well yet are seed-specific, explanation agreement, and what the
-run is missing."""
+and the latents that score well yet are seed-specific, explanation agreement, cross-seed
+scoring (shared vs seed-specific), and what the run is missing."""
 
 from __future__ import annotations
 
@@ -134,6 +134,36 @@ def _agreement(group: HookpointReport) -> Table:
     return table
 
 
+def _cross_seed(group: HookpointReport) -> Table:
+    table = Table(
+        "explainer / scorer",
+        "cross-seed: mean [95% CI]",
+        "own - cross-seed: mean [95% CI]",
+        "own - cross-seed, shared",
+        "own - cross-seed, seed-specific",
+        "p (Mann-Whitney)",
+        title=f"{group.hookpoint}: the partner's explanation (other seed) scored on the latent",
+    )
+    failed = {(s.explainer, s.scorer) for s in group.scorers if s.informative is False}
+    for section in group.cross_seed:
+        label = f"{section.explainer} / {section.scorer}"
+        if (section.explainer, section.scorer) in failed:
+            table.add_row(label, "not shown: scorer failed its control", "", "", "", "")
+            continue
+        by_sharing = section.gap_shared_vs_specific
+        table.add_row(
+            label,
+            _with_ci(section.cross_seed),
+            _with_ci(section.gap),
+            DASH if by_sharing is None else _with_ci(by_sharing.shared),
+            DASH if by_sharing is None else _with_ci(by_sharing.seed_specific),
+            DASH
+            if by_sharing is None or by_sharing.p_value is None
+            else f"{by_sharing.p_value:.3g}",
+        )
+    return table
+
+
 def headline(report: Report) -> list[RenderableType]:
     """What `autointerp report` prints."""
     parts: list[RenderableType] = [
@@ -148,6 +178,8 @@ def headline(report: Report) -> list[RenderableType]:
             parts.append(_scorers(group, report.config.good_threshold))
         if group.agreement:
             parts.append(_agreement(group))
+        if group.cross_seed:
+            parts.append(_cross_seed(group))
     for line in report.missing:
         parts.append(Text(f"missing: {line}", style="yellow"))
     return parts

@@ -2,8 +2,11 @@
 windows in one request.
 
 Items (window, label, marks) are shuffled with a seed so positives and negatives mix, then
-sent `examples_per_request` at a time, all requests of a latent at once. Every request starts
-with the same system prompt and explanation, so a server's prefix cache serves that part.
+sent `examples_per_request` at a time, all requests of a latent at once. The items' order and
+batches depend only on the latent and the seed, and the prompts (v2) put the windows before
+the explanation: the requests that score one batch of windows under several explanations
+(the latent's own, the token baseline's, the controls') share all but their last lines, which
+a server's prefix cache computes once.
 The answer is asked for as JSON (enforced by guided decoding where the server has it) and
 parsed leniently; an answer that cannot be read fails only the windows it should have
 covered, which keep the raw text. With logprobs, each answer's probability of "1" comes from

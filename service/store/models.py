@@ -258,6 +258,7 @@ class LlmCall(Base):
     job_id: Mapped[int | None] = mapped_column(
         ForeignKey("job.id", ondelete="SET NULL"), index=True
     )
+    stage: Mapped[str | None] = mapped_column(String(50))  # "explain" or the scorer's name
     model: Mapped[str] = mapped_column(String(200))
     base_url: Mapped[str] = mapped_column(String(500))
     prompt_tokens: Mapped[int | None]

@@ -5,7 +5,8 @@ worker `claim`s jobs: each claim hands a job to exactly one worker (PostgreSQL r
 SKIP LOCKED, SQLite's single writer under BEGIN IMMEDIATE), counts an attempt and grants a
 lease. The worker `renew`s the lease while it works (`LeaseKeeper` does so in a thread) and
 ends with `complete` (inside the session that writes its results, so both commit together)
-or `fail` (requeued until `max_attempts`, then failed with its last error). A lease that runs
+or `fail` (requeued until `max_attempts`, then failed with its last error); a worker that is
+stopped mid-job `release`s it (queued again, the attempt not counted). A lease that runs
 out makes the job claimable again; a lease that runs out on the last attempt fails the job.
 
 The lease is fenced by (owner, attempt): a worker whose lease expired and whose job was
@@ -255,6 +256,29 @@ def fail(store: Store, lease: Lease, error: str, retry: bool = True) -> str:
     if state is None:
         raise LeaseLost(f"job {lease.job_id} is no longer leased to {lease.owner}")
     return str(state)
+
+
+def release(store: Store, lease: Lease, note: str) -> None:
+    """Hand an unfinished job back without counting the attempt (its worker was stopped, the
+    job did not fail): it is queued again as it was. `note` becomes its last error. Raises
+    `LeaseLost` if the job is no longer ours."""
+    with store.session() as session, session.begin():
+        released = session.execute(
+            update(Job)
+            .where(_lease_is_ours(lease))
+            .values(
+                state="queued",
+                attempts=Job.attempts - 1,
+                last_error=note,
+                lease_owner=None,
+                lease_expires_at=None,
+                updated_at=store_now(session),
+            )
+            .returning(Job.id)
+            .execution_options(synchronize_session=False)
+        ).first()
+    if released is None:
+        raise LeaseLost(f"job {lease.job_id} is no longer leased to {lease.owner}")
 
 
 @dataclass
