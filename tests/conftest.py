@@ -3,12 +3,16 @@
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
 from transformers import PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
+from sae.data import load_chunks
 from sae.models import load_model
+from service.latent_examples import load_tokenizer
 from service.settings import get_settings
 from service.store.engine import Store, open_store, upgrade
 from service.store.scratch import DEFAULT_SERVER, postgres_unreachable, scratch_postgres
@@ -115,3 +119,15 @@ def smollm2_activation_cache(home: Path) -> Path:
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     return folder
+
+
+@pytest.fixture(scope="session")
+def tokenizer(home: Path) -> Any:
+    """SmolLM2's tokenizer alone (no model weights loaded)."""
+    return load_tokenizer("smollm2", home)
+
+
+@pytest.fixture(scope="session")
+def corpus_windows(tokenizer: Any) -> np.ndarray:
+    """The first 60,000 tokens of the embedded corpus as 32-token windows."""
+    return load_chunks("embedded", tokenizer, chunk_len=32, max_tokens=60_000).numpy()

@@ -17,10 +17,9 @@ import numpy as np
 import pytest
 from sqlalchemy import select
 
-from sae.data import load_chunks
 from service.control_latents import control_latent
 from service.explainers.token_baseline import TokenBaselineExplainer
-from service.latent_examples import ExampleSplit, LatentExamples, load_tokenizer
+from service.latent_examples import ExampleSplit, LatentExamples
 from service.llm import LLMConfig
 from service.llm.base import LLMClient
 from service.llm.openai_client import OpenAIClient
@@ -46,16 +45,6 @@ CONFIG = ScoreConfig(
     n_positive=15,
     n_negative=15,
 )
-
-
-@pytest.fixture(scope="module")
-def tokenizer(home: Path) -> Any:
-    return load_tokenizer("smollm2", home)
-
-
-@pytest.fixture(scope="module")
-def corpus_windows(tokenizer: Any) -> np.ndarray:
-    return load_chunks("embedded", tokenizer, chunk_len=32, max_tokens=60_000).numpy()
 
 
 def planted_examples(rule: str, tokenizer: Any, windows: np.ndarray, seed: int) -> LatentExamples:

@@ -13,14 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pytest
 from rich.console import Console
 from sqlalchemy import select
 
-from sae.data import load_chunks
 from service.control_latents import cross_seed_partners, decoder_partner
 from service.embedding import load_embedder
-from service.latent_examples import load_tokenizer
 from service.llm import LLMConfig
 from service.llm.openai_client import OpenAIClient
 from service.llm.serve import free_port
@@ -145,16 +142,6 @@ CONFIG = ScoreConfig(
     n_negative=15,
     cross_seed=1,
 )
-
-
-@pytest.fixture(scope="module")
-def tokenizer(home: Path) -> Any:
-    return load_tokenizer("smollm2", home)
-
-
-@pytest.fixture(scope="module")
-def corpus_windows(tokenizer: Any) -> np.ndarray:
-    return load_chunks("embedded", tokenizer, chunk_len=32, max_tokens=60_000).numpy()
 
 
 def store_two_planted_seeds(

@@ -23,8 +23,7 @@ import numpy as np
 import pytest
 from sqlalchemy import func, select
 
-from sae.data import load_chunks
-from service.latent_examples import load_latent_examples, load_tokenizer
+from service.latent_examples import load_latent_examples
 from service.llm import LLMConfig, SamplingParams, create_client
 from service.llm.openai_client import OpenAIClient
 from service.llm.serve import free_port
@@ -94,16 +93,6 @@ class TcpRelay:
 
         await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
         self._writers -= {writer, up_writer}
-
-
-@pytest.fixture(scope="module")
-def tokenizer(home: Path) -> Any:
-    return load_tokenizer("smollm2", home)
-
-
-@pytest.fixture(scope="module")
-def corpus_windows(tokenizer: Any) -> np.ndarray:
-    return load_chunks("embedded", tokenizer, chunk_len=32, max_tokens=30_000).numpy()
 
 
 def planted_latents(

@@ -14,7 +14,6 @@ from rich.console import Console
 from sqlalchemy import select
 
 from sae.errors import UserError
-from service.latent_examples import load_tokenizer
 from service.show import highlight, render_latent, show_latent
 from service.store.engine import Store, open_store, upgrade
 from service.store.models import Example, Latent, Run, Sae
@@ -22,11 +21,6 @@ from service.store.results import encode_window, register_sae
 
 AUTOINTERP = str(Path(sys.executable).with_name("autointerp"))
 CONTEXT = "def area(radius):\n    return 3.14 * radius ** 2"
-
-
-@pytest.fixture(scope="module")
-def tokenizer(home: Path) -> Any:
-    return load_tokenizer("smollm2", home)
 
 
 def add_context(store: Store, tokenizer: Any, seed: int, index: int) -> list[str]:

@@ -256,6 +256,30 @@ def test_store_match_pair_flags_and_summary_and_replacement(store: Store):
         assert session.scalar(select(MatchPair.shared_fraction)) == pytest.approx(0.5)
 
 
+def test_unmatched_latents_are_stored_without_a_cosine(store: Store):
+    """A zero or non-finite direction has no partner (-1) and no cosine (NaN): stored as
+    NULL, never shared, never agreeing, and left out of the mean cosine."""
+    _, (sae_a, sae_b) = add_run(store, n_latents=3)
+    with store.session() as session, session.begin():
+        store_match_pair(
+            session,
+            sae_a,
+            sae_b,
+            solver="sparse",
+            partner_decoder=[1, -1, 0],
+            cos_decoder=[0.9, np.nan, 0.5],
+            partner_encoder=[1, -1, 2],
+            cos_encoder=[0.8, np.nan, 0.4],
+        )
+    with store.read_session() as session:
+        pair = session.scalars(select(MatchPair)).one()
+        matches = session.scalars(select(Match).order_by(Match.latent_index_a)).all()
+    assert [m.cos_decoder for m in matches] == [pytest.approx(0.9), None, pytest.approx(0.5)]
+    assert [(m.shared, m.agree) for m in matches] == [(True, True), (False, False), (False, False)]
+    assert pair.mean_cos_decoder == pytest.approx(0.7)
+    assert pair.shared_fraction == pytest.approx(1 / 3)
+
+
 def test_store_latent_stats(store: Store):
     _, (sae, _) = add_run(store, n_latents=4)
     with store.session() as session, session.begin():

@@ -8,6 +8,7 @@ its engine processes. Its output goes to a log file whose tail is shown when it 
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -135,6 +136,10 @@ def start_server(
         host,
         "--port",
         str(port),
+        # JSON answers without free whitespace: given the choice, a small model can fill its
+        # whole token budget with newlines and indentation before the answers are complete.
+        "--structured-outputs-config",
+        json.dumps({"backend": "xgrammar", "disable_any_whitespace": True}),
         *extra_args,
     ]
     environment = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gb)}
@@ -193,7 +198,9 @@ def running_server(
 
 
 def serve_forever(server: VllmServer) -> int:
-    """Wait on the server until it exits or the user interrupts; then stop it."""
+    """Wait on the server until it exits or the user interrupts (Ctrl-C, or SIGTERM from a
+    process manager); then stop it, so that no vLLM outlives this command."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         return server.process.wait()
     except KeyboardInterrupt:

@@ -142,8 +142,11 @@ class TransformersClient(LLMClient):
                 tokenizer, vocab_size=model.config.vocab_size
             )
             self._grammar_compiler = xgrammar.GrammarCompiler(info)
-        # The compiler caches compiled grammars by their text.
-        grammar = self._grammar_compiler.compile_json_schema(json.dumps(schema, sort_keys=True))
+        # Compact JSON, as `autointerp llm serve` has vLLM produce it: free whitespace lets a
+        # small model spend its token budget on newlines. The compiler caches by schema text.
+        grammar = self._grammar_compiler.compile_json_schema(
+            json.dumps(schema, sort_keys=True), any_whitespace=False, separators=(",", ":")
+        )
         return LogitsProcessor(grammar)
 
 

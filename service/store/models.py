@@ -122,8 +122,9 @@ class MatchPair(Base):
     shared_fraction: Mapped[float] = mapped_column(Float)
     shared_fraction_decoder_only: Mapped[float] = mapped_column(Float)
     encoder_decoder_agreement: Mapped[float] = mapped_column(Float)
-    mean_cos_decoder: Mapped[float] = mapped_column(Float)
-    mean_cos_encoder: Mapped[float] = mapped_column(Float)
+    # NULL: no latent of A had a partner (all directions zero or not finite).
+    mean_cos_decoder: Mapped[float | None] = mapped_column(Float)
+    mean_cos_encoder: Mapped[float | None] = mapped_column(Float)
     seconds: Mapped[float | None] = mapped_column(Float)
 
 
@@ -140,9 +141,9 @@ class Match(Base):
     pair_id: Mapped[int] = mapped_column(ForeignKey("match_pair.id", ondelete="CASCADE"))
     latent_index_a: Mapped[int]
     partner_decoder: Mapped[int]
-    cos_decoder: Mapped[float] = mapped_column(Float)
+    cos_decoder: Mapped[float | None] = mapped_column(Float)  # NULL: unmatched
     partner_encoder: Mapped[int]
-    cos_encoder: Mapped[float] = mapped_column(Float)
+    cos_encoder: Mapped[float | None] = mapped_column(Float)
     shared: Mapped[bool] = mapped_column(Boolean)
     agree: Mapped[bool] = mapped_column(Boolean)
 

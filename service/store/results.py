@@ -182,8 +182,9 @@ def store_match_pair(
     n = sae_a.n_latents
     if any(array.shape != (n,) for array in (partner_dec, partner_enc, cos_dec, cos_enc)):
         raise ValueError(f"expected one partner and cosine per latent of SAE A ({n})")
-    with np.errstate(invalid="ignore"):
-        shared = (cos_dec > threshold) & (cos_enc > threshold)
+    with np.errstate(invalid="ignore"):  # NaN, unmatched, is never above the threshold
+        decoder_only = cos_dec > threshold
+        shared = decoder_only & (cos_enc > threshold)
     # An unmatched latent (partner -1 under both) has no partner to agree on.
     agree = (partner_dec == partner_enc) & (partner_dec >= 0)
     summary = {
@@ -191,10 +192,10 @@ def store_match_pair(
         "threshold": threshold,
         "n_latents": n,
         "shared_fraction": float(shared.mean()),
-        "shared_fraction_decoder_only": float((cos_dec > threshold).mean()),
+        "shared_fraction_decoder_only": float(decoder_only.mean()),
         "encoder_decoder_agreement": float(agree.mean()),
-        "mean_cos_decoder": float(cos_dec.mean()),
-        "mean_cos_encoder": float(cos_enc.mean()),
+        "mean_cos_decoder": _finite_mean(cos_dec),
+        "mean_cos_encoder": _finite_mean(cos_enc),
         "seconds": seconds,
     }
     pair = session.scalars(
@@ -215,9 +216,9 @@ def store_match_pair(
                 "pair_id": pair.id,
                 "latent_index_a": index,
                 "partner_decoder": int(partner_dec[index]),
-                "cos_decoder": float(cos_dec[index]),
+                "cos_decoder": _finite_or_none(cos_dec[index]),
                 "partner_encoder": int(partner_enc[index]),
-                "cos_encoder": float(cos_enc[index]),
+                "cos_encoder": _finite_or_none(cos_enc[index]),
                 "shared": bool(shared[index]),
                 "agree": bool(agree[index]),
             }
@@ -225,6 +226,16 @@ def store_match_pair(
         ],
     )
     return pair
+
+
+def _finite_or_none(value: float) -> float | None:
+    """NaN (an unmatched latent's cosine) is stored as NULL: SQLite cannot keep a NaN."""
+    return float(value) if np.isfinite(value) else None
+
+
+def _finite_mean(values: np.ndarray) -> float | None:
+    finite = values[np.isfinite(values)]
+    return float(finite.mean()) if finite.size else None
 
 
 def encode_window(
