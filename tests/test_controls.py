@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from planted_store import add_planted_windows
 from sqlalchemy import select
 
 from service.control_latents import control_latent
@@ -32,9 +33,9 @@ from service.score_config import ScoreConfig
 from service.scorers.base import SCORERS, ScoreResult, Verdict
 from service.scorers.embedding import EmbeddingScorer
 from service.store.engine import Store
-from service.store.models import Example, Explanation, Job, Prediction, Score
+from service.store.models import Explanation, Job, Prediction, Score
 from service.store.queue import enqueue
-from service.store.results import encode_window, latent_ids, register_run, register_sae
+from service.store.results import latent_ids, register_run, register_sae
 from service.worker import ScoreWorkers
 
 CONFIG = ScoreConfig(
@@ -128,19 +129,9 @@ def store_planted(store: Store, tokenizer: Any, windows: np.ndarray) -> list[int
         sae = register_sae(session, run, 0, n_latents=len(RULE_ORDER), d_in=576)
         ids = [int(latent_id) for latent_id in latent_ids(session, sae)]
         for index, (latent_id, rule) in enumerate(zip(ids, RULE_ORDER, strict=True)):
-            for window in plant(RULES[rule], windows, tokenizer, seed=index):
-                token_bytes, activation_bytes = encode_window(window.token_ids, window.activations)
-                session.add(
-                    Example(
-                        latent_id=latent_id,
-                        kind=window.kind,
-                        quantile_bin=window.quantile_bin,
-                        rank=window.rank,
-                        token_ids=token_bytes,
-                        activations=activation_bytes,
-                        max_activation=max(window.activations),
-                    )
-                )
+            add_planted_windows(
+                session, latent_id, plant(RULES[rule], windows, tokenizer, seed=index)
+            )
     return ids
 
 

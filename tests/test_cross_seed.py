@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from planted_store import add_planted_windows
 from rich.console import Console
 from sqlalchemy import select
 
@@ -158,19 +159,8 @@ def store_two_planted_seeds(
         ids = {seed: [int(i) for i in latent_ids(session, sae)] for seed, sae in saes.items()}
         for seed, seed_ids in ids.items():
             for index, (latent_id, rule) in enumerate(zip(seed_ids, RULE_ORDER, strict=True)):
-                for window in plant(RULES[rule], windows, tokenizer, seed=100 * seed + index):
-                    tokens, activations = encode_window(window.token_ids, window.activations)
-                    session.add(
-                        Example(
-                            latent_id=latent_id,
-                            kind=window.kind,
-                            quantile_bin=window.quantile_bin,
-                            rank=window.rank,
-                            token_ids=tokens,
-                            activations=activations,
-                            max_activation=max(window.activations),
-                        )
-                    )
+                planted = plant(RULES[rule], windows, tokenizer, seed=100 * seed + index)
+                add_planted_windows(session, latent_id, planted)
         cosine = np.where(shared, 0.9, 0.3)
         store_match_pair(
             session,

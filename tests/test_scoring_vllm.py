@@ -21,6 +21,7 @@ from urllib.parse import urlsplit
 
 import numpy as np
 import pytest
+from planted_store import add_planted_windows
 from sqlalchemy import func, select
 
 from service.latent_examples import load_latent_examples
@@ -31,9 +32,9 @@ from service.pipeline import split_for
 from service.planted import RULES, plant
 from service.score_config import ScoreConfig
 from service.store.engine import Store
-from service.store.models import Example, Explanation, Job, LlmCall, Prediction, Score
+from service.store.models import Explanation, Job, LlmCall, Prediction, Score
 from service.store.queue import enqueue
-from service.store.results import encode_window, latent_ids, register_run, register_sae
+from service.store.results import latent_ids, register_run, register_sae
 from service.worker import score_queue
 
 pytestmark = pytest.mark.vllm
@@ -114,19 +115,9 @@ def planted_latents(
         sae = register_sae(session, run, 0, n_latents=len(rules), d_in=576)
         ids = [int(latent_id) for latent_id in latent_ids(session, sae)]
         for latent_id, name in zip(ids, rules, strict=True):
-            for window in plant(RULES[name], windows, tokenizer, seed=latent_id):
-                token_bytes, activation_bytes = encode_window(window.token_ids, window.activations)
-                session.add(
-                    Example(
-                        latent_id=latent_id,
-                        kind=window.kind,
-                        quantile_bin=window.quantile_bin,
-                        rank=window.rank,
-                        token_ids=token_bytes,
-                        activations=activation_bytes,
-                        max_activation=max(window.activations),
-                    )
-                )
+            add_planted_windows(
+                session, latent_id, plant(RULES[name], windows, tokenizer, seed=latent_id)
+            )
     return ids
 
 
