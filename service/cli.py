@@ -20,6 +20,16 @@ app = typer.Typer(
 console = Console()
 err_console = Console(stderr=True, soft_wrap=True)
 
+# Options that `cache-activations` and `train` share: what is run, where, on which text.
+SubjectModelOption = Annotated[
+    str, typer.Option(help="subject model: embedded name, folder or HF id")
+]
+HookpointsOption = Annotated[
+    list[str] | None,
+    typer.Option(help="module(s), repeated or comma-separated (default model.layers.6.mlp)"),
+]
+DatasetOption = Annotated[str, typer.Option(help="embedded, a .txt/.jsonl path or HF dataset")]
+
 
 def main() -> None:
     """Console-script entry point: a UserError ends in one line and exit status 2."""
@@ -451,12 +461,9 @@ def _build_activation_cache(
 @app.command("cache-activations")
 def cache_activations_command(
     out: Annotated[Path, typer.Option(help="cache folder: manifest.json + one .npy per hookpoint")],
-    model: str = typer.Option("smollm2", help="subject model: embedded name, folder or HF id"),
-    hookpoint: Annotated[
-        list[str] | None,
-        typer.Option(help="module(s), repeated or comma-separated (default model.layers.6.mlp)"),
-    ] = None,
-    dataset: str = typer.Option("embedded", help="embedded, a .txt/.jsonl path or HF dataset"),
+    model: SubjectModelOption = "smollm2",
+    hookpoint: HookpointsOption = None,
+    dataset: DatasetOption = "embedded",
     tokens: int | None = typer.Option(None, help="dataset tokens to cache (default all)"),
     chunk_len: int = typer.Option(256, help="tokens per model forward sequence"),
     data_seed: int = typer.Option(0, help="seed of the chunk order"),
@@ -471,12 +478,9 @@ def cache_activations_command(
 @app.command("train")
 def train_command(
     out: Annotated[Path, typer.Option(help="output folder: OUT/<hookpoint>/seed<N>/ per SAE")],
-    model: str = typer.Option("smollm2", help="subject model: embedded name, folder or HF id"),
-    hookpoint: Annotated[
-        list[str] | None,
-        typer.Option(help="module(s), repeated or comma-separated (default model.layers.6.mlp)"),
-    ] = None,
-    dataset: str = typer.Option("embedded", help="embedded, a .txt/.jsonl path or HF dataset"),
+    model: SubjectModelOption = "smollm2",
+    hookpoint: HookpointsOption = None,
+    dataset: DatasetOption = "embedded",
     arch: str = typer.Option("topk", help="SAE architecture: topk, batchtopk, relu, jumprelu"),
     latents: int = typer.Option(4608, help="latents per SAE"),
     k: int = typer.Option(32, help="active latents per token (topk, batchtopk)"),

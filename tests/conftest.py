@@ -30,20 +30,20 @@ def smollm2(home: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     return load_model("smollm2", home)
 
 
-# The PostgreSQL server tests create their scratch databases on; CI sets
-# AUTOINTERP_REQUIRE_POSTGRES=1 so that a missing server fails instead of skipping.
+# The PostgreSQL server tests create their scratch databases on.
 POSTGRES_SERVER = os.environ.get("AUTOINTERP_TEST_POSTGRES", DEFAULT_SERVER)
 
 
 @pytest.fixture(scope="session")
 def postgres_server() -> str:
-    """The PostgreSQL server URL, checked once per session: skip (or fail on CI) without it."""
+    """The PostgreSQL server URL, checked once per session. The tests that need it fail
+    without it: a skipped test would prove nothing."""
     reason = postgres_unreachable(POSTGRES_SERVER)
     if reason is not None:
-        message = f"PostgreSQL not reachable at {POSTGRES_SERVER}: {reason}"
-        if os.environ.get("AUTOINTERP_REQUIRE_POSTGRES"):
-            pytest.fail(message)
-        pytest.skip(message)
+        pytest.fail(
+            f"PostgreSQL not reachable at {POSTGRES_SERVER}: {reason}; start it, or name "
+            "another server in AUTOINTERP_TEST_POSTGRES"
+        )
     return POSTGRES_SERVER
 
 
@@ -76,7 +76,7 @@ def store(store_url: str) -> Iterator[Store]:
 def vllm_url(home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """Base URL of a real vLLM server serving SmolLM2, started once per session (~2 minutes
     on CPU) from .venv-vllm (`make vllm`), or the server AUTOINTERP_TEST_LLM_URL names.
-    Without .venv-vllm it skips, or fails where AUTOINTERP_REQUIRE_VLLM is set (CI)."""
+    Without .venv-vllm the tests that need it fail (`make test` builds it first)."""
     from sae.errors import UserError
     from service.llm.serve import find_vllm_python, free_port, running_server
 
@@ -87,9 +87,7 @@ def vllm_url(home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[s
     try:
         find_vllm_python()
     except UserError as error:
-        if os.environ.get("AUTOINTERP_REQUIRE_VLLM"):
-            pytest.fail(str(error))
-        pytest.skip(str(error))
+        pytest.fail(f"{error}; `make vllm` builds .venv-vllm")
     log_path = tmp_path_factory.mktemp("vllm") / "vllm.log"
     with running_server("smollm2", home, port=free_port(), log_path=log_path) as server:
         yield server.url

@@ -6,8 +6,10 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
+from service.planted import RULES, plant
+from service.store.engine import Store
 from service.store.models import Example
-from service.store.results import encode_window
+from service.store.results import encode_window, latent_ids, register_run, register_sae
 
 
 def add_planted_windows(session: Session, latent_id: int, windows: Iterable[Any]) -> None:
@@ -25,3 +27,26 @@ def add_planted_windows(session: Session, latent_id: int, windows: Iterable[Any]
                 max_activation=max(window.activations),
             )
         )
+
+
+def store_planted_run(store: Store, tokenizer: Any, windows: Any, rules: list[str]) -> list[int]:
+    """A run "planted" with one SAE whose latent i fires by `rules[i]` (windows planted with
+    seed i), its example windows in the store; returns the latent ids in index order."""
+    with store.session() as session, session.begin():
+        run = register_run(
+            session,
+            "planted",
+            subject_model="smollm2",
+            hookpoint="model.layers.6.mlp",
+            dataset="embedded",
+            architecture="topk",
+            n_latents=len(rules),
+            k=8,
+            seeds=[0],
+        )
+        sae = register_sae(session, run, 0, n_latents=len(rules), d_in=576)
+        ids = [int(latent_id) for latent_id in latent_ids(session, sae)]
+        for index, (latent_id, rule) in enumerate(zip(ids, rules, strict=True)):
+            planted = plant(RULES[rule], windows, tokenizer, seed=index)
+            add_planted_windows(session, latent_id, planted)
+    return ids

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from planted_store import add_planted_windows
+from planted_store import store_planted_run
 from sqlalchemy import select
 
 from service.control_latents import control_latent
@@ -35,7 +35,6 @@ from service.scorers.embedding import EmbeddingScorer
 from service.store.engine import Store
 from service.store.models import Explanation, Job, Prediction, Score
 from service.store.queue import enqueue
-from service.store.results import latent_ids, register_run, register_sae
 from service.worker import ScoreWorkers
 
 CONFIG = ScoreConfig(
@@ -114,25 +113,7 @@ RULE_ORDER = ["return", "class", "parenthesis", "capitalised", "digits"] * 2
 
 def store_planted(store: Store, tokenizer: Any, windows: np.ndarray) -> list[int]:
     """A run with one SAE whose latents fire by planted rules, their windows in the store."""
-    with store.session() as session, session.begin():
-        run = register_run(
-            session,
-            "planted",
-            subject_model="smollm2",
-            hookpoint="model.layers.6.mlp",
-            dataset="embedded",
-            architecture="topk",
-            n_latents=len(RULE_ORDER),
-            k=8,
-            seeds=[0],
-        )
-        sae = register_sae(session, run, 0, n_latents=len(RULE_ORDER), d_in=576)
-        ids = [int(latent_id) for latent_id in latent_ids(session, sae)]
-        for index, (latent_id, rule) in enumerate(zip(ids, RULE_ORDER, strict=True)):
-            add_planted_windows(
-                session, latent_id, plant(RULES[rule], windows, tokenizer, seed=index)
-            )
-    return ids
+    return store_planted_run(store, tokenizer, windows, RULE_ORDER)
 
 
 def test_specificity_control_marks_a_scorer_fed_shuffled_labels_uninformative(
