@@ -24,9 +24,9 @@ HOOKPOINT = "model.layers.6.mlp"
 
 def measure(n_latents: int, n_saes: int, tokens: int) -> dict[str, float]:
     from sae.data import load_chunks
-    from sae.latent_cache import CacheConfig, collect_latent_stats
-    from sae.models import capture_activations, load_model
-    from service.settings import get_settings
+    from sae.latent_stats import CacheConfig, collect_latent_stats
+    from sae.subject_model import capture_activations, load_model
+    from service.config import get_settings
 
     torch.manual_seed(0)
     model, tokenizer = load_model("smollm2", get_settings().home)

@@ -5,8 +5,8 @@ python -m bench.forward [--chunks 32] [--hookpoint model.layers.6.mlp]
 
 import argparse
 
-from service.demo import run_forward_report
-from service.settings import get_settings
+from sae.forward_report import run_forward_report
+from service.config import get_settings
 
 
 def main() -> None:

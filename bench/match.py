@@ -27,7 +27,7 @@ from rich.table import Table
 
 from sae.checkpoint import SaeWeights
 from sae.matching import MatchConfig, match_saes
-from sae.sparse_assignment import COST_SHIFT, cosine_blocks, lap
+from sae.matching.solvers import COST_SHIFT, cosine_blocks, lap
 
 D_IN = 576
 console = Console()

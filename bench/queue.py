@@ -1,12 +1,27 @@
-"""Queue throughput: jobs claimed and completed per second by 1, 4 and 16 worker processes,
-on SQLite and on PostgreSQL, printed side by side.
+"""Throughput of the real score loop: latents per second that 1, 2 and 4 worker processes,
+each running `score_queue` (the loop `autointerp score` runs), explain and score from one
+shared store, on SQLite and on PostgreSQL, printed side by side.
 
-Each worker is a forked process running `service.store.worker.work`: claim a batch, keep its
-leases, write one result row per job and complete the job in the same transaction. The jobs
-do no work of their own, so this measures the queue's overhead alone. Every cell uses a fresh
-store with the same jobs.
+The jobs need no LLM: the token baseline explains each planted latent (windows of the
+embedded corpus, `service.scoring.planted`) from its activation statistics and the
+embedding scorer ranks its held-out windows with MiniLM on the CPU. So every job goes the
+whole way through the loop (claim, lease keeper, windows loaded from the store and
+detokenized, explanation, scoring, every result written with the job's completion in one
+transaction) with no LLM latency in it. The figure is latents/s scored by the real loop: it
+includes MiniLM's compute and the detokenizing, so it is a lower bound on what the queue
+itself sustains, not its overhead alone; with an LLM in the loop the LLM sets the pace.
 
-    python bench/queue.py [--jobs 2000] [--batch 1] [--workers 1 4 16]
+Every cell uses a fresh store holding the same jobs. The processes are forked from a clean
+fork server that has imported the loop, load MiniLM before the clock starts (the loop loads
+the subject tokenizer on its first job, as `autointerp score` does), and start together; the
+clock runs in the store's time from the start to the last job's completion, so the loop's
+2-second idle polling at the end does not count.
+
+    python -m bench.queue [--jobs 200] [--slots 2] [--workers 1 2 4] [--threads 1]
+                          [--held-out 10]
+
+MiniLM embedding the held-out windows is most of a job's CPU time; a smaller --held-out
+shows more of the loop's own cost.
 """
 
 # The sys.path fix below must run before the imports:
@@ -17,142 +32,196 @@ import sys
 from pathlib import Path
 
 # Run as `python bench/queue.py`, this folder comes first on sys.path and this file would
-# shadow the standard library's `queue`, which multiprocessing imports.
+# shadow the standard library's `queue`, which multiprocessing imports; the repository root,
+# where tests/ lies, would be missing.
 HERE = Path(__file__).resolve().parent
 sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != HERE]
+if str(HERE.parent) not in sys.path:
+    sys.path.insert(0, str(HERE.parent))
 
 import argparse
+import asyncio
 import multiprocessing
+import os
 import tempfile
-import time
-from collections.abc import Callable
 from multiprocessing.synchronize import Event
 
 from sqlalchemy import func, select
-from sqlalchemy.orm import Session
 
-from service.store.engine import open_store, upgrade
-from service.store.models import Explanation, Job, Latent
-from service.store.queue import Lease, enqueue
-from service.store.results import register_run, register_sae
-from service.store.scratch import DEFAULT_SERVER, postgres_unreachable, scratch_postgres
-from service.store.worker import work
+from sae.data import load_chunks
+from sae.subject_model import load_tokenizer
+from service.config import LLMConfig, ScoreConfig, ScoringConfig, get_settings
+from service.llm.openai_client import OpenAIClient
+from service.scorers.embedder import load_embedder
+from service.scoring.planted import RULES, PlantedWindow, plant
+from service.scoring.worker import score_queue
+from service.store.engine import open_store, store_now, upgrade
+from service.store.models import Explanation, Job, Score
+from service.store.queue import enqueue
+from service.store.runs import latent_ids, register_run, register_sae
+from tests.planted_store import add_planted_windows
+from tests.scratch_postgres import DEFAULT_SERVER, postgres_unreachable, scratch_postgres
 
 STAGE = "bench"
-FORK = multiprocessing.get_context("fork")
 
 
-def _prepare(url: str, n_jobs: int) -> None:
+def job_config(held_out: int) -> ScoreConfig:
+    """Explained from activation statistics, scored by MiniLM on `held_out` activating and as
+    many non-activating windows: the LLM is never asked."""
+    return ScoreConfig(
+        explainers=["token_baseline"],
+        scorers=["embedding"],
+        shuffled_control=False,
+        cross_seed=0,
+        n_positive=held_out,
+        n_negative=held_out,
+    )
+
+
+# Processes forked from a server that has imported these, not from this process (which has
+# loaded a tokenizer and run torch): quick to start, and no inherited thread pools.
+FORKSERVER = multiprocessing.get_context("forkserver")
+FORKSERVER.set_forkserver_preload(["service.scoring.worker", "service.scorers.embedder"])
+
+
+def planted_windows(home: Path) -> list[list[PlantedWindow]]:
+    """One set of windows per planted rule, as the latent cache would store them."""
+    tokenizer = load_tokenizer("smollm2", home)
+    windows = load_chunks("embedded", tokenizer, chunk_len=32, max_tokens=60_000).numpy()
+    return [plant(RULES[rule], windows, tokenizer, seed=seed) for seed, rule in enumerate(RULES)]
+
+
+def _prepare(url: str, job: ScoreConfig, n_jobs: int, planted: list[list[PlantedWindow]]) -> None:
+    """A fresh store: one SAE whose latent i has the windows of rule i mod 5, each queued."""
     upgrade(url)
     store = open_store(url)
     with store.session() as session, session.begin():
         run = register_run(
             session,
             "bench",
-            subject_model="none",
-            hookpoint="none",
-            dataset="none",
+            subject_model="smollm2",
+            hookpoint="model.layers.6.mlp",
+            dataset="embedded",
             architecture="topk",
             n_latents=n_jobs,
-            k=1,
+            k=8,
             seeds=[0],
         )
-        sae = register_sae(session, run, 0, n_latents=n_jobs, d_in=1)
-        latents = session.scalars(select(Latent.id).where(Latent.sae_id == sae.id)).all()
-        enqueue(session, latents, STAGE, {"bench": True})
+        sae = register_sae(session, run, 0, n_latents=n_jobs, d_in=576)
+        for index, latent_id in enumerate(latent_ids(session, sae).tolist()):
+            add_planted_windows(session, int(latent_id), planted[index % len(planted)])
+        enqueue(session, latent_ids(session, sae).tolist(), STAGE, job.model_dump(mode="json"))
     store.dispose()
 
 
-def _write_result(lease: Lease) -> Callable[[Session], None]:
-    def write(session: Session) -> None:
-        session.add(
-            Explanation(
-                latent_id=lease.latent_id,
-                job_id=lease.job_id,
-                explainer="bench",
-                model="none",
-                config_hash=lease.config_hash,
-                text="x",
-            )
-        )
+def _worker(url: str, home: Path, slots: int, threads: int, ready: Event, go: Event) -> None:
+    import torch
 
-    return write
-
-
-def _worker(url: str, batch: int, ready: Event, go: Event) -> None:
+    torch.set_num_threads(threads)
     store = open_store(url)
+    load_embedder(ScoreConfig().embedding_model).embed(["warm up"])
+    # Never contacted: no job asks an LLM.
+    llm = OpenAIClient(LLMConfig())
+    config = ScoringConfig(workers=slots, stage=STAGE, lease_seconds=60.0)
     ready.set()
     go.wait()
-    work(store, STAGE, _write_result, batch=batch, lease_seconds=60, poll_seconds=0.05)
+    asyncio.run(score_queue(store, llm, home, config, show_progress=False))
     store.dispose()
 
 
-def measure(url: str, n_jobs: int, n_workers: int, batch: int) -> float:
-    """Jobs per second for `n_workers` processes draining `n_jobs` fresh jobs at `url`."""
-    _prepare(url, n_jobs)
-    go = FORK.Event()
-    readies = [FORK.Event() for _ in range(n_workers)]
-    processes = [FORK.Process(target=_worker, args=(url, batch, ready, go)) for ready in readies]
+def measure(
+    url: str,
+    home: Path,
+    planted: list[list[PlantedWindow]],
+    args: argparse.Namespace,
+    n_workers: int,
+) -> float:
+    """Latents per second that `n_workers` processes score from `args.jobs` fresh jobs."""
+    _prepare(url, job_config(args.held_out), args.jobs, planted)
+    go = FORKSERVER.Event()
+    readies = [FORKSERVER.Event() for _ in range(n_workers)]
+    processes = [
+        FORKSERVER.Process(target=_worker, args=(url, home, args.slots, args.threads, ready, go))
+        for ready in readies
+    ]
     for process in processes:
         process.start()
     for ready in readies:
-        ready.wait(60)
-    started = time.perf_counter()
+        if not ready.wait(300):
+            raise RuntimeError("a worker did not start")
+    store = open_store(url)
+    with store.read_session() as session:
+        started = store_now(session)
     go.set()
     for process in processes:
         process.join()
-    seconds = time.perf_counter() - started
     if any(process.exitcode != 0 for process in processes):
         raise RuntimeError("a worker failed")
-    store = open_store(url)
     with store.read_session() as session:
-        done = session.scalar(select(func.count()).where(Job.state == "done"))
-        results = session.scalar(select(func.count()).select_from(Explanation))
+        done, finished = session.execute(
+            select(func.count(), func.max(Job.finished_at)).where(Job.state == "done")
+        ).one()
+        explained = session.scalar(select(func.count(func.distinct(Explanation.job_id))))
+        scored = session.scalar(select(func.count(func.distinct(Score.job_id))))
+        explanations = session.scalar(select(func.count()).select_from(Explanation))
     store.dispose()
-    if done != n_jobs or results != n_jobs:
-        raise RuntimeError(f"expected {n_jobs} done jobs and results, got {done} and {results}")
-    return n_jobs / seconds
+    if finished is None or not done == explained == scored == explanations == args.jobs:
+        raise RuntimeError(
+            f"expected {args.jobs} jobs done, explained and scored once each; got {done} done, "
+            f"{explanations} explanations of {explained} jobs, {scored} jobs scored"
+        )
+    return float(args.jobs / (finished - started).total_seconds())
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--jobs", type=int, default=2000)
-    parser.add_argument("--batch", type=int, default=1, help="jobs claimed per claim")
-    parser.add_argument("--workers", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument("--jobs", type=int, default=200, help="latents to score per cell")
+    parser.add_argument("--slots", type=int, default=2, help="latents in flight per process")
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    parser.add_argument(
+        "--held-out", type=int, default=10, help="activating and non-activating windows scored"
+    )
     parser.add_argument("--postgres", default=DEFAULT_SERVER, help="server for scratch dbs")
     args = parser.parse_args()
 
+    # The corpus is tokenized here; nothing is forked from this process, but say so anyway.
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    home = get_settings().home
+    planted = planted_windows(home)
     rates: dict[tuple[str, int], float] = {}
     reason = postgres_unreachable(args.postgres)
     with tempfile.TemporaryDirectory() as folder:
         for n_workers in args.workers:
             url = f"sqlite:///{Path(folder) / f'bench-{n_workers}.db'}"
-            rates["sqlite", n_workers] = measure(url, args.jobs, n_workers, args.batch)
+            rates["sqlite", n_workers] = measure(url, home, planted, args, n_workers)
             if reason is None:
                 with scratch_postgres(args.postgres, prefix="autointerp_bench") as pg_url:
                     pg = pg_url.render_as_string(hide_password=False)
-                    rates["postgresql", n_workers] = measure(pg, args.jobs, n_workers, args.batch)
+                    rates["postgresql", n_workers] = measure(pg, home, planted, args, n_workers)
 
     print(
-        f"queue throughput: {args.jobs} jobs, claim batch {args.batch}, "
-        f"worker processes, {multiprocessing.cpu_count()} CPU cores"
+        f"real score loop: {args.jobs} LLM-free jobs (token baseline + embedding scorer, "
+        f"{args.held_out}+{args.held_out} held-out windows), {args.slots} slots and "
+        f"{args.threads} torch thread(s) per process, {multiprocessing.cpu_count()} CPU cores"
     )
     if reason is not None:
         print(f"PostgreSQL skipped: {reason}")
-    print(f"{'workers':>8} {'SQLite jobs/s':>14} {'PostgreSQL jobs/s':>18} {'PG / SQLite':>12}")
+    header = ("processes", "SQLite latents/s", "PostgreSQL latents/s", "PG / SQLite")
+    print(f"{header[0]:>9} {header[1]:>17} {header[2]:>21} {header[3]:>12}")
     for n_workers in args.workers:
         sqlite_rate = rates["sqlite", n_workers]
         pg_rate = rates.get(("postgresql", n_workers))
-        pg_text = f"{pg_rate:18.0f}" if pg_rate else f"{'-':>18}"
+        pg_text = f"{pg_rate:21.1f}" if pg_rate else f"{'-':>21}"
         ratio = f"{pg_rate / sqlite_rate:11.2f}x" if pg_rate else f"{'-':>12}"
-        print(f"{n_workers:>8} {sqlite_rate:14.0f} {pg_text} {ratio}")
+        print(f"{n_workers:>9} {sqlite_rate:17.1f} {pg_text} {ratio}")
     base = args.workers[0]
     for backend in ("sqlite", "postgresql"):
         if (backend, base) in rates:
             scaling = ", ".join(
                 f"{n}: {rates[backend, n] / rates[backend, base]:.2f}x" for n in args.workers
             )
-            print(f"{backend} scaling vs {base} worker(s): {scaling}")
+            print(f"{backend} scaling vs {base} process(es): {scaling}")
 
 
 if __name__ == "__main__":

@@ -25,12 +25,14 @@ import time
 import numpy as np
 from sqlalchemy import insert
 
+from service.config import ReportConfig
 from service.report import ReportResult, write_html
 from service.report.data import load_run_data
-from service.report.report import ReportConfig, build_report
+from service.report.report import build_report
 from service.store.engine import Store, open_store, upgrade
+from service.store.matches import store_match_pair
 from service.store.models import Explanation, Score
-from service.store.results import latent_ids, register_run, register_sae, store_match_pair
+from service.store.runs import latent_ids, register_run, register_sae
 
 WORDS = ["return", "class", "digits", "quotes", "comma", "import", "while", "print", "tuple"]
 
@@ -143,7 +145,7 @@ def main() -> None:
             f"report (no agreement) {report_s:6.1f} s  ({scored / report_s:,.0f} scored latents/s)"
         )
         print(f"figures + HTML       {html_s:7.1f} s")
-        from service.embedding import load_embedder
+        from service.scorers.embedder import load_embedder
 
         started = time.perf_counter()
         embedder = load_embedder()

@@ -49,14 +49,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from sae.data import load_chunks
-from service.latent_examples import LatentExamples, load_tokenizer
-from service.llm.base import LLMConfig
+from sae.subject_model import load_tokenizer
+from service.cache.windows import LatentExamples
+from service.config import LLMConfig, ScoreConfig, get_settings
 from service.llm.openai_client import OpenAIClient
 from service.llm.serve import free_port, running_server
-from service.pipeline import LatentResult, explain_and_score
-from service.planted import RULES, plant, to_latent_examples
-from service.score_config import ScoreConfig
-from service.settings import get_settings
+from service.scoring.pipeline import LatentResult, explain_and_score
+from service.scoring.planted import RULES, plant, to_latent_examples
 
 GENERATED = "vllm:generation_tokens_total"
 PREFIX_QUERIES = "vllm:prefix_cache_queries_total"

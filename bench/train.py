@@ -28,9 +28,9 @@ import torch
 from sae.activation_cache import build_activation_cache
 from sae.architectures import SaeConfig
 from sae.data import load_chunks
-from sae.models import capture_activations, load_model
+from sae.subject_model import capture_activations, load_model
 from sae.train import TrainConfig, TrainProgress, config_from_cache, train
-from service.settings import get_settings
+from service.config import get_settings
 
 
 def steady_rate(config: TrainConfig, out: Path, home: Path, steps: int) -> float:

@@ -114,7 +114,7 @@ def build_activation_cache(
     """
     # Imported here: transformers takes seconds to import, and reading a cache needs none of it.
     from sae.data import load_chunks
-    from sae.models import capture_activations, check_hookpoints, load_model
+    from sae.subject_model import capture_activations, check_hookpoints, load_model
 
     if not hookpoints:
         raise UserError("no hookpoint given: name at least one module to cache")

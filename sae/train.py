@@ -41,11 +41,16 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-from pydantic import BaseModel, ConfigDict, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from sae.activation_cache import ActivationCache, read_manifest
+from sae.activation_cache import (
+    ActivationCache,
+    CacheDtype,
+    build_activation_cache,
+    read_manifest,
+)
 from sae.architectures import SaeConfig, SparseAutoencoder, auto_learning_rate, get_architecture
 from sae.architectures.base import total_variance
 from sae.checkpoint import save_sparsify, write_atomically
@@ -62,21 +67,37 @@ class TrainConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    model: str = "smollm2"
-    hookpoints: list[str] = ["model.layers.6.mlp"]
-    dataset: str = "embedded"
-    chunk_len: int = 256
-    max_tokens: int | None = None  # distinct dataset tokens read (None: all)
-    data_seed: int = 0
-    activation_cache: str | None = None  # train from this cache instead of running the model
-    sae: SaeConfig = SaeConfig()
-    seeds: list[int] = [0]
-    epochs: int = 1
-    batch_tokens: int = 1024
-    lr: float | None = None  # None: 1e-3 / sqrt(n_latents / 2^14), see auto_learning_rate
+    model: str = Field(
+        default="smollm2", description="subject model: embedded name, folder or HF id"
+    )
+    hookpoints: list[str] = Field(
+        default_factory=lambda: ["model.layers.6.mlp"], description="modules to capture"
+    )
+    dataset: str = Field(
+        default="embedded", description="embedded, a .txt/.jsonl path or HF dataset"
+    )
+    chunk_len: int = Field(default=256, description="tokens per model forward sequence")
+    max_tokens: int | None = Field(
+        default=None, description="distinct dataset tokens to use (default all)"
+    )
+    data_seed: int = Field(default=0, description="seed of the data order")
+    activation_cache: str | None = Field(
+        default=None, description="train from this activation cache instead of running the model"
+    )
+    sae: SaeConfig = Field(default_factory=SaeConfig)
+    seeds: list[int] = Field(
+        default_factory=lambda: [0, 1, 2], description="seeds, all trained in one pass"
+    )
+    epochs: int = Field(default=1, description="passes over those tokens")
+    batch_tokens: int = Field(default=1024, description="tokens per optimizer step")
+    lr: float | None = Field(
+        default=None, description="Adam learning rate (default 1e-3/sqrt(n_latents/2^14))"
+    )
     warmup_steps: int = 50
     decay_fraction: float = 0.2  # linear decay to zero over this last part of training
-    dead_tokens: int = 200_000  # a latent idle for this many tokens counts as dead
+    dead_tokens: int = Field(
+        default=200_000, description="tokens without firing before a latent is dead"
+    )
     normalize_input: bool = True
     log_every: int = 10
 
@@ -184,7 +205,7 @@ class ModelSource:
     def __init__(self, config: TrainConfig, home: Path) -> None:
         # Imported here: transformers takes seconds to import; cache-only runs skip it.
         from sae.data import load_chunks
-        from sae.models import check_hookpoints, load_model
+        from sae.subject_model import check_hookpoints, load_model
 
         self.model, tokenizer = load_model(config.model, home)
         check_hookpoints(self.model, config.hookpoints)
@@ -213,7 +234,7 @@ class ModelSource:
         return self._capture(epoch, index)
 
     def _capture(self, epoch: int, index: int) -> dict[str, torch.Tensor]:
-        from sae.models import capture_activations
+        from sae.subject_model import capture_activations
 
         if self._order is None or self._order[0] != epoch:
             self._order = (epoch, epoch_order(self.chunks.shape[0], self.data_seed, epoch))
@@ -271,6 +292,29 @@ def config_from_cache(folder: Path, **fields: Any) -> TrainConfig:
         max_tokens=manifest.max_tokens,
         data_seed=manifest.data_seed,
         **{"hookpoints": list(manifest.hookpoints), **fields},
+    )
+
+
+def cache_activations(
+    config: TrainConfig,
+    folder: Path,
+    home: Path,
+    dtype: CacheDtype = "float16",
+    on_progress: Callable[[int, int], None] | None = None,
+) -> ActivationCache:
+    """Cache in `folder` the activations `config` trains on: its model, hookpoints, dataset,
+    tokens, chunking and data order (resumable, like `build_activation_cache`)."""
+    return build_activation_cache(
+        folder,
+        config.model,
+        config.hookpoints,
+        home,
+        dataset=config.dataset,
+        chunk_len=config.chunk_len,
+        max_tokens=config.max_tokens,
+        data_seed=config.data_seed,
+        dtype=dtype,
+        on_progress=on_progress,
     )
 
 

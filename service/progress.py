@@ -1,10 +1,20 @@
-"""The rich progress bar every long stage shows: done of total, rate and ETA."""
+"""The rich progress bars long stages show: tokens done with their rate and ETA
+(`token_progress`), and counted items (latents, rules, rows) with the stage's own figures
+(`count_progress`)."""
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 
 @contextmanager
@@ -42,3 +52,25 @@ def token_progress(
             progress.update(task, rate=f"{speed:,.0f} {unit}/s" if speed else "")
 
         yield update
+
+
+def count_progress(
+    label: str,
+    *figures: str | ProgressColumn,
+    console: Console | None = None,
+    transient: bool = False,
+) -> Progress:
+    """A bar of items done of total, then `figures` (a column, or a text template over the
+    task's fields such as "{task.fields[rate]:.1f} latents/min"), elapsed time and ETA.
+    `label` is a text template too: "{task.description}" names each task of a shared bar."""
+    columns = [TextColumn(figure) if isinstance(figure, str) else figure for figure in figures]
+    return Progress(
+        TextColumn(label),
+        BarColumn(),
+        MofNCompleteColumn(),
+        *columns,
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=transient,
+    )

@@ -7,15 +7,14 @@ from typing import Any
 
 import numpy as np
 import pytest
+from scratch_postgres import DEFAULT_SERVER, postgres_unreachable, scratch_postgres
 from transformers import PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from sae.data import load_chunks
-from sae.models import load_model
-from service.latent_examples import load_tokenizer
-from service.settings import get_settings
+from sae.subject_model import load_model, load_tokenizer
+from service.config import get_settings
 from service.store.engine import Store, open_store, upgrade
-from service.store.scratch import DEFAULT_SERVER, postgres_unreachable, scratch_postgres
 
 
 @pytest.fixture(scope="session")

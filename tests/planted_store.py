@@ -1,15 +1,16 @@
-"""Planted latents' windows (`service.planted`) written to a store as `example` rows, for the
-tests that queue and score them."""
+"""Planted latents' windows (`service.scoring.planted`) written to a store as `example`
+rows, for the tests that queue and score them."""
 
 from collections.abc import Iterable
 from typing import Any
 
 from sqlalchemy.orm import Session
 
-from service.planted import RULES, plant
+from service.scoring.planted import RULES, plant
 from service.store.engine import Store
 from service.store.models import Example
-from service.store.results import encode_window, latent_ids, register_run, register_sae
+from service.store.runs import latent_ids, register_run, register_sae
+from service.store.windows import encode_window
 
 
 def add_planted_windows(session: Session, latent_id: int, windows: Iterable[Any]) -> None:

@@ -16,14 +16,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from service.store.engine import Store
+from service.store.matches import store_match_pair
 from service.store.models import Explanation, Score
-from service.store.results import (
-    latent_ids,
-    register_run,
-    register_sae,
-    store_latent_stats,
-    store_match_pair,
-)
+from service.store.runs import latent_ids, register_run, register_sae, store_latent_stats
 
 N_LATENTS = 40
 N_SHARED = 20

@@ -97,6 +97,7 @@ def trained(smollm2_activation_cache: Path, tmp_path_factory: pytest.TempPathFac
         config = config_from_cache(
             smollm2_activation_cache,
             sae=SaeConfig(architecture=name, n_latents=768, k=16),
+            seeds=[0],
             epochs=2,
             batch_tokens=1024,
             lr=2e-3,

@@ -9,15 +9,22 @@ from sqlalchemy import func, select
 
 from sae.checkpoint import SaeWeights, save_sparsify
 from sae.errors import UserError
-from sae.latent_cache import CacheConfig
-from service.cache_stage import cache_run
+from sae.latent_stats import CacheConfig
+from service.cache.stage import cache_run
 from service.store.engine import Store
 from service.store.models import Example, Latent, Sae
-from service.store.results import decode_window, register_run, register_sae
+from service.store.runs import register_run, register_sae
+from service.store.windows import decode_window
 
 HOOKPOINT = "model.layers.6.mlp"
 N_LATENTS = 24
-CONFIG = CacheConfig(window=16, n_top=4, n_reservoir=12, n_quantile_bins=3, per_quantile_bin=2)
+CONFIG = CacheConfig(
+    window=16, n_top=4, n_reservoir=12, quantile_bins=3, per_quantile_bin=2, chunk_len=128
+)
+
+
+def sized(tokens: int) -> CacheConfig:
+    return CONFIG.model_copy(update={"tokens": tokens})
 
 
 def make_run(store: Store, folder: Path, seeds: tuple[int, ...] = (0, 1)) -> None:
@@ -52,7 +59,7 @@ def make_run(store: Store, folder: Path, seeds: tuple[int, ...] = (0, 1)) -> Non
 
 def test_cache_writes_statistics_and_examples(store: Store, tmp_path: Path, home: Path):
     make_run(store, tmp_path)
-    summary = cache_run(store, "cache-test", home, 4096, CONFIG, chunk_len=128, show_progress=False)
+    summary = cache_run(store, "cache-test", home, sized(4096), show_progress=False)
     assert summary.n_tokens == 4096
     assert [sae.seed for sae in summary.saes] == [0, 1]
     with store.read_session() as session:
@@ -80,8 +87,8 @@ def test_cache_writes_statistics_and_examples(store: Store, tmp_path: Path, home
 
 def test_rerun_replaces_rather_than_duplicates(store: Store, tmp_path: Path, home: Path):
     make_run(store, tmp_path, seeds=(3,))
-    first = cache_run(store, "cache-test", home, 2048, CONFIG, chunk_len=128, show_progress=False)
-    again = cache_run(store, "cache-test", home, 2048, CONFIG, chunk_len=128, show_progress=False)
+    first = cache_run(store, "cache-test", home, sized(2048), show_progress=False)
+    again = cache_run(store, "cache-test", home, sized(2048), show_progress=False)
     with store.read_session() as session:
         stored = session.scalar(select(func.count()).select_from(Example))
     assert stored == first.saes[0].n_examples == again.saes[0].n_examples
@@ -89,7 +96,7 @@ def test_rerun_replaces_rather_than_duplicates(store: Store, tmp_path: Path, hom
 
 def test_bad_input_changes_nothing(store: Store, tmp_path: Path, home: Path):
     with pytest.raises(UserError, match="no run named"):
-        cache_run(store, "missing", home, 2048, CONFIG, show_progress=False)
+        cache_run(store, "missing", home, sized(2048), show_progress=False)
     with store.session() as session:
         register_run(
             session,
@@ -104,16 +111,14 @@ def test_bad_input_changes_nothing(store: Store, tmp_path: Path, home: Path):
         )
         session.commit()
     with pytest.raises(UserError, match="no trained SAEs"):
-        cache_run(store, "empty", home, 2048, CONFIG, show_progress=False)
+        cache_run(store, "empty", home, sized(2048), show_progress=False)
     make_run(store, tmp_path)
     with pytest.raises(UserError, match="longer than the chunk length"):
         cache_run(
             store,
             "cache-test",
             home,
-            2048,
-            CacheConfig(window=64),
-            chunk_len=32,
+            CacheConfig(tokens=2048, window=64, chunk_len=32),
             show_progress=False,
         )
     with store.read_session() as session:

@@ -14,30 +14,26 @@ import pytest
 from rich.console import Console
 from sqlalchemy import select
 
-from service.calibrate import (
+from service.config import CalibrationConfig
+from service.scoring.calibrate import (
     RIGHT,
     WRONG,
-    CalibrationConfig,
     CalibrationEntry,
     calibrate,
     discrimination,
     discrimination_table,
     store_calibration,
 )
-from service.score_config import ScoreConfig
+from service.scoring.pipeline import needs_llm
 from service.store.engine import Store
 from service.store.models import Calibration, CalibrationScore
 
 AUTOINTERP = str(Path(sys.executable).with_name("autointerp"))
 CONFIG = CalibrationConfig(
     rules=["return", "class"],
-    score=ScoreConfig(
-        explainers=["token_baseline"],
-        scorers=["embedding"],
-        shuffled_control=False,
-        n_positive=15,
-        n_negative=15,
-    ),
+    explainers=["token_baseline"],
+    scorers=["embedding"],
+    n_examples=15,
     min_auc=0.7,
 )
 
@@ -51,7 +47,7 @@ def entries(home: Path) -> list[CalibrationEntry]:
 
 
 def test_embedding_scorer_tells_right_from_wrong(entries: list[CalibrationEntry]):
-    assert not CONFIG.needs_llm
+    assert not needs_llm(CONFIG.score)
     # Per rule: right, wrong and the token baseline's explanation, scored by embedding.
     assert len(entries) == 2 * 3
     by_kind = {(e.rule, e.kind): e for e in entries}

@@ -18,24 +18,23 @@ import pytest
 from planted_store import store_planted_run
 from sqlalchemy import select
 
-from service.control_latents import control_latent
+from service.cache.windows import ExampleSplit, LatentExamples
+from service.config import LLMConfig, ReportConfig, ScoreConfig
 from service.explainers.token_baseline import TokenBaselineExplainer
-from service.latent_examples import ExampleSplit, LatentExamples
-from service.llm import LLMConfig
 from service.llm.base import LLMClient
 from service.llm.openai_client import OpenAIClient
 from service.llm.serve import free_port
-from service.pipeline import split_for
-from service.planted import RULES, plant, to_latent_examples
 from service.report.data import load_run_data
-from service.report.report import ReportConfig, build_report
-from service.score_config import ScoreConfig
+from service.report.report import build_report
 from service.scorers.base import SCORERS, ScoreResult, Verdict
 from service.scorers.embedding import EmbeddingScorer
+from service.scoring.controls import control_latent
+from service.scoring.pipeline import split_for
+from service.scoring.planted import RULES, plant, to_latent_examples
+from service.scoring.worker import ScoreWorkers
 from service.store.engine import Store
 from service.store.models import Explanation, Job, Prediction, Score
 from service.store.queue import enqueue
-from service.worker import ScoreWorkers
 
 CONFIG = ScoreConfig(
     explainers=["token_baseline"],

@@ -17,28 +17,23 @@ from planted_store import add_planted_windows
 from rich.console import Console
 from sqlalchemy import select
 
-from service.control_latents import cross_seed_partners, decoder_partner
-from service.embedding import load_embedder
-from service.llm import LLMConfig
+from service.config import LLMConfig, ReportConfig, ScoreConfig
 from service.llm.openai_client import OpenAIClient
 from service.llm.serve import free_port
-from service.planted import RULES, plant
 from service.report.data import load_run_data
 from service.report.html import render_html
-from service.report.report import ReportConfig, build_report
+from service.report.report import build_report
 from service.report.terminal import headline
-from service.score_config import ScoreConfig
+from service.scorers.embedder import load_embedder
+from service.scoring.controls import cross_seed_partners
+from service.scoring.planted import RULES, plant
+from service.scoring.worker import ScoreWorkers
 from service.store.engine import Store
+from service.store.matches import read_pair, store_match_pair
 from service.store.models import Example, Explanation, Job, Run, Sae, Score
 from service.store.queue import enqueue
-from service.store.results import (
-    encode_window,
-    latent_ids,
-    register_run,
-    register_sae,
-    store_match_pair,
-)
-from service.worker import ScoreWorkers
+from service.store.runs import latent_ids, register_run, register_sae
+from service.store.windows import encode_window
 
 HOOKPOINT = "model.layers.6.mlp"
 
@@ -108,19 +103,24 @@ def test_partners_follow_the_decoder_matching_in_cyclic_seed_order(store: Store)
         def latent(seed: int, index: int) -> int:
             return int(ids[seed][index])
 
+        def decoder_partner(seed_a: int, seed_b: int, index: int) -> int | None:
+            a, b = (session.get(Sae, saes[seed].id) for seed in (seed_a, seed_b))
+            pair = read_pair(session, a, b, [index])
+            return None if pair is None else int(pair.partner_decoder[0])
+
         # Forward: the decoder partner, not the encoder one.
         assert partners(0, 0) == [latent(1, 1)]
         assert partners(0, 1) == [latent(1, 2)]
-        assert decoder_partner(session, saes[0].id, saes[1].id, 1) == 2
+        assert decoder_partner(0, 1, 1) == 2
         assert partners(0, 3) == []  # unmatched
         assert partners(0, 2) == []  # its partner (seed 1, latent 0) is dead
         # Backward: seed 1's latent j is the latent of seed 2 whose decoder partner is j.
         assert partners(1, 0) == [latent(2, 2)]
         assert partners(1, 3) == [latent(2, 1)]
-        assert decoder_partner(session, saes[1].id, saes[2].id, 3) == 1
+        assert decoder_partner(1, 2, 3) == 1
         # Seed 2 wraps around to seed 0, whose matching with it is not stored.
         assert partners(2, 0) == []
-        assert decoder_partner(session, saes[2].id, saes[0].id, 0) is None
+        assert decoder_partner(2, 0, 0) is None
         # Two seeds: seed 0 (skipped, nothing stored), then seed 1.
         assert partners(2, 0, n_seeds=2) == [latent(1, 2)]
         assert partners(0, 0, n_seeds=5) == [latent(1, 1)]

@@ -5,7 +5,7 @@ from pathlib import Path
 import typer
 
 from service.cli import app
-from service.settings import Settings
+from service.config.settings import Settings
 
 README = (Path(__file__).parents[1] / "README.md").read_text()
 

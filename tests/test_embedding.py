@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from sae.errors import UserError
-from service.embedding import (
+from service.scorers.embedder import (
     Embedder,
     load_embedder,
     packaged_minilm_folder,

@@ -3,11 +3,11 @@
 import pytest
 
 from sae.errors import UserError
+from service.cache.windows import ExampleSplit, Window
+from service.config import ScoreConfig
 from service.explainers import create_explainers
 from service.explainers.llm import parse_explanation, render_examples
-from service.latent_examples import ExampleSplit, Window
-from service.prompts import load_prompt
-from service.score_config import ScoreConfig
+from service.llm.prompts import load_prompt
 
 
 @pytest.mark.parametrize(

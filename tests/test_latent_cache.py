@@ -8,8 +8,8 @@ import torch
 
 from sae.data import load_chunks
 from sae.errors import UserError
-from sae.latent_cache import CacheConfig, collect_latent_stats
-from sae.models import capture_activations
+from sae.latent_stats import CacheConfig, collect_latent_stats
+from sae.subject_model import capture_activations
 
 HOOKPOINT = "model.layers.6.mlp"
 CHUNK_LEN = 64
@@ -42,7 +42,7 @@ def run(setup, config: CacheConfig, **kwargs):
 
 def test_counts_and_top_windows_match_brute_force(setup):
     *_, chunks, dense = setup
-    config = CacheConfig(window=16, n_top=5, n_reservoir=20, n_negative=6, batch_size=7)
+    config = CacheConfig(window=16, n_top=5, n_reservoir=20, negatives=6, batch_size=7)
     stats = run(setup, config)
     assert np.array_equal(stats.firing_count, (dense > 0).sum(dim=(0, 1)).numpy())
     assert np.allclose(stats.max_activation, dense.amax(dim=(0, 1)).numpy())
@@ -68,7 +68,7 @@ def test_counts_and_top_windows_match_brute_force(setup):
 
 def test_negative_windows_do_not_fire(setup):
     *_, chunks, dense = setup
-    config = CacheConfig(window=16, n_top=3, n_reservoir=10, n_negative=8, batch_size=5)
+    config = CacheConfig(window=16, n_top=3, n_reservoir=10, negatives=8, batch_size=5)
     examples = run(setup, config).examples
     windows = dense.reshape(-1, 16, N_LATENTS)
     window_tokens = chunks.reshape(-1, 16)
@@ -85,7 +85,7 @@ def test_negative_windows_do_not_fire(setup):
 
 
 def test_quantile_samples_are_firing_and_distinct_from_top(setup):
-    config = CacheConfig(window=16, n_top=4, n_reservoir=40, n_quantile_bins=4, per_quantile_bin=3)
+    config = CacheConfig(window=16, n_top=4, n_reservoir=40, quantile_bins=4, per_quantile_bin=3)
     examples = run(setup, config).examples
     kinds = np.array(examples.kind)
     quantile = kinds == "quantile"
@@ -101,7 +101,7 @@ def test_quantile_samples_are_firing_and_distinct_from_top(setup):
 
 
 def test_resume_equals_uninterrupted(setup, tmp_path: Path):
-    config = CacheConfig(window=16, n_top=4, n_reservoir=12, n_negative=4, batch_size=4, seed=7)
+    config = CacheConfig(window=16, n_top=4, n_reservoir=12, negatives=4, batch_size=4, seed=7)
     whole = run(setup, config)
     state = tmp_path / "state.pt"
     seen: list[int] = []

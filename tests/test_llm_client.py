@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 
 from sae.errors import UserError
-from service.llm import LLMConfig, LLMError, SamplingParams, create_client
+from service.config import LLMConfig, get_settings
+from service.llm import LLMError, SamplingParams, create_client
 from service.llm.openai_client import OpenAIClient, backoff_s, normalize_base_url, request_body
 from service.llm.serve import free_port
-from service.settings import get_settings
 
 AUTOINTERP = str(Path(sys.executable).with_name("autointerp"))
 

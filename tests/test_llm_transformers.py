@@ -6,12 +6,12 @@ from pathlib import Path
 
 import pytest
 
-from service.latent_examples import LatentExamples, Window
-from service.llm import LLMConfig, SamplingParams, create_client
+from service.cache.windows import LatentExamples, Window
+from service.config import LLMConfig, ScoreConfig
+from service.llm import SamplingParams, create_client
 from service.llm.transformers_client import TransformersClient
-from service.pipeline import explain_and_score
-from service.score_config import ScoreConfig
 from service.scorers.classifier import token_spans
+from service.scoring.pipeline import explain_and_score
 
 pytestmark = pytest.mark.slow
 

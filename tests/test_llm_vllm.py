@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from sae.errors import UserError
-from service.llm import LLMConfig, SamplingParams, create_client
+from service.config import LLMConfig
+from service.llm import SamplingParams, create_client
 from service.llm.serve import free_port
 from service.scorers.classifier import answers_schema
 

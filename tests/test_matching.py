@@ -12,7 +12,7 @@ from scipy.optimize import linear_sum_assignment
 
 from sae.checkpoint import SaeWeights, save_saelens, save_sparsify
 from sae.errors import UserError
-from sae.matching import (
+from sae.matching.pair import (
     MatchConfig,
     match_checkpoints,
     match_directions,
@@ -21,7 +21,7 @@ from sae.matching import (
     unit_rows,
     write_assignment,
 )
-from sae.sparse_assignment import assign_exact, assign_sparse
+from sae.matching.solvers import assign_exact, assign_sparse
 
 
 def unit(x: torch.Tensor) -> torch.Tensor:
@@ -106,7 +106,7 @@ def test_sparse_equals_exact_on_structured_case() -> None:
 
 
 def test_column_candidates_match_a_dense_top_k() -> None:
-    from sae.sparse_assignment import top_candidates
+    from sae.matching.solvers import top_candidates
 
     a, b = random_unit(700, 8, 7), random_unit(500, 8, 8)
     cand = top_candidates(a, b, k=5, block_rows=64)
@@ -251,9 +251,9 @@ def test_assignment_files(tmp_path: Path) -> None:
 
 
 def test_exact_too_large_for_memory_is_a_user_error(monkeypatch: pytest.MonkeyPatch) -> None:
-    import sae.matching
+    import sae.matching.pair
 
-    monkeypatch.setattr(sae.matching, "available_memory", lambda: 1000)
+    monkeypatch.setattr(sae.matching.pair, "available_memory", lambda: 1000)
     a = random_unit(20, 4, 19)
     with pytest.raises(UserError, match="use --solver sparse"):
         match_saes(sae_from(a, a), sae_from(a, a), MatchConfig(solver="exact"))

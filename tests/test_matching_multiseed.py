@@ -13,7 +13,12 @@ from typer.testing import CliRunner
 from sae.checkpoint import SaeWeights, save_saelens, save_sparsify
 from sae.errors import UserError
 from sae.matching import MatchConfig
-from sae.multiseed import analyse_folder, analyse_seeds, find_seed_checkpoints, presence_statistics
+from sae.matching.multiseed import (
+    analyse_folder,
+    analyse_seeds,
+    find_seed_checkpoints,
+    presence_statistics,
+)
 from service.cli import app
 
 AUTOINTERP = str(Path(sys.executable).with_name("autointerp"))

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from sae.errors import UserError
-from sae.models import (
+from sae.subject_model import (
     capture_activations,
     check_hookpoints,
     greedy_chat,

@@ -1,15 +1,28 @@
 """The job queue on real SQLite and PostgreSQL: idempotent enqueue, exclusive claims, leases
 that expire and are fenced, attempts and failure, status, and choosing latents to queue."""
 
+import asyncio
 import threading
 import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
+from planted_store import add_planted_windows
 from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
 
 from sae.errors import UserError
+from service.config import LLMConfig, QueueConfig, ScoreConfig
+from service.llm.openai_client import OpenAIClient
+from service.llm.serve import free_port
+from service.scoring.planted import RULES, plant
+from service.scoring.worker import ScoreWorkers
 from service.store.engine import Store
-from service.store.models import Explanation, Job, Latent, Sae
+from service.store.matches import store_match_pair
+from service.store.models import Example, Explanation, Job, Latent, Sae, Score
 from service.store.queue import (
     Lease,
     LeaseKeeper,
@@ -23,9 +36,21 @@ from service.store.queue import (
     renew,
     status,
 )
-from service.store.results import register_run, register_sae, store_match_pair
+from service.store.runs import register_run, register_sae
 from service.store.sampling import queue_run
-from service.store.worker import work
+
+# A score job no LLM takes part in: the token baseline explains from activation statistics,
+# the embedding scorer ranks held-out windows with MiniLM on the CPU.
+LLM_FREE_JOB = ScoreConfig(
+    explainers=["token_baseline"],
+    scorers=["embedding"],
+    shuffled_control=False,
+    cross_seed=0,
+    n_explain_top=4,
+    n_explain_quantile=2,
+    n_positive=3,
+    n_negative=3,
+).model_dump(mode="json")
 
 
 def make_run(store: Store, n_latents: int = 20, name: str = "r") -> list[int]:
@@ -250,22 +275,75 @@ def test_status_of_an_empty_queue(store: Store):
     assert report.stages == [] and report.total.total == 0 and report.total.eta_s == 0.0
 
 
-def test_worker_completes_fails_and_drains(store: Store):
-    queue_jobs(store, 12, max_attempts=2)
+def add_corrupt_window(session: Session, latent_id: int) -> None:
+    """An example row whose token ids were cut off mid-number: it cannot be decoded."""
+    session.add(
+        Example(
+            latent_id=latent_id,
+            kind="top",
+            rank=99,
+            token_ids=b"\x01\x02\x03",
+            activations=b"\x00\x00\x80\x3f",
+            max_activation=1.0,
+        )
+    )
 
-    def process(lease: Lease):
-        if lease.latent_id % 4 == 0:
-            raise ValueError("unparseable answer")
-        return write_result(lease)
 
-    stats = work(store, "explain", process, batch=5, lease_seconds=30, poll_seconds=0.05)
-    failing = 3  # latents 4, 8, 12 of the first run
-    assert stats.completed == 12 - failing and stats.lost == 0
-    assert stats.failed == 2 * failing
+def test_worker_completes_fails_and_drains(
+    store: Store, home: Path, tokenizer: Any, corpus_windows: np.ndarray
+):
+    """The score loop (`ScoreWorkers`) on real jobs that need no LLM: scorable latents are
+    explained and scored; a latent that never fires fails at once (retrying cannot help); one
+    whose stored window is corrupt fails on each attempt until `max_attempts` and keeps its
+    error; the loop returns once nothing is left to claim."""
+    latents = make_run(store, 12)
+    planted = plant(
+        RULES["return"],
+        corpus_windows,
+        tokenizer,
+        n_top=8,
+        n_quantiles=2,
+        per_quantile=2,
+        n_random=8,
+    )
+    never_fires = latents[0::4]  # only windows where the latent does not fire
+    corrupt = [latents[2], latents[7]]
+    with store.session() as session, session.begin():
+        for latent_id in latents:
+            fires = latent_id not in never_fires
+            add_planted_windows(
+                session, latent_id, [w for w in planted if fires or w.kind == "random"]
+            )
+            if latent_id in corrupt:
+                add_corrupt_window(session, latent_id)
+        assert enqueue(session, latents, "explain", LLM_FREE_JOB, max_attempts=2) == 12
+
+    # Never contacted: a client to a closed port proves that no request is made.
+    llm = OpenAIClient(LLMConfig(urls=[f"http://127.0.0.1:{free_port()}"]))
+    loop = ScoreWorkers(store, llm, home, workers=3, lease_seconds=30, poll_seconds=0.05)
+    stats = asyncio.run(loop.run())
+    failing = len(never_fires) + len(corrupt)
+    assert (stats.completed, stats.failed, stats.lost) == (12 - failing, failing, 0)
+    assert stats.requeued == len(corrupt) and stats.requests == 0  # one retry each
     assert job_states(store) == {"done": 12 - failing, "failed": failing}
     with store.read_session() as session:
-        errors = set(session.scalars(select(Job.last_error).where(Job.state == "failed")))
-    assert errors == {"ValueError: unparseable answer"}
+        jobs = {job.latent_id: job for job in session.scalars(select(Job))}
+        explained = Counter(session.scalars(select(Explanation.job_id)))
+        scored = Counter(session.scalars(select(Score.job_id)))
+    for latent_id in never_fires:
+        job = jobs[latent_id]
+        assert (job.state, job.attempts) == ("failed", 1)
+        assert job.last_error == f"latent {latent_id} has no activating example to explain"
+    for latent_id in corrupt:
+        job = jobs[latent_id]
+        assert (job.state, job.attempts) == ("failed", 2)
+        assert job.last_error == "ValueError: buffer size must be a multiple of element size"
+    done = {job.id for job in jobs.values() if job.state == "done"}
+    assert all(
+        job.attempts == 1 and job.last_error is None for job in jobs.values() if job.id in done
+    )
+    # One token baseline explanation and one embedding score per done job; none for the rest.
+    assert explained == scored == Counter(done)
 
 
 # --- choosing latents to queue --------------------------------------------------------------
@@ -275,15 +353,15 @@ def test_queue_run_all_skips_dead_latents_and_is_idempotent(store: Store):
     latents = make_run(store, 10)
     with store.session() as session, session.begin():
         session.execute(update(Latent).where(Latent.id == latents[0]).values(firing_count=0))
-    result = queue_run(store, "r", selection="all")
+    result = queue_run(store, "r", QueueConfig(selection="all"))
     assert (result.selected, result.inserted) == (19, 19)
     assert queue_run(store, "r").inserted == 0
 
 
 def test_queue_run_sample_is_seeded(store: Store):
     make_run(store, 50)
-    first = queue_run(store, "r", stage="a", selection="sample", n=10, seed=3)
-    again = queue_run(store, "r", stage="b", selection="sample", n=10, seed=3)
+    first = queue_run(store, "r", QueueConfig(stage="a", selection="sample", latents=10, seed=3))
+    again = queue_run(store, "r", QueueConfig(stage="b", selection="sample", latents=10, seed=3))
     with store.read_session() as session:
         chosen = {
             stage: set(session.scalars(select(Job.latent_id).where(Job.stage == stage)))
@@ -308,7 +386,7 @@ def test_queue_run_stratified_takes_equal_shared_and_specific(store: Store):
             cos_encoder=cos,
             solver="scipy",
         )
-    result = queue_run(store, "r", selection="stratified", n=5, seed=1)
+    result = queue_run(store, "r", QueueConfig(selection="stratified", latents=5, seed=1))
     assert (result.shared, result.seed_specific, result.inserted) == (3, 3, 6)
     with store.read_session() as session:
         indices = sorted(
@@ -322,7 +400,7 @@ def test_queue_run_stratified_takes_equal_shared_and_specific(store: Store):
 def test_queue_run_stratified_without_matches_is_refused(store: Store):
     make_run(store, 10)
     with pytest.raises(UserError, match="no stored matches"):
-        queue_run(store, "r", selection="stratified", n=5)
+        queue_run(store, "r", QueueConfig(selection="stratified", latents=5))
     assert job_states(store) == {}
 
 

@@ -16,16 +16,17 @@ from report_fixtures import GOOD_SPECIFIC, N_LATENTS, N_SHARED, SEEDS, populate
 from rich.console import Console
 from sqlalchemy import select
 
-from service.embedding import Embedder, load_embedder
+from service.config import ReportConfig
 from service.report import ReportResult, write_html
 from service.report.data import ScoreData, load_run_data
 from service.report.html import render_html
 from service.report.plots import hookpoint_plots
-from service.report.report import ReportConfig, build_report
+from service.report.report import build_report
 from service.report.terminal import headline
+from service.scorers.embedder import Embedder, load_embedder
 from service.store.engine import Store
 from service.store.models import Run
-from service.store.results import register_run, register_sae
+from service.store.runs import register_run, register_sae
 
 AUTOINTERP = str(Path(sys.executable).with_name("autointerp"))
 FAST = ReportConfig(n_resamples=300)

@@ -7,9 +7,10 @@ import random
 import pytest
 
 from sae.errors import UserError
-from service.latent_examples import LatentExamples, Window, render_window, split_examples
+from service.cache.windows import LatentExamples, Window, split_examples
+from service.config import ScoreConfig
 from service.llm.base import TokenLogprob
-from service.score_config import ScoreConfig
+from service.llm.prompts import render_window
 from service.scorers import create_scorers
 from service.scorers.classifier import (
     Item,

@@ -2,7 +2,7 @@
 
 import pytest
 
-from service.latent_examples import Window
+from service.cache.windows import Window
 from service.scorers.base import ScoreResult, Verdict
 from service.scorers.metrics import balanced_accuracy, f1, roc_auc
 

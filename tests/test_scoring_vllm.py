@@ -24,16 +24,16 @@ import pytest
 from planted_store import store_planted_run
 from sqlalchemy import func, select
 
-from service.latent_examples import load_latent_examples
-from service.llm import LLMConfig, SamplingParams, create_client
+from service.cache.windows import load_latent_examples
+from service.config import LLMConfig, ScoreConfig, ScoringConfig
+from service.llm import SamplingParams, create_client
 from service.llm.openai_client import OpenAIClient
 from service.llm.serve import free_port
-from service.pipeline import split_for
-from service.score_config import ScoreConfig
+from service.scoring.pipeline import split_for
+from service.scoring.worker import score_queue
 from service.store.engine import Store
 from service.store.models import Explanation, Job, LlmCall, Prediction, Score
 from service.store.queue import enqueue
-from service.worker import score_queue
 
 pytestmark = pytest.mark.vllm
 
@@ -108,7 +108,8 @@ def queue(store: Store, latent_ids: list[int], config: ScoreConfig) -> None:
 
 def run_workers(store: Store, home: Path, url: str, **options: Any):
     client = create_client(LLMConfig(urls=[url], retry_for_s=300), home)
-    return asyncio.run(score_queue(store, client, home, show_progress=False, **options))
+    config = ScoringConfig(**options)
+    return asyncio.run(score_queue(store, client, home, config, show_progress=False))
 
 
 def test_queue_to_stored_scores_through_vllm(
@@ -206,7 +207,9 @@ def test_server_outage_mid_run_loses_and_duplicates_nothing(
         relay = TcpRelay(vllm_url)
         await relay.start()
         client = create_client(LLMConfig(urls=[relay.url], retry_for_s=300), home)
-        run = asyncio.create_task(score_queue(store, client, home, workers=3, show_progress=False))
+        run = asyncio.create_task(
+            score_queue(store, client, home, ScoringConfig(workers=3), show_progress=False)
+        )
         while relay.connections < 3:  # the check, then requests in flight
             await asyncio.sleep(0.1)
         await relay.stop()  # the server goes away: open requests cut, new ones refused
@@ -274,7 +277,9 @@ def test_interrupted_run_hands_its_jobs_back_and_the_command_resumes(
 
     async def interrupt():
         client = create_client(LLMConfig(urls=[vllm_url]), home)
-        run = asyncio.create_task(score_queue(store, client, home, workers=2, show_progress=False))
+        run = asyncio.create_task(
+            score_queue(store, client, home, ScoringConfig(workers=2), show_progress=False)
+        )
         while await asyncio.to_thread(leased) < 2:
             await asyncio.sleep(0.1)
         await asyncio.sleep(1.0)  # requests in flight

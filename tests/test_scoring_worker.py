@@ -6,14 +6,14 @@ from pathlib import Path
 
 from sqlalchemy import select
 
-from service.llm import LLMConfig
+from service.config import LLMConfig
 from service.llm.openai_client import OpenAIClient
 from service.llm.serve import free_port
+from service.scoring.worker import ScoreWorkers
 from service.store.engine import Store
 from service.store.models import Explanation, Job, Latent
 from service.store.queue import enqueue
-from service.store.results import register_run, register_sae
-from service.worker import ScoreWorkers
+from service.store.runs import register_run, register_sae
 
 
 def test_unusable_jobs_fail_at_once_with_their_reason(store: Store, home: Path):

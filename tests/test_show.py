@@ -14,10 +14,11 @@ from rich.console import Console
 from sqlalchemy import select
 
 from sae.errors import UserError
-from service.show import highlight, render_latent, show_latent
+from service.report.show import highlight, render_latent, show_latent
 from service.store.engine import Store, open_store, upgrade
 from service.store.models import Example, Latent, Run, Sae
-from service.store.results import encode_window, register_sae
+from service.store.runs import register_sae
+from service.store.windows import encode_window
 
 AUTOINTERP = str(Path(sys.executable).with_name("autointerp"))
 CONTEXT = "def area(radius):\n    return 3.14 * radius ** 2"
@@ -62,7 +63,7 @@ def test_show_an_existing_latent(store: Store, tokenizer: Any):
     view = show_latent(store, "study:0", 3, load)
     assert asked == ["smollm2"]
     assert view.explanations == {"llm": explanation_text(0, 3)}
-    assert {(s.scorer, s.control) for s in view.scores} == {
+    assert {(s.score.scorer, s.score.control) for s in view.scores} == {
         ("detection", "own"),
         ("detection", "shuffled"),
         ("fuzzing", "own"),

@@ -14,18 +14,11 @@ from sqlalchemy import func, inspect, select, text
 from sae.errors import UserError
 from service.store import engine as store_engine
 from service.store.engine import Store, head_revision, open_store, upgrade
+from service.store.matches import store_match_pair
 from service.store.models import Base, Latent, Match, MatchPair, Run, Sae
 from service.store.query import format_result, run_query
-from service.store.results import (
-    decode_window,
-    encode_window,
-    get_run,
-    latent_ids,
-    register_run,
-    register_sae,
-    store_latent_stats,
-    store_match_pair,
-)
+from service.store.runs import get_run, latent_ids, register_run, register_sae, store_latent_stats
+from service.store.windows import decode_window, encode_window
 
 
 def add_run(store: Store, name: str = "r", n_latents: int = 8, seeds: tuple[int, ...] = (0, 1)):

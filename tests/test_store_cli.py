@@ -11,7 +11,7 @@ from sqlalchemy import func, select, text
 
 from service.store.engine import open_store, upgrade
 from service.store.models import Job, Run
-from service.store.results import register_run, register_sae
+from service.store.runs import register_run, register_sae
 
 AUTOINTERP = str(Path(sys.executable).with_name("autointerp"))
 
@@ -65,10 +65,21 @@ def test_upgrade_queue_status_query(store_url: str):
     assert "already at schema revision" in cli(store_url, "db", "upgrade").stdout
     seed_run(store_url)
 
-    result = cli(store_url, "queue", "--run", "demo", "--sample", "10", "--seed", "1")
+    result = cli(
+        store_url,
+        "queue",
+        "--run",
+        "demo",
+        "--selection",
+        "sample",
+        "--latents",
+        "10",
+        "--seed",
+        "1",
+    )
     assert result.returncode == 0, result.stderr
     assert "10 latents of demo: 10 new explain jobs, 0 already queued" in result.stdout
-    result = cli(store_url, "queue", "--run", "demo", "--all")
+    result = cli(store_url, "queue", "--run", "demo")  # all latents by default
     assert "60 latents of demo: 50 new explain jobs, 10 already queued" in result.stdout
 
     result = cli(store_url, "status")
@@ -91,8 +102,12 @@ BAD_INPUT = [
     (["query", "SELEC name FROM run"], "query failed"),
     (["query", "SELECT 1", "--format", "xml"], "unknown format 'xml'"),
     (["queue", "--run", "ghost"], "no run named 'ghost'"),
-    (["queue", "--run", "demo", "--stratified", "4"], "no stored matches"),
-    (["queue", "--run", "demo", "--sample", "3", "--all"], "give one of"),
+    (
+        ["queue", "--run", "demo", "--selection", "stratified", "--latents", "4"],
+        "no stored matches",
+    ),
+    (["queue", "--run", "demo", "--selection", "sample"], "needs a number of latents"),
+    (["queue", "--run", "demo", "--selection", "some"], "--selection: Input should be"),
 ]
 
 

@@ -1,5 +1,6 @@
 """`autointerp run`: a whole study at its smallest size, on the real model and stores."""
 
+import json
 import os
 import subprocess
 import sys
@@ -20,13 +21,15 @@ name = "tiny"
 out = "out"
 
 [train]
-tokens = 8192
+max_tokens = 8192
 chunk_len = 128
-latents = 64
-k = 4
 seeds = [0, 1]
 epochs = 2
 batch_tokens = 512
+
+[train.sae]
+n_latents = 64
+k = 4
 
 [cache]
 tokens = 4096
@@ -40,10 +43,10 @@ negatives = 6
 selection = "sample"
 latents = 6
 
-[score]
+[score.llm]
 backend = "transformers"
 
-[score.config]
+[score.job]
 explainers = ["token_baseline"]
 scorers = ["embedding"]
 n_explain_top = 4
@@ -73,6 +76,10 @@ def test_smallest_study_completes_and_resumes(tmp_path: Path, store_url: str):
     assert first.returncode == 0, first.stderr[-2000:]
     assert "train: trained 2 SAEs" in first.stdout
     assert (tmp_path / "out" / "report.html").is_file()
+    # The whole resolved study, every stage's config with its defaults filled in.
+    resolved = json.loads((tmp_path / "out" / "study_config.json").read_text())
+    assert resolved["train"]["sae"]["n_latents"] == 64
+    assert resolved["cache"]["quantile_bins"] == 2 and resolved["score"]["workers"] == 8
     store = open_store(store_url)
     try:
         with store.read_session() as session:

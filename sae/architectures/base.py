@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 
 import torch
-from pydantic import BaseModel, ConfigDict, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 from torch.nn import functional as F
 
@@ -32,13 +32,17 @@ class SaeConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    architecture: str = "topk"
-    n_latents: int = 4608
-    k: int = 32
+    architecture: str = Field(
+        default="topk", description="SAE architecture: topk, batchtopk, relu, jumprelu"
+    )
+    n_latents: int = Field(default=4608, description="latents per SAE")
+    k: int = Field(default=32, description="active latents per token (topk, batchtopk)")
     k_aux: int | None = None
     aux_coefficient: float = 1 / 32
-    l1_coefficient: float | None = None
-    sparsity_coefficient: float | None = None
+    l1_coefficient: float | None = Field(default=None, description="relu: L1 penalty weight")
+    sparsity_coefficient: float | None = Field(
+        default=None, description="jumprelu: L0 penalty weight"
+    )
     bandwidth: float = 0.01
     penalty_warmup_fraction: float = 0.05
 

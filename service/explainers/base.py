@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from sae.errors import UserError
-from service.latent_examples import ExampleSplit
+from service.cache.windows import ExampleSplit
+from service.config import ScoreConfig
 from service.llm.base import CallRecord, LLMClient
-from service.score_config import ScoreConfig
 
 
 @dataclass

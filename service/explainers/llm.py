@@ -11,10 +11,10 @@ from __future__ import annotations
 import json
 import re
 
+from service.cache.windows import ExampleSplit
 from service.explainers.base import Explainer, ExplanationResult, register_explainer
-from service.latent_examples import ExampleSplit, render_window
 from service.llm.base import LLMClient, LLMError, SamplingParams
-from service.prompts import load_prompt
+from service.llm.prompts import load_prompt, render_window
 
 MAX_EXPLANATION_CHARS = 200
 EXPLANATION_SCHEMA = {

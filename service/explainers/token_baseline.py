@@ -11,8 +11,8 @@ from __future__ import annotations
 import json
 from collections import defaultdict
 
+from service.cache.windows import ExampleSplit
 from service.explainers.base import Explainer, ExplanationResult, register_explainer
-from service.latent_examples import ExampleSplit
 from service.llm.base import LLMClient
 
 MAX_TOKENS = 5

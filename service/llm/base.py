@@ -6,8 +6,7 @@ one `CallRecord` per attempt (failed attempts included) so that every call's tok
 and server end up in the store. Backends register a factory under a name (`openai`,
 `transformers`); `create_client` builds one from an `LLMConfig`.
 
-`LLMConfig` is also what a run records about its LLM, so it names the environment variable
-that holds an API key, never the key itself.
+Which backend and server to use is `service.config.LLMConfig`.
 """
 
 from __future__ import annotations
@@ -18,12 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypedDict
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict
 
 from sae.errors import UserError
-
-DEFAULT_URL = "http://127.0.0.1:8011/v1"
-API_KEY_ENV = "AUTOINTERP_LLM_API_KEY"
+from service.config.llm import LLMConfig
 
 
 class Message(TypedDict):
@@ -46,19 +43,6 @@ class SamplingParams(BaseModel):
     # A JSON schema the answer must follow; backends that cannot enforce it ignore it, and
     # parsers never rely on it being enforced.
     json_schema: dict[str, Any] | None = None
-
-
-class LLMConfig(BaseModel):
-    """Which LLM to use and how to reach it; safe to save (holds no secret)."""
-
-    backend: str = "openai"
-    model: str = "smollm2"
-    urls: list[str] = Field(default_factory=lambda: [DEFAULT_URL])
-    max_concurrency: int = Field(default=32, ge=1, description="requests in flight per process")
-    timeout_s: float = Field(default=180.0, gt=0, description="one HTTP request")
-    retry_for_s: float = Field(default=900.0, ge=0, description="keep retrying a request this long")
-    structured_output: bool = True
-    api_key_env: str = API_KEY_ENV
 
 
 @dataclass

@@ -25,11 +25,11 @@ from typing import Any
 import httpx
 
 from sae.errors import UserError
+from service.config import LLMConfig
 from service.llm.base import (
     CallRecord,
     Completion,
     LLMClient,
-    LLMConfig,
     LLMError,
     Message,
     SamplingParams,
@@ -136,7 +136,7 @@ class OpenAIClient(LLMClient):
         self.model = config.model
         self.enforces_json_schema = config.structured_output
         self.endpoints = [Endpoint(normalize_base_url(url)) for url in config.urls]
-        self._semaphore = asyncio.Semaphore(config.max_concurrency)
+        self._semaphore = asyncio.Semaphore(config.concurrency)
         headers = {"Content-Type": "application/json"}
         api_key = os.environ.get(config.api_key_env)
         if api_key:
@@ -144,7 +144,7 @@ class OpenAIClient(LLMClient):
         self._http = httpx.AsyncClient(
             headers=headers,
             timeout=httpx.Timeout(config.timeout_s, connect=min(10.0, config.timeout_s)),
-            limits=httpx.Limits(max_connections=config.max_concurrency + len(self.endpoints)),
+            limits=httpx.Limits(max_connections=config.concurrency + len(self.endpoints)),
         )
 
     def pick_endpoint(self) -> Endpoint:

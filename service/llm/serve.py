@@ -24,7 +24,7 @@ from pathlib import Path
 import httpx
 
 from sae.errors import UserError
-from sae.models import resolve_model
+from sae.subject_model import resolve_model
 
 DEFAULT_PORT = 8011
 DEFAULT_HOST = "127.0.0.1"

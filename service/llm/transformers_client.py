@@ -1,7 +1,7 @@
 """The `transformers` backend: the model runs in this process, no server needed.
 
 The embedded default for machines without a vLLM server (SmolLM2 by default, via
-`sae.models.load_model`). One generation runs at a time, in a worker thread so the event loop
+`sae.subject_model.load_model`). One generation runs at a time, in a worker thread so the event loop
 stays responsive; log-probabilities come from the model's raw logits. A request's JSON schema
 is enforced as vLLM enforces it, by masking the logits at every step to the tokens the schema
 allows (xgrammar, the library vLLM uses for it): a small model that ignores the format asked
@@ -16,12 +16,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from service.latent_examples import token_strings
+from sae.subject_model import token_strings
+from service.config import LLMConfig
 from service.llm.base import (
     CallRecord,
     Completion,
     LLMClient,
-    LLMConfig,
     LLMError,
     Message,
     SamplingParams,
@@ -47,7 +47,7 @@ class TransformersClient(LLMClient):
 
     def _load(self) -> tuple[Any, Any]:
         if self._loaded is None:
-            from sae.models import load_model
+            from sae.subject_model import load_model
 
             self._loaded = load_model(self.model, self.home)
         return self._loaded

@@ -14,10 +14,11 @@ from pathlib import Path
 import numpy as np
 
 from sae.errors import UserError
+from service.config import ReportConfig
 from service.report.data import RunData, load_run_data
 from service.report.html import render_html
 from service.report.plots import hookpoint_plots
-from service.report.report import Report, ReportConfig, build_report
+from service.report.report import Report, build_report
 from service.store.engine import Store
 
 
@@ -34,7 +35,7 @@ def make_report(store: Store, run_name: str, config: ReportConfig | None = None)
     data = load_run_data(store, run_name)
 
     def embed(texts: Sequence[str]) -> np.ndarray:
-        from service.embedding import load_embedder
+        from service.scorers.embedder import load_embedder
 
         return load_embedder(config.embedding_model).embed(texts)
 
@@ -63,7 +64,6 @@ def write_html(result: ReportResult, path: Path) -> None:
 
 __all__ = [
     "Report",
-    "ReportConfig",
     "ReportResult",
     "build_report",
     "check_html_path",

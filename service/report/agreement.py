@@ -2,7 +2,7 @@
 
 For each explainer and each pair of seeds (a, b), a latent of a and its decoder-matched
 partner in b form a matched pair when both have an explanation; its agreement is the cosine
-of the two explanations' sentence embeddings (`service.embedding`). The baseline is random
+of the two explanations' sentence embeddings (`service.scorers.embedder`). The baseline is random
 pairs: a latent of a with an explained latent of b that is not its partner, drawn with a
 seeded generator. Matched pairs are also split into shared and seed-specific latents of a, so
 that one sees whether the latents the seeds share are also explained alike.

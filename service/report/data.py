@@ -5,8 +5,8 @@ the latest explanation per latent and explainer, and the latest score per latent
 scorer, control and explanation source. Everything downstream (statistics, plots, HTML)
 works on these arrays and never touches the store.
 
-Matchings: a pair stored in one direction only (A into B) also gives B into A, since the
-inverse of an optimal assignment is optimal; such a pair is marked `derived`.
+Matchings are read with `service.store.matches.read_pair`: a pair stored in one direction
+only (A into B) also gives B into A, marked `derived`.
 
 Score controls (the `score.control` column): 'own' is the latent's own explanation;
 'shuffled' is the explanation of a random other latent of the same SAE (the specificity
@@ -23,27 +23,27 @@ for matched partners). Each latent keeps one explanation per explainer, whicheve
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 
 import numpy as np
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from service.scorers import primary_metric
 from service.store.engine import Store
-from service.store.models import Example, Explanation, Latent, Match, MatchPair, Run, Sae, Score
-from service.store.results import get_run
-
-CONTROL_OWN = "own"
-CONTROL_SHUFFLED = "shuffled"
-CONTROL_CROSS_SEED = "cross_seed"
-# The number each scorer is judged by; scorers not named use balanced accuracy. The embedding
-# scorer ranks windows by cosine and has no yes/no answers, so its number is the AUC.
-PRIMARY_METRIC = {"embedding": "auc"}
-DEFAULT_METRIC = "balanced_accuracy"
-
-
-def primary_metric(scorer: str) -> str:
-    return PRIMARY_METRIC.get(scorer, DEFAULT_METRIC)
+from service.store.matches import StoredPair, read_pair
+from service.store.models import (
+    CONTROL_OWN,
+    Example,
+    Explanation,
+    Latent,
+    Run,
+    Sae,
+    Score,
+)
+from service.store.runs import get_run
+from service.store.scores import latest_explanations, latest_scores
 
 
 @dataclass
@@ -80,64 +80,12 @@ class SaeData:
 
 
 @dataclass
-class PairData:
-    """SAE A's latents matched into SAE B: partners and cosines per latent of A."""
-
-    seed_a: int
-    seed_b: int
-    threshold: float
-    partner_decoder: np.ndarray
-    cos_decoder: np.ndarray
-    partner_encoder: np.ndarray
-    cos_encoder: np.ndarray
-    derived: bool = False
-
-    @property
-    def shared(self) -> np.ndarray:
-        with np.errstate(invalid="ignore"):
-            return (self.cos_decoder > self.threshold) & (self.cos_encoder > self.threshold)
-
-    @property
-    def decoder_only(self) -> np.ndarray:
-        with np.errstate(invalid="ignore"):
-            return self.cos_decoder > self.threshold
-
-    @property
-    def agree(self) -> np.ndarray:
-        return (self.partner_decoder == self.partner_encoder) & (self.partner_decoder >= 0)
-
-    def reversed(self, n_b: int) -> PairData:
-        """B's latents matched into A, from the same two assignments."""
-
-        def invert(partner: np.ndarray, cosine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-            inverse = np.full(n_b, -1, dtype=np.int64)
-            inverse_cos = np.full(n_b, np.nan)
-            valid = np.flatnonzero((partner >= 0) & (partner < n_b))
-            inverse[partner[valid]] = valid
-            inverse_cos[partner[valid]] = cosine[valid]
-            return inverse, inverse_cos
-
-        partner_decoder, cos_decoder = invert(self.partner_decoder, self.cos_decoder)
-        partner_encoder, cos_encoder = invert(self.partner_encoder, self.cos_encoder)
-        return PairData(
-            self.seed_b,
-            self.seed_a,
-            self.threshold,
-            partner_decoder,
-            cos_decoder,
-            partner_encoder,
-            cos_encoder,
-            derived=True,
-        )
-
-
-@dataclass
 class HookpointData:
     """The SAEs of one hookpoint (one per seed) and every ordered pair's matching."""
 
     hookpoint: str
     saes: dict[int, SaeData]
-    pairs: dict[tuple[int, int], PairData] = field(default_factory=dict)
+    pairs: dict[tuple[int, int], StoredPair] = field(default_factory=dict)
 
     @property
     def seeds(self) -> list[int]:
@@ -284,58 +232,20 @@ def _load_saes(session: Session, run: Run) -> list[SaeData]:
     return result
 
 
-def _load_pair(session: Session, pair: MatchPair, n_a: int, seed_a: int, seed_b: int) -> PairData:
-    partner_decoder = np.full(n_a, -1, dtype=np.int64)
-    partner_encoder = np.full(n_a, -1, dtype=np.int64)
-    cos_decoder = np.full(n_a, np.nan)
-    cos_encoder = np.full(n_a, np.nan)
-    rows = session.execute(
-        select(
-            Match.latent_index_a,
-            Match.partner_decoder,
-            Match.cos_decoder,
-            Match.partner_encoder,
-            Match.cos_encoder,
-        ).where(Match.pair_id == pair.id)
-    )
-    for index, p_decoder, c_decoder, p_encoder, c_encoder in rows:
-        partner_decoder[index] = p_decoder
-        cos_decoder[index] = _float_or_nan(c_decoder) if p_decoder >= 0 else np.nan
-        partner_encoder[index] = p_encoder
-        cos_encoder[index] = _float_or_nan(c_encoder) if p_encoder >= 0 else np.nan
-    return PairData(
-        seed_a,
-        seed_b,
-        pair.threshold,
-        partner_decoder,
-        cos_decoder,
-        partner_encoder,
-        cos_encoder,
-    )
-
-
 def _group_hookpoints(session: Session, saes: list[SaeData]) -> list[HookpointData]:
-    by_id = {sae.id: sae for sae in saes}
+    """The run's SAEs by hookpoint, with every ordered pair of seeds whose matching is stored
+    (in either direction)."""
     groups: dict[str, HookpointData] = {}
     for sae in saes:
         groups.setdefault(sae.hookpoint, HookpointData(sae.hookpoint, {})).saes[sae.seed] = sae
-    if not by_id:
-        return []
-    stored = session.scalars(
-        select(MatchPair).where(MatchPair.sae_a_id.in_(by_id)).order_by(MatchPair.id)
-    ).all()
-    for pair in stored:
-        sae_a, sae_b = by_id[pair.sae_a_id], by_id.get(pair.sae_b_id)
-        if sae_b is None or sae_b.hookpoint != sae_a.hookpoint:
-            continue
-        group = groups[sae_a.hookpoint]
-        group.pairs[(sae_a.seed, sae_b.seed)] = _load_pair(
-            session, pair, sae_a.n_latents, sae_a.seed, sae_b.seed
-        )
+    rows = {sae.id: session.get(Sae, sae.id) for sae in saes}
     for group in groups.values():
-        for (a, b), pair_data in list(group.pairs.items()):
-            if (b, a) not in group.pairs:
-                group.pairs[(b, a)] = pair_data.reversed(group.saes[b].n_latents)
+        for seed_a, seed_b in itertools.permutations(group.seeds, 2):
+            sae_a, sae_b = rows[group.saes[seed_a].id], rows[group.saes[seed_b].id]
+            assert sae_a is not None and sae_b is not None
+            pair = read_pair(session, sae_a, sae_b)
+            if pair is not None:
+                group.pairs[(seed_a, seed_b)] = pair
     return [groups[name] for name in sorted(groups)]
 
 
@@ -352,19 +262,9 @@ def _latent_keys(saes: list[SaeData]) -> dict[int, tuple[int, int]]:
 def _load_explanations(
     session: Session, sae_ids: list[int], keys: dict[int, tuple[int, int]]
 ) -> dict[str, dict[tuple[int, int], str]]:
-    latest = (
-        select(func.max(Explanation.id))
-        .join(Latent, Latent.id == Explanation.latent_id)
-        .where(Latent.sae_id.in_(sae_ids))
-        .group_by(Explanation.latent_id, Explanation.explainer)
-    )
-    rows = session.execute(
-        select(Explanation.explainer, Explanation.latent_id, Explanation.text).where(
-            Explanation.id.in_(latest)
-        )
-    )
+    of_run = Explanation.latent_id.in_(select(Latent.id).where(Latent.sae_id.in_(sae_ids)))
     explanations: dict[str, dict[tuple[int, int], str]] = {}
-    for explainer, latent_id, text in rows:
+    for latent_id, explainer, text in latest_explanations(session, of_run):
         if text and latent_id in keys:
             explanations.setdefault(explainer, {})[keys[latent_id]] = text
     return explanations
@@ -373,46 +273,26 @@ def _load_explanations(
 def _load_scores(
     session: Session, sae_ids: list[int], keys: dict[int, tuple[int, int]]
 ) -> list[ScoreData]:
-    latest = (
-        select(func.max(Score.id))
-        .join(Explanation, Explanation.id == Score.explanation_id)
-        .join(Latent, Latent.id == Score.latent_id)
-        .where(Latent.sae_id.in_(sae_ids))
-        .group_by(
-            Score.latent_id,
-            Explanation.explainer,
-            Score.scorer,
-            Score.control,
-            Explanation.latent_id,
-        )
-    )
-    rows = session.execute(
-        select(
-            Explanation.explainer,
-            Score.scorer,
-            Score.control,
-            Score.latent_id,
-            Explanation.latent_id,
-            Score.balanced_accuracy,
-            Score.auc,
-            Score.f1,
-            Score.n_examples,
-            Score.n_failed,
-        )
-        .join(Explanation, Explanation.id == Score.explanation_id)
-        .where(Score.id.in_(latest))
-        .order_by(Score.id)
-    )
+    of_run = Score.latent_id.in_(select(Latent.id).where(Latent.sae_id.in_(sae_ids)))
     grouped: dict[tuple[str, str, str], list[tuple[int, int, int, int, float, int, int]]] = {}
-    for explainer, scorer, control, latent_id, source_id, accuracy, auc, f1, n, failed in rows:
-        if latent_id not in keys:
+    for row in latest_scores(session, of_run):
+        score = row.score
+        if score.latent_id not in keys:
             continue
-        metric = primary_metric(scorer)
-        value = {"balanced_accuracy": accuracy, "auc": auc, "f1": f1}[metric]
-        sae_id, index = keys[latent_id]
-        source_sae, source_index = keys.get(source_id, (-1, -1))
-        grouped.setdefault((explainer, scorer, control), []).append(
-            (sae_id, index, source_sae, source_index, _float_or_nan(value), n, failed)
+        metric = primary_metric(score.scorer)
+        value = {"balanced_accuracy": score.balanced_accuracy, "auc": score.auc, "f1": score.f1}
+        sae_id, index = keys[score.latent_id]
+        source_sae, source_index = keys.get(row.source_latent_id, (-1, -1))
+        grouped.setdefault((row.explainer, score.scorer, score.control), []).append(
+            (
+                sae_id,
+                index,
+                source_sae,
+                source_index,
+                _float_or_nan(value[metric]),
+                score.n_examples,
+                score.n_failed,
+            )
         )
     scores = []
     for (explainer, scorer, control), entries in sorted(grouped.items()):

@@ -21,8 +21,9 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from scipy import stats
 
-from service.report.data import CONTROL_OWN, HookpointData, RunData
+from service.report.data import HookpointData, RunData
 from service.report.report import HookpointReport
+from service.store.models import CONTROL_OWN
 
 MAX_POINTS = 20_000
 MAX_KDE_POINTS = 3_000

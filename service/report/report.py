@@ -23,13 +23,10 @@ from __future__ import annotations
 import numpy as np
 from pydantic import BaseModel, Field
 
-from sae.multiseed import presence_statistics
-from service.embedding import DEFAULT_EMBEDDING_MODEL
+from sae.matching.multiseed import presence_statistics
+from service.config import ReportConfig
 from service.report.agreement import AgreementSection, Embed, explanation_agreement
 from service.report.data import (
-    CONTROL_CROSS_SEED,
-    CONTROL_OWN,
-    CONTROL_SHUFFLED,
     HookpointData,
     RunData,
     SaeData,
@@ -48,25 +45,12 @@ from service.report.statistics import (
     specificity_gap,
     summarize,
 )
+from service.store.models import CONTROL_CROSS_SEED, CONTROL_OWN, CONTROL_SHUFFLED
 
 
-class ReportConfig(BaseModel):
-    """The report's settings; written into the JSON and the HTML it produces."""
-
-    good_threshold: float = Field(default=0.8, description="a latent scores well above this")
-    confidence: float = Field(default=0.95, gt=0, lt=1)
-    n_resamples: int = Field(default=2000, ge=100, description="bootstrap resamples")
-    seed: int = Field(default=0, description="seed of bootstrap and random-pair draws")
-    min_control_latents: int = Field(
-        default=5, ge=2, description="latents the specificity control needs for a verdict"
-    )
-    max_random_pairs: int = Field(default=2000, ge=1)
-    agreement: bool = Field(default=True, description="compute explanation agreement")
-    embedding_model: str = DEFAULT_EMBEDDING_MODEL
-
-    @property
-    def bootstrap(self) -> Bootstrap:
-        return Bootstrap(self.confidence, self.n_resamples, self.seed)
+def bootstrap_of(config: ReportConfig) -> Bootstrap:
+    """The bootstrap the report's confidence intervals use."""
+    return Bootstrap(config.confidence, config.n_resamples, config.seed)
 
 
 class PairCounts(BaseModel):
@@ -254,7 +238,7 @@ def _scorer_section(
     shuffled: ScoreData | None,
     config: ReportConfig,
 ) -> ScorerSection:
-    bootstrap = config.bootstrap
+    bootstrap = bootstrap_of(config)
     values = columns.scores(own)
     control = None
     if shuffled is not None:
@@ -326,7 +310,7 @@ def _cross_seed_sections(
     """Each cross-seed score paired with the scored latent's own score (same explainer and
     scorer). A latent may be scored with the explanations of several seeds' partners: each
     such score is one pair, shared or seed-specific with respect to that partner's seed."""
-    bootstrap = config.bootstrap
+    bootstrap = bootstrap_of(config)
     sections = []
     for cross in data.score_sets(CONTROL_CROSS_SEED):
         own = data.find_scores(cross.explainer, cross.scorer, CONTROL_OWN)
@@ -387,7 +371,7 @@ def hookpoint_report(
             data.explanations,
             embed,
             max_random_pairs=config.max_random_pairs,
-            bootstrap=config.bootstrap,
+            bootstrap=bootstrap_of(config),
         )
     return HookpointReport(
         hookpoint=group.hookpoint,

@@ -17,10 +17,12 @@ import numpy.typing as npt
 from pydantic import BaseModel, Field
 from scipy import stats
 
+from service.config import ReportConfig
+
 DEFAULT_RESAMPLES = 2000
 DEFAULT_CONFIDENCE = 0.95
 # Fewer paired latents than this and the control gives no verdict (its interval means little).
-MIN_CONTROL_LATENTS = 5
+MIN_CONTROL_LATENTS = ReportConfig.model_fields["min_control_latents"].default
 BOOTSTRAP_BATCH_VALUES = 5_000_000
 
 

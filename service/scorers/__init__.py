@@ -1,7 +1,14 @@
 """Scorers: test an explanation on held-out windows (registry in `base`, metrics in `metrics`)."""
 
 from service.scorers import detection, embedding, fuzzing
-from service.scorers.base import SCORERS, Scorer, ScoreResult, Verdict, create_scorers
+from service.scorers.base import (
+    SCORERS,
+    Scorer,
+    ScoreResult,
+    Verdict,
+    create_scorers,
+    primary_metric,
+)
 
 __all__ = [
     "SCORERS",
@@ -12,4 +19,5 @@ __all__ = [
     "detection",
     "embedding",
     "fuzzing",
+    "primary_metric",
 ]

@@ -15,10 +15,13 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from sae.errors import UserError
-from service.latent_examples import ExampleSplit, Window
+from service.cache.windows import ExampleSplit, Window
+from service.config import ScoreConfig
 from service.llm.base import CallRecord, LLMClient
-from service.score_config import ScoreConfig
 from service.scorers.metrics import balanced_accuracy, f1, roc_auc
+from service.store.models import CONTROL_OWN
+
+DEFAULT_METRIC = "balanced_accuracy"
 
 
 @dataclass
@@ -40,7 +43,7 @@ class ScoreResult:
     scorer: str
     verdicts: list[Verdict]
     calls: list[CallRecord] = field(default_factory=list)
-    control: str = "own"
+    control: str = CONTROL_OWN
 
     @property
     def parsed(self) -> list[Verdict]:
@@ -77,6 +80,8 @@ class ScoreResult:
 class Scorer(ABC):
     name: ClassVar[str]
     needs_llm: ClassVar[bool] = True
+    # The number the scorer is judged by: a `ScoreResult` property name.
+    metric: ClassVar[str] = DEFAULT_METRIC
 
     def __init__(self, config: ScoreConfig):
         self.config = config
@@ -89,6 +94,12 @@ class Scorer(ABC):
 
 
 SCORERS: dict[str, type[Scorer]] = {}
+
+
+def primary_metric(scorer: str) -> str:
+    """The metric scorer `scorer` is judged by (balanced accuracy for one not registered)."""
+    known = SCORERS.get(scorer)
+    return known.metric if known is not None else DEFAULT_METRIC
 
 
 def register_scorer(cls: type[Scorer]) -> type[Scorer]:

@@ -24,9 +24,9 @@ from abc import abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from service.latent_examples import ExampleSplit, Window, escape, render_window
+from service.cache.windows import ExampleSplit, Window
 from service.llm.base import CallRecord, LLMClient, LLMError, SamplingParams, TokenLogprob
-from service.prompts import load_prompt
+from service.llm.prompts import escape, load_prompt, render_window
 from service.scorers.base import Scorer, ScoreResult, Verdict
 
 TRUE_WORDS = {"1", "true", "yes"}

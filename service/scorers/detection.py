@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import random
 
-from service.latent_examples import ExampleSplit
+from service.cache.windows import ExampleSplit
 from service.scorers.base import register_scorer
 from service.scorers.classifier import ClassifierScorer, Item
 

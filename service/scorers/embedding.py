@@ -15,16 +15,18 @@ import asyncio
 
 import numpy as np
 
-from service.embedding import load_embedder
-from service.latent_examples import ExampleSplit
+from service.cache.windows import ExampleSplit
 from service.llm.base import LLMClient
 from service.scorers.base import Scorer, ScoreResult, Verdict, register_scorer
+from service.scorers.embedder import load_embedder
 
 
 @register_scorer
 class EmbeddingScorer(Scorer):
     name = "embedding"
     needs_llm = False
+    # Windows are ranked by cosine, not answered yes or no.
+    metric = "auc"
 
     def similarities(self, explanation: str, texts: list[str]) -> np.ndarray:
         """Cosine similarity of `explanation` to each text."""

@@ -41,6 +41,11 @@ NAMING_CONVENTION = {
 JSONType = JSON().with_variant(JSONB(), "postgresql")
 
 JOB_STATES = ("queued", "leased", "done", "failed")
+# Which explanation a score tested (`score.control`): the latent's own; a random other
+# latent's of the same SAE (the specificity control); its matched partner's in another seed.
+CONTROL_OWN = "own"
+CONTROL_SHUFFLED = "shuffled"
+CONTROL_CROSS_SEED = "cross_seed"
 EXAMPLE_KINDS = ("top", "quantile", "random")
 
 
@@ -224,7 +229,7 @@ class Score(Base):
         ForeignKey("job.id", ondelete="SET NULL"), index=True
     )
     scorer: Mapped[str] = mapped_column(String(100))
-    control: Mapped[str] = mapped_column(String(50), default="own")
+    control: Mapped[str] = mapped_column(String(50), default=CONTROL_OWN)
     balanced_accuracy: Mapped[float | None] = mapped_column(Float)
     f1: Mapped[float | None] = mapped_column(Float)
     auc: Mapped[float | None] = mapped_column(Float)

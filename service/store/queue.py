@@ -33,10 +33,11 @@ from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
+from service.config import ScoringConfig
 from service.store.engine import Store, store_now
 from service.store.models import JOB_STATES, Job
 
-DEFAULT_LEASE_SECONDS = 300.0
+DEFAULT_LEASE_SECONDS: float = ScoringConfig.model_fields["lease_seconds"].default
 DEFAULT_MAX_ATTEMPTS = 3
 # Rows per INSERT: well under SQLite's 32,766 bound parameters at 6 columns a row.
 ENQUEUE_CHUNK = 1000
@@ -407,3 +408,25 @@ def status(store: Store, window_s: float = 600.0) -> QueueStatus:
         now,
     )
     return QueueStatus(stages, total)
+
+
+def unfinished(store: Store, stage: str) -> int:
+    """Jobs of `stage` still queued or leased (some perhaps to workers that died)."""
+    with store.read_session() as session:
+        count = session.scalar(
+            select(func.count())
+            .select_from(Job)
+            .where(Job.stage == stage, Job.state.in_(("queued", "leased")))
+        )
+    return int(count or 0)
+
+
+def unfinished_configs(store: Store, stage: str) -> list[dict[str, Any]]:
+    """The distinct job configs among the queued or leased jobs of `stage`."""
+    with store.read_session() as session:
+        hashes = session.execute(
+            select(Job.config_hash, func.min(Job.id))
+            .where(Job.stage == stage, Job.state.in_(("queued", "leased")))
+            .group_by(Job.config_hash)
+        ).all()
+        return [dict(session.get_one(Job, job_id).config or {}) for _, job_id in hashes]

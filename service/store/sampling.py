@@ -11,18 +11,16 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import Literal
 
 from sqlalchemy import ColumnElement, Integer, func, or_, select
 from sqlalchemy.orm import Session
 
 from sae.errors import UserError
+from service.config import QueueConfig
 from service.store.engine import Store
 from service.store.models import Latent, Match, MatchPair, Run, Sae
 from service.store.queue import DEFAULT_MAX_ATTEMPTS, enqueue
-from service.store.results import get_run
-
-Selection = Literal["all", "sample", "stratified"]
+from service.store.runs import get_run
 
 
 @dataclass
@@ -76,38 +74,41 @@ def _sample(ids: list[int], n: int, rng: random.Random) -> list[int]:
 def queue_run(
     store: Store,
     run_name: str,
-    stage: str = "explain",
-    selection: Selection = "all",
-    n: int | None = None,
-    seed: int = 0,
+    selection: QueueConfig | None = None,
     config: dict[str, object] | None = None,
     max_attempts: int = DEFAULT_MAX_ATTEMPTS,
 ) -> QueuedLatents:
-    """Queue `stage` jobs for the chosen latents of `run_name`, in one transaction.
+    """Queue `selection.stage` jobs, each with the job config `config`, for the latents of
+    `run_name` that `selection` chooses, in one transaction.
 
-    `selection`: "all" live latents; "sample" n of them at random; "stratified" n shared and
-    n seed-specific ones (fewer of both if either group is smaller, so the two stay equal).
-    The same `seed` chooses the same latents.
+    "all" live latents; "sample" `latents` of them at random; "stratified" `latents` shared
+    and as many seed-specific ones (fewer of both if either group is smaller, so the two stay
+    equal). The same seed chooses the same latents.
     """
-    if selection != "all" and (n is None or n <= 0):
-        raise UserError(f"--{selection} needs a positive number of latents")
+    selection = selection or QueueConfig()
+    stage, n, seed = selection.stage, selection.latents, selection.seed
+    if selection.selection != "all" and n is None:
+        raise UserError(
+            f"selection {selection.selection} needs a number of latents: pass --latents N"
+        )
     rng = random.Random(seed)
     with store.session() as session, session.begin():
         run = get_run(session, run_name)
         result = QueuedLatents(run=run.name, stage=stage, selected=0, inserted=0)
-        if selection == "stratified":
+        if selection.selection == "stratified":
             assert n is not None
             shared, specific = shared_and_specific(session, run)
             if not shared and not specific:
                 raise UserError(
                     f"run {run.name!r} has no stored matches to stratify by; match its SAEs "
-                    "first, or use --all / --sample"
+                    "first, or use --selection all or sample"
                 )
             per_group = min(n, len(shared), len(specific))
             if per_group == 0:
                 empty = "shared" if not shared else "seed-specific"
                 raise UserError(
-                    f"run {run.name!r} has no {empty} latents to stratify with; use --sample"
+                    f"run {run.name!r} has no {empty} latents to stratify with; use "
+                    "--selection sample"
                 )
             chosen_shared = _sample(shared, per_group, rng)
             chosen_specific = _sample(specific, per_group, rng)
@@ -117,7 +118,7 @@ def queue_run(
             latents = run_latents(session, run)
             if not latents:
                 raise UserError(f"run {run.name!r} has no live latents to queue")
-            chosen = latents if selection == "all" else _sample(latents, n or 0, rng)
+            chosen = latents if selection.selection == "all" else _sample(latents, n or 0, rng)
         result.selected = len(chosen)
         result.inserted = enqueue(session, chosen, stage, config or {}, max_attempts)
     return result

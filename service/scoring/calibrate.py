@@ -1,14 +1,14 @@
 """`autointerp calibrate`: does this LLM (and each scorer) tell a right explanation from a
 wrong one? Answered in minutes on planted latents, before any GPU hour is spent.
 
-Each planted latent fires by a known rule on windows of the corpus (`service.planted`). Every
-scorer scores, on the latent's held-out windows, the RIGHT explanation (the rule's own
-description), a WRONG one (the next rule's description) and each explainer's explanation of
-the latent. A scorer discriminates when its right scores beat its wrong ones: per scorer we
-give the mean of each, and the AUC of right vs wrong over the planted latents (the chance that
-a right explanation outscores a wrong one). A scorer is informative when that AUC reaches
-`min_auc` and the mean gap `min_gap`; numbers from a scorer that is not should not be trusted.
-Every score and the config are stored (tables `calibration`, `calibration_score`).
+Each planted latent fires by a known rule on windows of the corpus (`planted`). Every scorer
+scores, on the latent's held-out windows, the RIGHT explanation (the rule's own description),
+a WRONG one (the next rule's description) and each explainer's explanation of the latent. A
+scorer discriminates when its right scores beat its wrong ones: per scorer we give the mean
+of each, and the AUC of right vs wrong over the planted latents (the chance that a right
+explanation outscores a wrong one). A scorer is informative when that AUC reaches `min_auc`
+and the mean gap `min_gap`; numbers from a scorer that is not should not be trusted. Every
+score and the config are stored (tables `calibration`, `calibration_score`).
 """
 
 from __future__ import annotations
@@ -20,28 +20,19 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, field_validator
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
 from rich.table import Table
 
 from sae.errors import UserError
+from sae.subject_model import load_tokenizer
+from service.config import CalibrationConfig, LLMConfig
 from service.explainers import create_explainers
-from service.latent_examples import load_tokenizer
-from service.llm.base import LLMClient, LLMConfig, create_client
-from service.pipeline import latent_seed, split_for
-from service.planted import RULES, plant, to_latent_examples
-from service.report.data import primary_metric
-from service.score_config import ScoreConfig
-from service.scorers import ScoreResult, create_scorers
+from service.llm.base import LLMClient, create_client
+from service.progress import count_progress
+from service.scorers import ScoreResult, create_scorers, primary_metric
 from service.scorers.metrics import roc_auc
+from service.scoring.pipeline import latent_seed, needs_llm, split_for
+from service.scoring.planted import RULES, plant, to_latent_examples
 from service.store.engine import Store, open_store
 from service.store.models import Calibration, CalibrationScore
 
@@ -49,39 +40,16 @@ RIGHT = "right"
 WRONG = "wrong"
 
 
-class CalibrationConfig(BaseModel):
-    """What `autointerp calibrate` plants, which explainers and scorers it runs, and the bar a
-    scorer must clear to be called informative."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    subject_model: str = Field(default="smollm2", description="tokenizer of the windows")
-    dataset: str = "embedded"
-    chunk_len: int = Field(default=32, ge=8)
-    max_tokens: int = Field(default=60_000, ge=1000)
-    rules: list[str] = Field(default_factory=lambda: sorted(RULES), min_length=2)
-    score: ScoreConfig = Field(
-        default_factory=lambda: ScoreConfig(
-            shuffled_control=False, cross_seed=0, n_positive=15, n_negative=15
-        )
-    )
-    min_auc: float = Field(default=0.75, gt=0.5, le=1, description="right vs wrong AUC")
-    min_gap: float = Field(default=0.1, ge=0, description="mean right - mean wrong score")
-    seed: int = 0
-
-    @field_validator("rules")
-    @classmethod
-    def _known_rules(cls, rules: list[str]) -> list[str]:
-        unknown = [rule for rule in rules if rule not in RULES]
-        if unknown:
-            raise ValueError(f"unknown rule {unknown[0]!r}; use any of: {', '.join(sorted(RULES))}")
-        return rules
-
-    @property
-    def needs_llm(self) -> bool:
-        return any(e.needs_llm for e in create_explainers(self.score)) or any(
-            s.needs_llm for s in create_scorers(self.score)
-        )
+def rules_of(config: CalibrationConfig) -> list[str]:
+    """The planted rules the config names (all of them by default); a UserError for an
+    unknown one or fewer than two (each rule's wrong explanation is another rule's)."""
+    rules = config.rules if config.rules is not None else sorted(RULES)
+    unknown = [rule for rule in rules if rule not in RULES]
+    if unknown:
+        raise UserError(f"unknown rule {unknown[0]!r}; use any of: {', '.join(sorted(RULES))}")
+    if len(rules) < 2:
+        raise UserError("calibration needs at least two rules: each is the other's wrong answer")
+    return rules
 
 
 @dataclass
@@ -138,6 +106,7 @@ async def calibrate(
     scorer; `on_rule` is told of each rule when it is done."""
     from sae.data import load_chunks
 
+    rules = rules_of(config)
     explainers = create_explainers(config.score)
     scorers = create_scorers(config.score)
     tokenizer: Any = load_tokenizer(config.subject_model, home)
@@ -145,7 +114,7 @@ async def calibrate(
         config.dataset, tokenizer, chunk_len=config.chunk_len, max_tokens=config.max_tokens
     ).numpy()
     entries: list[CalibrationEntry] = []
-    for index, rule in enumerate(config.rules):
+    for index, rule in enumerate(rules):
         planted = plant(RULES[rule], windows, tokenizer, seed=config.seed + index)
         examples = to_latent_examples(planted, tokenizer, latent_id=index)
         split = split_for(examples, config.score)
@@ -154,7 +123,7 @@ async def calibrate(
                 f"rule {rule!r} found too few windows in {config.dataset!r}; "
                 "raise --max-tokens or drop the rule"
             )
-        wrong = RULES[config.rules[(index + 1) % len(config.rules)]].explanation
+        wrong = RULES[rules[(index + 1) % len(rules)]].explanation
         candidates = [(RIGHT, RULES[rule].explanation), (WRONG, wrong)]
         explained = await asyncio.gather(*(e.explain(split, llm) for e in explainers))
         candidates += [(e.explainer, e.text) for e in explained if e.parsed]
@@ -247,16 +216,8 @@ async def _calibrate_with(
     console: Console | None,
 ) -> list[CalibrationEntry]:
     llm = create_client(llm_config, home) if llm_config is not None else None
-    progress = Progress(
-        TextColumn("[bold]calibrating"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[rule]}"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=console,
-    )
-    task = progress.add_task("calibrate", total=len(config.rules), rule="")
+    progress = count_progress("[bold]calibrating", "{task.fields[rule]}", console=console)
+    task = progress.add_task("calibrate", total=len(rules_of(config)), rule="")
     try:
         if llm is not None:
             await llm.check()
@@ -280,7 +241,7 @@ def run_calibration(
     scorer needs one) and store the results; returns the calibration's id and its scores."""
     store = open_store(db_url)
     try:
-        used = llm_config if config.needs_llm else None
+        used = llm_config if needs_llm(config.score) else None
         entries = asyncio.run(_calibrate_with(config, used, home, console))
         return store_calibration(store, config, used.model if used else None, entries), entries
     finally:

@@ -1,4 +1,6 @@
-"""The `autointerp` command line: parses arguments, calls library functions, prints results."""
+"""The `autointerp` commands: each parses its options into the stage's config, calls one
+library function and prints the result. Options take their names, help and defaults from
+the configs (`service.cli.options`)."""
 
 import sys
 from pathlib import Path
@@ -9,7 +11,14 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from sae.activation_cache import ActivationCache
+from sae.architectures import SaeConfig
 from sae.errors import UserError
+from sae.latent_stats import CacheConfig
+from sae.matching import MatchConfig
+from sae.train import TrainConfig
+from service.cli.options import comma_integers, comma_separated, config_from, option
+from service.config import CalibrationConfig, LLMConfig, QueueConfig, ReportConfig, ScoringConfig
 from service.progress import token_progress
 
 app = typer.Typer(
@@ -19,16 +28,6 @@ app = typer.Typer(
 )
 console = Console()
 err_console = Console(stderr=True, soft_wrap=True)
-
-# Options that `cache-activations` and `train` share: what is run, where, on which text.
-SubjectModelOption = Annotated[
-    str, typer.Option(help="subject model: embedded name, folder or HF id")
-]
-HookpointsOption = Annotated[
-    list[str] | None,
-    typer.Option(help="module(s), repeated or comma-separated (default model.layers.6.mlp)"),
-]
-DatasetOption = Annotated[str, typer.Option(help="embedded, a .txt/.jsonl path or HF dataset")]
 
 
 def main() -> None:
@@ -44,8 +43,8 @@ def main() -> None:
 @app.command()
 def models() -> None:
     """List the subject models available on this machine."""
-    from sae.models import list_models
-    from service.settings import get_settings
+    from sae.subject_model import list_models
+    from service.config import get_settings
 
     table = Table("model", "where")
     for name, where in list_models(get_settings().home):
@@ -59,8 +58,8 @@ def hookpoints_command(
     contains: str = typer.Option("", help="only names containing this text"),
 ) -> None:
     """List the module names of a model that activations can be captured at."""
-    from sae.models import hookpoints, load_model
-    from service.settings import get_settings
+    from sae.subject_model import hookpoints, load_model
+    from service.config import get_settings
 
     loaded, _ = load_model(model, get_settings().home)
     for name in hookpoints(loaded):
@@ -74,8 +73,8 @@ def demo(
     hookpoint: str = typer.Option("model.layers.6.mlp", help="module to capture"),
 ) -> None:
     """Run the subject model on the embedded corpus and report what it computed."""
-    from service.demo import run_forward_report
-    from service.settings import get_settings
+    from sae.forward_report import run_forward_report
+    from service.config import get_settings
 
     with console.status(f"loading {model} and running it on the embedded corpus"):
         report = run_forward_report(model, get_settings().home, hookpoint)
@@ -99,7 +98,7 @@ app.add_typer(db_app, name="db")
 @db_app.command("upgrade")
 def db_upgrade() -> None:
     """Create the store or migrate it to this version's schema."""
-    from service.settings import get_settings
+    from service.config import get_settings
     from service.store.engine import upgrade
 
     before, after = upgrade(get_settings().db)
@@ -112,26 +111,20 @@ def db_upgrade() -> None:
 @app.command("queue")
 def queue_command(
     run: str = typer.Option(..., help="name of the run whose latents to queue"),
-    stage: str = typer.Option("explain", help="stage the jobs are for"),
-    all_latents: bool = typer.Option(False, "--all", help="every live latent (the default)"),
-    sample: int | None = typer.Option(None, help="N latents chosen at random"),
-    stratified: int | None = typer.Option(
-        None, help="N shared and N seed-specific latents (needs stored matches)"
-    ),
-    seed: int = typer.Option(0, help="seed of the random choice"),
+    selection: str = option(QueueConfig, "selection"),
+    latents: int | None = option(QueueConfig, "latents"),
+    seed: int = option(QueueConfig, "seed"),
+    stage: str = option(QueueConfig, "stage"),
 ) -> None:
     """Queue a run's latents for a stage; latents already queued are left as they are."""
-    from service.settings import get_settings
+    from service.config import get_settings
     from service.store.engine import open_store
-    from service.store.sampling import Selection, queue_run
+    from service.store.sampling import queue_run
 
-    if sum((all_latents, sample is not None, stratified is not None)) > 1:
-        raise UserError("give one of --all, --sample N, --stratified N")
-    selection: Selection = (
-        "sample" if sample is not None else "stratified" if stratified is not None else "all"
+    config = config_from(
+        QueueConfig, {"selection": selection, "latents": latents, "seed": seed, "stage": stage}
     )
-    store = open_store(get_settings().db)
-    result = queue_run(store, run, stage, selection, sample or stratified, seed)
+    result = queue_run(open_store(get_settings().db), run, config)
     detail = (
         f" ({result.shared} shared, {result.seed_specific} seed-specific)"
         if result.shared is not None
@@ -147,7 +140,7 @@ def queue_command(
 @app.command("status")
 def status_command() -> None:
     """Jobs by stage and state, the recent completion rate and the time left."""
-    from service.settings import get_settings
+    from service.config import get_settings
     from service.store.engine import open_store
     from service.store.models import JOB_STATES
     from service.store.queue import status
@@ -167,7 +160,7 @@ def query_command(
     fmt: str = typer.Option("table", "--format", help="table, csv or json"),
 ) -> None:
     """Run a read-only SQL query on the store and print the rows."""
-    from service.settings import get_settings
+    from service.config import get_settings
     from service.store.engine import open_store
     from service.store.query import format_result, run_query
 
@@ -193,12 +186,10 @@ def match_command(
         Path | None,
         typer.Option("--all", help="training output folder: all seed<N> SAEs of each hookpoint"),
     ] = None,
-    threshold: float = typer.Option(0.7, help="a latent is shared when both cosines are > this"),
-    solver: str = typer.Option("auto", help="auto, exact (dense) or sparse (top-k graph)"),
-    candidates: int = typer.Option(32, help="sparse solver: partners kept per row and column"),
-    into_larger: bool = typer.Option(
-        False, "--into-larger", help="allow different latent counts (smaller into larger)"
-    ),
+    threshold: float = option(MatchConfig, "threshold"),
+    solver: str = option(MatchConfig, "solver"),
+    candidates: int = option(MatchConfig, "candidates"),
+    into_larger: bool = option(MatchConfig, "into_larger"),
     json_output: bool = typer.Option(False, "--json", help="print one JSON object"),
     assignment_out: Annotated[
         Path | None,
@@ -208,16 +199,18 @@ def match_command(
     """Match SAE latents across seeds by decoder and encoder directions (Hungarian)."""
     import json
 
-    from sae.matching import make_config, match_checkpoints, write_assignment
-    from sae.multiseed import analyse_folder
-    from service.matching_view import block_progress, multiseed_tables, pair_table
+    from sae.matching import match_checkpoints, write_assignment
+    from sae.matching.multiseed import analyse_folder
+    from service.report.matching import block_progress, multiseed_tables, pair_table
 
     if (all_seeds is None) == (a is None or b is None) or (all_seeds and (a or b)):
         raise UserError("give two checkpoint folders A B, or --all DIR (not both)")
     if all_seeds is not None and assignment_out is not None:
         raise UserError("--assignment-out works with two SAEs A B, not with --all")
-    config = make_config(
-        threshold=threshold, solver=solver, candidates=candidates, into_larger=into_larger
+    config = config_from(
+        MatchConfig,
+        {"threshold": threshold, "solver": solver, "candidates": candidates}
+        | {"into_larger": into_larger},
     )
     if all_seeds is not None:
         with block_progress(err_console) as progress:
@@ -254,8 +247,8 @@ def llm_serve(
     port: int = typer.Option(8011, help="port to listen on"),
 ) -> None:
     """Start a real vLLM OpenAI-compatible server for MODEL; runs until Ctrl-C."""
+    from service.config import get_settings
     from service.llm.serve import serve_forever, start_server, wait_ready
-    from service.settings import get_settings
 
     server = start_server(model, get_settings().home, python=python, host=host, port=port)
     try:
@@ -270,34 +263,29 @@ def llm_serve(
 
 @app.command("score")
 def score_command(
-    workers: int = typer.Option(8, help="latents in flight at once in this process"),
-    llm_url: Annotated[
-        list[str] | None,
-        typer.Option("--llm-url", help="OpenAI-compatible base URL (default local vLLM); repeat"),
-    ] = None,
-    model: str = typer.Option("smollm2", help="model name as the server serves it"),
-    backend: str = typer.Option("openai", help="openai (a server) or transformers (in-process)"),
-    stage: str = typer.Option("explain", help="queue stage to work on"),
-    max_jobs: int | None = typer.Option(None, help="stop after this many jobs"),
+    workers: int = option(ScoringConfig, "workers"),
+    urls: list[str] | None = option(LLMConfig, "urls", "--llm-url"),
+    model: str = option(LLMConfig, "model"),
+    backend: str = option(LLMConfig, "backend"),
+    stage: str = option(ScoringConfig, "stage"),
+    max_jobs: int | None = option(ScoringConfig, "max_jobs"),
+    lease_seconds: float = option(ScoringConfig, "lease_seconds"),
 ) -> None:
     """Explain and score queued latents until the queue is empty (resumable)."""
-    from service.llm.base import DEFAULT_URL, LLMConfig
-    from service.settings import get_settings
-    from service.worker import run_score
+    from service.config import get_settings
+    from service.scoring.worker import run_score
 
     settings = get_settings()
-    urls = llm_url or [DEFAULT_URL]
-    config = LLMConfig(backend=backend, model=model, urls=urls, max_concurrency=4 * workers)
+    llm = config_from(
+        LLMConfig, {"urls": comma_separated(urls), "model": model, "backend": backend}
+    )
+    config = config_from(
+        ScoringConfig,
+        {"workers": workers, "stage": stage, "max_jobs": max_jobs, "lease_seconds": lease_seconds}
+        | {"llm": llm},
+    )
     try:
-        stats = run_score(
-            settings.db,
-            settings.home,
-            config,
-            workers=workers,
-            stage=stage,
-            max_jobs=max_jobs,
-            console=console,
-        )
+        stats = run_score(settings.db, settings.home, config, console=console)
     except KeyboardInterrupt:
         err_console.print("interrupted: unfinished jobs are back in the queue; run again to resume")
         raise typer.Exit(130) from None
@@ -313,50 +301,34 @@ def score_command(
 
 @app.command("calibrate")
 def calibrate_command(
-    llm_url: Annotated[
-        list[str] | None,
-        typer.Option("--llm-url", help="OpenAI-compatible base URL (default local vLLM); repeat"),
-    ] = None,
-    model: str = typer.Option("smollm2", help="model name as the server serves it"),
-    backend: str = typer.Option("openai", help="openai (a server) or transformers (in-process)"),
-    explainers: str = typer.Option("llm,token_baseline", help="comma-separated explainers"),
-    scorers: str = typer.Option("detection,fuzzing,embedding", help="comma-separated scorers"),
-    rules: str | None = typer.Option(None, help="comma-separated planted rules (default all)"),
-    n_examples: int = typer.Option(15, help="held-out activating (and as many silent) windows"),
+    urls: list[str] | None = option(LLMConfig, "urls", "--llm-url"),
+    model: str = option(LLMConfig, "model"),
+    backend: str = option(LLMConfig, "backend"),
+    explainers: list[str] | None = option(CalibrationConfig, "explainers"),
+    scorers: list[str] | None = option(CalibrationConfig, "scorers"),
+    rules: list[str] | None = option(CalibrationConfig, "rules"),
+    n_examples: int = option(CalibrationConfig, "n_examples"),
 ) -> None:
     """Tell, on planted latents with known rules, whether each scorer (and this LLM) can tell
     a right explanation from a wrong one; prints and stores each scorer's discrimination."""
-    from pydantic import ValidationError
+    from service.config import get_settings
+    from service.scoring.calibrate import discrimination, discrimination_table, run_calibration
 
-    from service.calibrate import (
+    config = config_from(
         CalibrationConfig,
-        discrimination,
-        discrimination_table,
-        run_calibration,
+        {
+            "explainers": comma_separated(explainers),
+            "scorers": comma_separated(scorers),
+            "rules": comma_separated(rules),
+            "n_examples": n_examples,
+        },
     )
-    from service.llm.base import DEFAULT_URL, LLMConfig
-    from service.planted import RULES
-    from service.score_config import ScoreConfig
-    from service.settings import get_settings
-
-    score = ScoreConfig(
-        explainers=_comma_names([explainers]),
-        scorers=_comma_names([scorers]),
-        shuffled_control=False,
-        cross_seed=0,
-        n_positive=n_examples,
-        n_negative=n_examples,
+    llm = config_from(
+        LLMConfig, {"urls": comma_separated(urls), "model": model, "backend": backend}
     )
-    try:
-        config = CalibrationConfig(
-            score=score, rules=_comma_names([rules]) if rules else sorted(RULES)
-        )
-    except ValidationError as error:
-        raise UserError(f"calibrate: {error.errors()[0]['msg']}") from None
-    llm_config = LLMConfig(backend=backend, model=model, urls=llm_url or [DEFAULT_URL])
     settings = get_settings()
     calibration_id, entries = run_calibration(
-        settings.db, settings.home, config, llm_config, console=err_console
+        settings.db, settings.home, config, llm, console=err_console
     )
     console.print(discrimination_table(discrimination(entries, config), config))
     console.print(f"stored as calibration {calibration_id}", highlight=False)
@@ -365,32 +337,28 @@ def calibrate_command(
 @app.command("cache")
 def cache_command(
     run: str = typer.Option(..., help="name of the run whose SAEs to cache"),
-    tokens: int = typer.Option(1_000_000, help="tokens of the run's dataset to read"),
-    window: int = typer.Option(32, help="tokens per example window"),
-    chunk_len: int = typer.Option(256, help="tokens per model forward sequence"),
-    n_top: int = typer.Option(20, help="top-activating windows kept per latent"),
-    bins: int = typer.Option(10, help="activation-quantile bins sampled per latent"),
-    per_bin: int = typer.Option(5, help="windows sampled from each quantile bin"),
-    negatives: int = typer.Option(20, help="non-firing windows kept per latent"),
-    seed: int = typer.Option(0, help="seed of the window sampling"),
+    tokens: int = option(CacheConfig, "tokens"),
+    window: int = option(CacheConfig, "window"),
+    chunk_len: int = option(CacheConfig, "chunk_len"),
+    n_top: int = option(CacheConfig, "n_top"),
+    quantile_bins: int = option(CacheConfig, "quantile_bins", "--bins"),
+    per_quantile_bin: int = option(CacheConfig, "per_quantile_bin", "--per-bin"),
+    negatives: int = option(CacheConfig, "negatives"),
+    seed: int = option(CacheConfig, "seed"),
 ) -> None:
     """Record firing statistics and example windows for every latent of a run."""
-    from sae.latent_cache import CacheConfig
-    from service.cache_stage import cache_run
-    from service.settings import get_settings
+    from service.cache.stage import cache_run
+    from service.config import get_settings
     from service.store.engine import open_store
 
     settings = get_settings()
-    config = CacheConfig(
-        window=window,
-        n_top=n_top,
-        n_quantile_bins=bins,
-        per_quantile_bin=per_bin,
-        n_reservoir=max(4 * bins * per_bin, 20),
-        n_negative=negatives,
-        seed=seed,
+    config = config_from(
+        CacheConfig,
+        {"tokens": tokens, "window": window, "chunk_len": chunk_len, "n_top": n_top}
+        | {"quantile_bins": quantile_bins, "per_quantile_bin": per_quantile_bin}
+        | {"negatives": negatives, "seed": seed},
     )
-    summary = cache_run(open_store(settings.db), run, settings.home, tokens, config, chunk_len)
+    summary = cache_run(open_store(settings.db), run, settings.home, config)
     if summary.n_tokens < summary.tokens_asked:
         console.print(
             f"[yellow]the dataset has only {summary.n_tokens:,} tokens in whole chunks; "
@@ -409,45 +377,16 @@ def cache_command(
     console.print(table)
 
 
-def _comma_ints(text: str, option: str) -> list[int]:
-    try:
-        return [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise UserError(f"{option} '{text}' is not a comma-separated list of integers") from None
-
-
-def _comma_names(values: list[str] | None) -> list[str]:
-    return [part.strip() for value in values or [] for part in value.split(",") if part.strip()]
-
-
 def _build_activation_cache(
-    out: Path,
-    model: str,
-    hookpoints: list[str],
-    dataset: str,
-    tokens: int | None,
-    chunk_len: int,
-    data_seed: int,
-    dtype: str,
-) -> None:
-    from sae.activation_cache import build_activation_cache
-    from service.settings import get_settings
+    out: Path, config: TrainConfig, dtype: str, home: Path
+) -> ActivationCache:
+    """Run the model once over the config's dataset and store its hookpoints' activations."""
+    from sae.train import cache_activations
 
     if dtype not in ("float16", "bfloat16"):
         raise UserError(f"cache dtype {dtype} is not supported: use float16 or bfloat16")
     with token_progress("caching activations", console) as update:
-        cache = build_activation_cache(
-            out,
-            model,
-            hookpoints,
-            get_settings().home,
-            dataset=dataset,
-            chunk_len=chunk_len,
-            max_tokens=tokens,
-            data_seed=data_seed,
-            dtype=dtype,  # type: ignore[arg-type]
-            on_progress=update,
-        )
+        cache = cache_activations(config, out, home, dtype, update)  # type: ignore[arg-type]
     size = sum(path.stat().st_size for path in cache.folder.iterdir())
     widths = ", ".join(f"{name} ({cache.width(name)})" for name in cache.hookpoints)
     console.print(
@@ -456,44 +395,51 @@ def _build_activation_cache(
         highlight=False,
         soft_wrap=True,
     )
+    return cache
 
 
 @app.command("cache-activations")
 def cache_activations_command(
     out: Annotated[Path, typer.Option(help="cache folder: manifest.json + one .npy per hookpoint")],
-    model: SubjectModelOption = "smollm2",
-    hookpoint: HookpointsOption = None,
-    dataset: DatasetOption = "embedded",
-    tokens: int | None = typer.Option(None, help="dataset tokens to cache (default all)"),
-    chunk_len: int = typer.Option(256, help="tokens per model forward sequence"),
-    data_seed: int = typer.Option(0, help="seed of the chunk order"),
+    model: str = option(TrainConfig, "model"),
+    hookpoints: list[str] | None = option(TrainConfig, "hookpoints", "--hookpoint"),
+    dataset: str = option(TrainConfig, "dataset"),
+    max_tokens: int | None = option(TrainConfig, "max_tokens", "--tokens"),
+    chunk_len: int = option(TrainConfig, "chunk_len"),
+    data_seed: int = option(TrainConfig, "data_seed"),
     dtype: str = typer.Option("float16", help="float16 or bfloat16"),
 ) -> None:
     """Run the model once and store its activations on disk, for `train --from-cache`.
     Interrupted builds continue when the same command runs again."""
-    names = _comma_names(hookpoint) or ["model.layers.6.mlp"]
-    _build_activation_cache(out, model, names, dataset, tokens, chunk_len, data_seed, dtype)
+    from service.config import get_settings
+
+    config = config_from(
+        TrainConfig,
+        {"model": model, "hookpoints": comma_separated(hookpoints), "dataset": dataset}
+        | {"max_tokens": max_tokens, "chunk_len": chunk_len, "data_seed": data_seed},
+    )
+    _build_activation_cache(out, config, dtype, get_settings().home)
 
 
 @app.command("train")
 def train_command(
     out: Annotated[Path, typer.Option(help="output folder: OUT/<hookpoint>/seed<N>/ per SAE")],
-    model: SubjectModelOption = "smollm2",
-    hookpoint: HookpointsOption = None,
-    dataset: DatasetOption = "embedded",
-    arch: str = typer.Option("topk", help="SAE architecture: topk, batchtopk, relu, jumprelu"),
-    latents: int = typer.Option(4608, help="latents per SAE"),
-    k: int = typer.Option(32, help="active latents per token (topk, batchtopk)"),
-    seeds: str = typer.Option("0", help="comma-separated seeds, all trained in one pass"),
-    tokens: int | None = typer.Option(None, help="distinct dataset tokens to use (default all)"),
-    epochs: int = typer.Option(1, help="passes over those tokens"),
-    batch_tokens: int = typer.Option(1024, help="tokens per optimizer step"),
-    lr: float | None = typer.Option(None, help="Adam learning rate (default 1e-3/sqrt(n/2^14))"),
-    l1_coefficient: float | None = typer.Option(None, help="relu: L1 penalty weight"),
-    sparsity_coefficient: float | None = typer.Option(None, help="jumprelu: L0 penalty weight"),
-    dead_tokens: int = typer.Option(200_000, help="tokens without firing before a latent is dead"),
-    chunk_len: int = typer.Option(256, help="tokens per model forward sequence"),
-    data_seed: int = typer.Option(0, help="seed of the data order"),
+    model: str = option(TrainConfig, "model"),
+    hookpoints: list[str] | None = option(TrainConfig, "hookpoints", "--hookpoint"),
+    dataset: str = option(TrainConfig, "dataset"),
+    architecture: str = option(SaeConfig, "architecture", "--arch"),
+    n_latents: int = option(SaeConfig, "n_latents", "--latents"),
+    k: int = option(SaeConfig, "k"),
+    seeds: list[str] | None = option(TrainConfig, "seeds"),
+    max_tokens: int | None = option(TrainConfig, "max_tokens", "--tokens"),
+    epochs: int = option(TrainConfig, "epochs"),
+    batch_tokens: int = option(TrainConfig, "batch_tokens"),
+    lr: float | None = option(TrainConfig, "lr"),
+    l1_coefficient: float | None = option(SaeConfig, "l1_coefficient"),
+    sparsity_coefficient: float | None = option(SaeConfig, "sparsity_coefficient"),
+    dead_tokens: int = option(TrainConfig, "dead_tokens"),
+    chunk_len: int = option(TrainConfig, "chunk_len"),
+    data_seed: int = option(TrainConfig, "data_seed"),
     cache_activations: Annotated[
         Path | None,
         typer.Option(help="first cache activations in this folder (reused), then train from it"),
@@ -506,41 +452,38 @@ def train_command(
     checkpoint_minutes: float = typer.Option(5.0, help="minutes between periodic checkpoints"),
 ) -> None:
     """Train SAEs of several seeds in one pass; Ctrl-C checkpoints, rerunning resumes."""
-    from sae.architectures import SaeConfig
-    from sae.train import TrainConfig, TrainProgress, config_from_cache, train
-    from service.settings import get_settings
+    from sae.train import TrainProgress, config_from_cache, train
+    from service.config import get_settings
 
+    home = get_settings().home
     if from_cache is not None and cache_activations is not None:
         raise UserError("give either --from-cache or --cache-activations, not both")
-    hookpoints = _comma_names(hookpoint)
+    sae_config = config_from(
+        SaeConfig,
+        {"architecture": architecture, "n_latents": n_latents, "k": k}
+        | {"l1_coefficient": l1_coefficient, "sparsity_coefficient": sparsity_coefficient},
+    )
     fields = {
-        "sae": SaeConfig(
-            architecture=arch,
-            n_latents=latents,
-            k=k,
-            l1_coefficient=l1_coefficient,
-            sparsity_coefficient=sparsity_coefficient,
-        ),
-        "seeds": _comma_ints(seeds, "--seeds"),
+        "sae": sae_config,
+        "seeds": comma_integers(seeds, "--seeds"),
+        "hookpoints": comma_separated(hookpoints),
         "epochs": epochs,
         "batch_tokens": batch_tokens,
         "lr": lr,
         "dead_tokens": dead_tokens,
-        **({"hookpoints": hookpoints} if hookpoints else {}),
     }
+    source = {"model": model, "dataset": dataset, "max_tokens": max_tokens}
+    source |= {"chunk_len": chunk_len, "data_seed": data_seed}
     if cache_activations is not None:
-        names = hookpoints or ["model.layers.6.mlp"]
         _build_activation_cache(
-            cache_activations, model, names, dataset, tokens, chunk_len, data_seed, cache_dtype
+            cache_activations, config_from(TrainConfig, source | fields), cache_dtype, home
         )
         from_cache = cache_activations
     if from_cache is not None:
-        config = config_from_cache(from_cache, **fields)
+        given = {key: value for key, value in fields.items() if value is not None}
+        config = config_from_cache(from_cache, **given)
     else:
-        config = TrainConfig.model_validate(
-            {"model": model, "dataset": dataset, "max_tokens": tokens, "chunk_len": chunk_len}
-            | {"data_seed": data_seed, **fields}
-        )
+        config = config_from(TrainConfig, source | fields)
 
     with token_progress("training", console) as update:
 
@@ -551,7 +494,7 @@ def train_command(
             update(state.tokens, state.total_tokens, status)
 
         seconds = 60 * checkpoint_minutes
-        result = train(config, out, get_settings().home, on_progress, checkpoint_seconds=seconds)
+        result = train(config, out, home, on_progress, checkpoint_seconds=seconds)
     if result.already_finished:
         message = f"{out} already holds this finished run ({result.tokens:,} tokens)"
         console.print(message, soft_wrap=True)
@@ -590,25 +533,24 @@ def train_command(
 @app.command("report")
 def report_command(
     run: str = typer.Option(..., help="name of the run to report on"),
-    html: Annotated[
-        Path | None, typer.Option("--html", help="also write a self-contained HTML report here")
-    ] = None,
+    html: Path | None = option(ReportConfig, "html"),
     json_output: bool = typer.Option(False, "--json", help="print one JSON object"),
-    agreement: bool = typer.Option(
-        True, help="compare explanations across seeds (loads the embedding model)"
-    ),
-    good_threshold: float = typer.Option(0.8, help="a latent scores well above this"),
-    seed: int = typer.Option(0, help="seed of the bootstrap and of random pairs"),
+    agreement: bool = option(ReportConfig, "agreement"),
+    good_threshold: float = option(ReportConfig, "good_threshold"),
+    seed: int = option(ReportConfig, "seed"),
 ) -> None:
     """Shared vs seed-specific interpretability of a run: tables, statistics, plots."""
-    from service.report import ReportConfig, check_html_path, make_report, write_html
+    from service.config import get_settings
+    from service.report import check_html_path, make_report, write_html
     from service.report.terminal import headline
-    from service.settings import get_settings
     from service.store.engine import open_store
 
     if html is not None:
         check_html_path(html)
-    config = ReportConfig(good_threshold=good_threshold, seed=seed, agreement=agreement)
+    config = config_from(
+        ReportConfig,
+        {"html": html, "good_threshold": good_threshold, "seed": seed, "agreement": agreement},
+    )
     store = open_store(get_settings().db)
     try:
         with err_console.status(f"computing the report on run {run}"):
@@ -634,9 +576,9 @@ def show_command(
     contexts: int = typer.Option(5, help="top-activating contexts to show"),
 ) -> None:
     """One latent: explanations, scores, partners in other seeds, top contexts."""
-    from service.latent_examples import load_tokenizer
-    from service.settings import get_settings
-    from service.show import render_latent, show_latent
+    from sae.subject_model import load_tokenizer
+    from service.config import get_settings
+    from service.report.show import render_latent, show_latent
     from service.store.engine import open_store
 
     settings = get_settings()
@@ -658,8 +600,8 @@ def run_command(
     """The whole study from one config: train, match, cache, queue, score, report.
 
     Every stage whose outputs are already there is skipped, so rerunning resumes."""
+    from service.config import get_settings
     from service.report.terminal import headline
-    from service.settings import get_settings
     from service.study import load_study, run_study
 
     settings = get_settings()

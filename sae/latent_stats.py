@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 
 from sae.errors import UserError
 
@@ -26,20 +27,38 @@ Encoder = Callable[[torch.Tensor], torch.Tensor]
 Activations = Callable[[torch.Tensor], torch.Tensor]
 
 
-@dataclass(frozen=True)
-class CacheConfig:
-    window: int = 32
-    n_top: int = 20
-    n_reservoir: int = 100
-    n_quantile_bins: int = 10
-    per_quantile_bin: int = 5
-    n_negative: int = 20
-    batch_size: int = 8
-    seed: int = 0
+class CacheConfig(BaseModel):
+    """The latent cache stage: which tokens are read, and which windows each latent keeps.
+    Saved beside the cache's output as cache_config.json."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    tokens: int = Field(default=1_000_000, ge=1, description="tokens of the run's dataset to read")
+    chunk_len: int = Field(default=256, ge=2, description="tokens per model forward sequence")
+    window: int = Field(default=32, ge=1, description="tokens per example window")
+    n_top: int = Field(default=20, ge=0, description="top-activating windows kept per latent")
+    quantile_bins: int = Field(default=10, ge=1, description="activation-quantile bins per latent")
+    per_quantile_bin: int = Field(default=5, ge=0, description="windows sampled from each bin")
+    negatives: int = Field(default=20, ge=0, description="non-firing windows kept per latent")
+    n_reservoir: int | None = Field(
+        default=None,
+        ge=1,
+        description="firing windows sampled per latent before binning "
+        "(default 4 x quantile_bins x per_quantile_bin, at least 20)",
+    )
+    batch_size: int = Field(default=8, ge=1, description="chunks per model forward batch")
+    seed: int = Field(default=0, description="seed of the window sampling")
+
+    @property
+    def reservoir(self) -> int:
+        """Firing windows sampled per latent: enough to fill every quantile bin four times."""
+        if self.n_reservoir is not None:
+            return self.n_reservoir
+        return max(4 * self.quantile_bins * self.per_quantile_bin, 20)
 
 
 @dataclass
-class LatentExamples:
+class SaeWindows:
     """Every stored window of one SAE, flat: row i belongs to latent `latent[i]`."""
 
     latent: np.ndarray  # (M,) int64
@@ -55,7 +74,7 @@ class SaeLatentStats:
     n_tokens: int
     firing_count: np.ndarray  # (n_latents,) int64
     max_activation: np.ndarray  # (n_latents,) float32
-    examples: LatentExamples = field(repr=False)
+    examples: SaeWindows = field(repr=False)
 
     @property
     def firing_frequency(self) -> np.ndarray:
@@ -72,12 +91,12 @@ class _Tracker:
         self.top_value = torch.zeros(n_latents, config.n_top)
         self.top_window = torch.full((n_latents, config.n_top), -1, dtype=torch.int64)
         self.top_tokens = torch.zeros(n_latents, config.n_top, w)
-        self.sample_key = torch.full((n_latents, config.n_reservoir), -1.0)
-        self.sample_value = torch.zeros(n_latents, config.n_reservoir)
-        self.sample_window = torch.full((n_latents, config.n_reservoir), -1, dtype=torch.int64)
-        self.sample_tokens = torch.zeros(n_latents, config.n_reservoir, w)
-        self.negative_key = torch.full((n_latents, config.n_negative), -1.0)
-        self.negative_window = torch.full((n_latents, config.n_negative), -1, dtype=torch.int64)
+        self.sample_key = torch.full((n_latents, config.reservoir), -1.0)
+        self.sample_value = torch.zeros(n_latents, config.reservoir)
+        self.sample_window = torch.full((n_latents, config.reservoir), -1, dtype=torch.int64)
+        self.sample_tokens = torch.zeros(n_latents, config.reservoir, w)
+        self.negative_key = torch.full((n_latents, config.negatives), -1.0)
+        self.negative_window = torch.full((n_latents, config.negatives), -1, dtype=torch.int64)
 
     def state(self) -> dict[str, torch.Tensor]:
         return dict(vars(self))
@@ -174,7 +193,7 @@ def _merge(
     return values, window, tokens, carried
 
 
-def _examples(tracker: _Tracker, chunks: torch.Tensor, config: CacheConfig) -> LatentExamples:
+def _examples(tracker: _Tracker, chunks: torch.Tensor, config: CacheConfig) -> SaeWindows:
     windows_per_chunk = chunks.shape[1] // config.window
     latents: list[int] = []
     kinds: list[str] = []
@@ -209,9 +228,9 @@ def _examples(tracker: _Tracker, chunks: torch.Tensor, config: CacheConfig) -> L
         sampled = np.flatnonzero(sample_key[latent] >= 0)  # ordered by random priority
         if sampled.size:
             values = sample_value[latent, sampled]
-            edges = np.quantile(values, np.linspace(0, 1, config.n_quantile_bins + 1)[1:-1])
+            edges = np.quantile(values, np.linspace(0, 1, config.quantile_bins + 1)[1:-1])
             bin_of = np.searchsorted(edges, values, side="right")
-            for bin_ in range(config.n_quantile_bins):
+            for bin_ in range(config.quantile_bins):
                 chosen = [
                     slot
                     for slot in sampled[bin_of == bin_]
@@ -233,7 +252,7 @@ def _examples(tracker: _Tracker, chunks: torch.Tensor, config: CacheConfig) -> L
         if ids.size
         else np.zeros((0, config.window), dtype=np.int64)
     )
-    return LatentExamples(
+    return SaeWindows(
         latent=np.asarray(latents, dtype=np.int64),
         kind=kinds,
         quantile_bin=np.asarray(bins, dtype=np.int64),

@@ -2,7 +2,7 @@
 
 One process runs `workers` slots on one event loop, so that the LLM requests of many latents
 are in flight at once. A slot claims a job, keeps its lease alive, loads the latent's windows
-from the store (and those of its control latents, `service.control_latents`: a random other
+from the store (and those of its control latents, `service.scoring.controls`: a random other
 latent of the same SAE drawn from the job's seed, the shuffled specificity control, and its
 matched partners in other seeds, for cross-seed scoring), explains and scores it
 (`pipeline.explain_and_score`), and writes the explanations, the scores, every verdict and
@@ -25,28 +25,23 @@ from typing import Any
 
 from pydantic import ValidationError
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
 from sqlalchemy.orm import Session
 
 from sae.errors import UserError
-from service.control_latents import control_latent, cross_seed_partners
-from service.latent_examples import (
-    LatentExamples,
-    load_latent_examples,
-    load_tokenizer,
-    subject_model_of,
+from sae.subject_model import load_tokenizer
+from service.cache.windows import LatentExamples, load_latent_examples, subject_model_of
+from service.config import ScoreConfig, ScoringConfig
+from service.llm.base import LLMClient, LLMError, create_client
+from service.progress import count_progress
+from service.scoring.controls import control_latent, cross_seed_partners
+from service.scoring.pipeline import (
+    LatentResult,
+    NotScorable,
+    ScoreResult,
+    explain_and_score,
+    latent_seed,
+    needs_llm,
 )
-from service.llm.base import LLMClient, LLMConfig, LLMError, create_client
-from service.pipeline import LatentResult, NotScorable, explain_and_score, latent_seed
-from service.score_config import ScoreConfig
-from service.scorers import ScoreResult
 from service.store.engine import Store, open_store
 from service.store.models import Explanation, LlmCall, Prediction, Score
 from service.store.queue import (
@@ -59,10 +54,11 @@ from service.store.queue import (
     fail,
     new_worker_id,
     release,
+    unfinished,
+    unfinished_configs,
 )
-from service.store.worker import unfinished
 
-STAGE = "explain"
+STAGE = ScoringConfig.model_fields["stage"].default
 
 
 @dataclass
@@ -306,15 +302,11 @@ class ScoreProgress:
     """A live rich progress bar: latents done, latents/min, parse failures, tokens/s, ETA."""
 
     def __init__(self, total: int, console: Console | None = None):
-        self.progress = Progress(
-            TextColumn("[bold]scoring"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[rate]:.1f} latents/min"),
-            TextColumn("parse failures {task.fields[failures]:.1%}"),
-            TextColumn("{task.fields[tokens]:.0f} tokens/s"),
-            TimeElapsedColumn(),
-            TimeRemainingColumn(),
+        self.progress = count_progress(
+            "[bold]scoring",
+            "{task.fields[rate]:.1f} latents/min",
+            "parse failures {task.fields[failures]:.1%}",
+            "{task.fields[tokens]:.0f} tokens/s",
             console=console,
         )
         self.task = self.progress.add_task("score", total=total, rate=0.0, failures=0.0, tokens=0)
@@ -340,25 +332,24 @@ async def score_queue(
     store: Store,
     llm: LLMClient,
     home: Path,
+    config: ScoringConfig,
     *,
-    workers: int = 8,
-    stage: str = STAGE,
-    lease_seconds: float = DEFAULT_LEASE_SECONDS,
-    max_jobs: int | None = None,
     console: Console | None = None,
     show_progress: bool = True,
 ) -> ScoreStats:
-    """Check the LLM, then work on `stage` jobs until the queue has none left."""
-    await llm.check()
-    total = unfinished(store, stage)
+    """Check the LLM (unless no queued job needs one), then work on `config.stage` jobs until
+    the queue has none left (or `config.max_jobs` are done)."""
+    if _queue_needs_llm(store, config.stage):
+        await llm.check()
+    total = unfinished(store, config.stage)
     pool = ScoreWorkers(
         store,
         llm,
         home,
-        workers=workers,
-        stage=stage,
-        lease_seconds=lease_seconds,
-        max_jobs=max_jobs,
+        workers=config.workers,
+        stage=config.stage,
+        lease_seconds=config.lease_seconds,
+        max_jobs=config.max_jobs,
     )
     try:
         if not show_progress:
@@ -370,24 +361,29 @@ async def score_queue(
         await llm.aclose()
 
 
+def _queue_needs_llm(store: Store, stage: str) -> bool:
+    """Whether an unfinished job of `stage` asks an LLM; also True for an empty queue, so
+    that `autointerp score` still says at once when its LLM cannot serve. A job whose config
+    is unusable needs nothing: it fails on its config."""
+    configs = unfinished_configs(store, stage)
+    if not configs:
+        return True
+    for raw in configs:
+        try:
+            if needs_llm(ScoreConfig.model_validate(raw)):
+                return True
+        except (ValidationError, UserError):
+            continue
+    return False
+
+
 def run_score(
-    db_url: str,
-    home: Path,
-    llm_config: LLMConfig,
-    *,
-    workers: int = 8,
-    stage: str = STAGE,
-    max_jobs: int | None = None,
-    console: Console | None = None,
+    db_url: str, home: Path, config: ScoringConfig, console: Console | None = None
 ) -> ScoreStats:
     """Open the store and the LLM, and drain the queue (the `autointerp score` command)."""
     store = open_store(db_url)
     try:
-        llm = create_client(llm_config, home)
-        return asyncio.run(
-            score_queue(
-                store, llm, home, workers=workers, stage=stage, max_jobs=max_jobs, console=console
-            )
-        )
+        llm = create_client(config.llm_for_workers(), home)
+        return asyncio.run(score_queue(store, llm, home, config, console=console))
     finally:
         store.dispose()

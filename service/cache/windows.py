@@ -7,26 +7,21 @@ A `Window` is a run of token strings with the latent's activation on each, of ki
 windows the explainer sees and which are held out for scoring; a held-out window is never
 one the explainer saw, not even as a copy under another kind.
 
-`render_window` is the one place corpus text enters a prompt: it escapes `&`, `<` and `>` so
-that no text in a window can close the tags that delimit it or forge the `<<...>>` marks.
+How a window is written into a prompt is `service.llm.prompts.render_window`.
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from sae.subject_model import token_strings
 from service.store.models import Example, Latent, Run, Sae
-from service.store.results import decode_window
-
-MARK_OPEN = "<<"
-MARK_CLOSE = ">>"
+from service.store.windows import decode_window
 
 
 @dataclass(frozen=True)
@@ -133,54 +128,6 @@ def split_examples(
     return ExampleSplit(explain, positives, negatives)
 
 
-def escape(text: str) -> str:
-    """Corpus text made inert inside a prompt's tags."""
-    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
-
-
-def render_window(tokens: Sequence[str], marked: Sequence[bool] | None = None) -> str:
-    """The window's text, escaped, with each run of marked tokens wrapped in << >>.
-
-    Leading whitespace of a marked run stays outside the marks, so that `<<the>>` reads as
-    the word and not as " the".
-    """
-    parts: list[str] = []
-    inside = False
-    for index, token in enumerate(tokens):
-        mark = bool(marked[index]) if marked is not None else False
-        text = escape(token)
-        if mark and not inside:
-            stripped = text.lstrip()
-            parts.append(text[: len(text) - len(stripped)])
-            parts.append(MARK_OPEN)
-            text = stripped
-            inside = True
-        elif not mark and inside:
-            parts.append(MARK_CLOSE)
-            inside = False
-        parts.append(text)
-    if inside:
-        parts.append(MARK_CLOSE)
-    return "".join(parts)
-
-
-def token_strings(tokenizer: Any, token_ids: Sequence[int]) -> list[str]:
-    """Each token's text, as the difference of decoded prefixes, so that characters split over
-    several byte-level tokens come out whole (on the last of them) and the pieces add up to
-    the decoded text."""
-    pieces: list[str] = []
-    previous = ""
-    ids = [int(token_id) for token_id in token_ids]
-    for end in range(1, len(ids) + 1):
-        decoded = tokenizer.decode(ids[:end], skip_special_tokens=True)
-        if decoded.endswith("\ufffd") and end < len(ids):
-            pieces.append("")
-            continue
-        pieces.append(decoded[len(previous) :])
-        previous = decoded
-    return pieces
-
-
 def load_latent_examples(session: Session, latent_id: int, tokenizer: Any) -> LatentExamples:
     """A latent's stored windows, decoded with the subject model's tokenizer."""
     rows = session.scalars(
@@ -214,12 +161,3 @@ def subject_model_of(session: Session, latent_id: int) -> str:
     if model is None:
         raise LookupError(f"latent {latent_id} is not in the store")
     return model
-
-
-def load_tokenizer(model: str, home: Path) -> Any:
-    """The tokenizer of a subject model (embedded name, folder or hub id), without weights."""
-    from transformers import AutoTokenizer
-
-    from sae.models import resolve_model
-
-    return AutoTokenizer.from_pretrained(resolve_model(model, home))

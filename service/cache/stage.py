@@ -4,7 +4,7 @@ firing statistics and example windows for every latent written to the store at o
 import hashlib
 import json
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -17,12 +17,13 @@ from sae.architectures.base import encode
 from sae.checkpoint import load_sae
 from sae.data import load_chunks
 from sae.errors import UserError
-from sae.latent_cache import CacheConfig, SaeLatentStats, collect_latent_stats
-from sae.models import capture_activations, load_model
+from sae.latent_stats import CacheConfig, SaeLatentStats, collect_latent_stats
+from sae.subject_model import capture_activations, load_model
 from service.progress import token_progress
 from service.store.engine import Store
 from service.store.models import Example, Latent, Sae
-from service.store.results import encode_window, get_run, latent_ids, store_latent_stats
+from service.store.runs import get_run, latent_ids, store_latent_stats
+from service.store.windows import encode_window
 
 DENSE_FREQUENCY = 0.1
 
@@ -49,9 +50,7 @@ def cache_run(
     store: Store,
     run_name: str,
     home: Path,
-    tokens: int,
     config: CacheConfig,
-    chunk_len: int = 256,
     show_progress: bool = True,
 ) -> CacheSummary:
     """Cache latent statistics and windows for every SAE of the run, resumably."""
@@ -61,15 +60,16 @@ def cache_run(
         model_name, dataset, run_path = run.subject_model, run.dataset, run.path
     if not saes:
         raise UserError(f"run {run_name!r} has no trained SAEs: run `autointerp train` first")
-    if config.window > chunk_len:
+    if config.window > config.chunk_len:
         raise UserError(
-            f"window of {config.window} tokens is longer than the chunk length {chunk_len}: "
+            f"window of {config.window} tokens is longer than the chunk length "
+            f"{config.chunk_len}: "
             "use a shorter --window or a longer --chunk-len"
         )
     hookpoints = {sae.hookpoint for sae in saes}
     weights = [load_sae(Path(str(sae.path))) for sae in saes]
     model, tokenizer = load_model(model_name, home)
-    chunks = load_chunks(dataset, tokenizer, chunk_len, max_tokens=tokens)
+    chunks = load_chunks(dataset, tokenizer, config.chunk_len, max_tokens=config.tokens)
     work_dir = Path(run_path) if run_path else home / "runs" / run_name
     work_dir.mkdir(parents=True, exist_ok=True)
     state_key = _state_key(saes, chunks, config)
@@ -95,10 +95,10 @@ def cache_run(
     summaries = _write(store, saes, [results[i] for i in range(len(saes))], tokenizer)
     for state_path in work_dir.glob(f"latent-cache-{state_key}-*.pt"):
         state_path.unlink()
-    (work_dir / "cache_config.json").write_text(
-        json.dumps({"tokens": int(chunks.numel()), "chunk_len": chunk_len, **asdict(config)})
-    )
-    return CacheSummary(run_name, int(chunks.numel()), tokens, summaries)
+    # The config it ran with, and the tokens the dataset really gave.
+    resolved = {**config.model_dump(), "tokens_read": int(chunks.numel())}
+    (work_dir / "cache_config.json").write_text(json.dumps(resolved, indent=2))
+    return CacheSummary(run_name, int(chunks.numel()), config.tokens, summaries)
 
 
 def _hookpoint_activations(
@@ -109,7 +109,7 @@ def _hookpoint_activations(
 
 def _state_key(saes: list[Sae], chunks: torch.Tensor, config: CacheConfig) -> str:
     """A resume file is only valid for the same SAEs, data and settings."""
-    key = json.dumps([[s.id for s in saes], list(chunks.shape), asdict(config)])
+    key = json.dumps([[s.id for s in saes], list(chunks.shape), config.model_dump()])
     return hashlib.sha256(key.encode()).hexdigest()[:12]
 
 

@@ -1,5 +1,6 @@
-"""The embedded-defaults demo: load the subject model, run it on the embedded corpus, and
-report what the truncated forward pass computed and what stopping early saved."""
+"""What stopping the forward pass early saves (`autointerp demo`): the subject model runs on
+the embedded corpus twice, whole and stopped after the hookpoint, and the report compares
+the speed and checks that the captured activations are identical."""
 
 import time
 from dataclasses import dataclass
@@ -8,7 +9,7 @@ from pathlib import Path
 import torch
 
 from sae.data import load_chunks
-from sae.models import capture_activations, load_model
+from sae.subject_model import capture_activations, load_model
 
 
 @dataclass

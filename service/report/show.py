@@ -6,12 +6,12 @@ is shared, and the partner's explanation), and its top contexts with the firing 
 highlighted by activation.
 
 An SAE is named `RUN:SEED`, or `RUN:HOOKPOINT:SEED` when the run has SAEs at several
-hookpoints. A matching stored only in the other direction (the other SAE into this one) is
-read backwards: the inverse of an optimal assignment is optimal.
+hookpoints. Matchings are read with `service.store.matches.read_pair` (either direction).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,30 +19,21 @@ from typing import Any
 from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
-from sqlalchemy import func, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from sae.errors import UserError
-from service.latent_examples import token_strings
+from sae.subject_model import token_strings
 from service.store.engine import Store
-from service.store.models import Example, Explanation, Latent, Match, MatchPair, Run, Sae, Score
-from service.store.results import decode_window, get_run
+from service.store.matches import read_pair
+from service.store.models import Example, Explanation, Latent, Run, Sae
+from service.store.runs import get_run
+from service.store.scores import LatestScore, latest_explanations, latest_scores
+from service.store.windows import decode_window
 
 DEFAULT_CONTEXTS = 5
 # Background colours from weak to strong activation (fraction of the latent's maximum).
 HIGHLIGHTS = ((0.66, "on #d7301f"), (0.33, "on #fc8d59"), (0.0, "on #fdcc8a"))
-
-
-@dataclass
-class ScoreLine:
-    explainer: str
-    scorer: str
-    control: str
-    balanced_accuracy: float | None
-    f1: float | None
-    auc: float | None
-    n_examples: int
-    n_parsed: int
 
 
 @dataclass
@@ -95,7 +86,7 @@ class LatentView:
     firing_frequency: float | None
     max_activation: float | None
     explanations: dict[str, str]
-    scores: list[ScoreLine]
+    scores: list[LatestScore]
     partners: list[Partner]
     contexts: list[Context]
 
@@ -131,43 +122,15 @@ def resolve_sae(session: Session, spec: str) -> Sae:
 
 
 def _latest_explanations(session: Session, latent_id: int) -> dict[str, str]:
-    latest = (
-        select(func.max(Explanation.id))
-        .where(Explanation.latent_id == latent_id)
-        .group_by(Explanation.explainer)
-    )
-    rows = session.execute(
-        select(Explanation.explainer, Explanation.text).where(Explanation.id.in_(latest))
-    )
-    return {explainer: text for explainer, text in sorted(rows)}
+    rows = latest_explanations(session, Explanation.latent_id == latent_id)
+    return {explainer: text for _, explainer, text in rows}
 
 
-def _scores(session: Session, latent_id: int) -> list[ScoreLine]:
-    latest = (
-        select(func.max(Score.id))
-        .join(Explanation, Explanation.id == Score.explanation_id)
-        .where(Score.latent_id == latent_id)
-        .group_by(Explanation.explainer, Score.scorer, Score.control)
+def _scores(session: Session, latent_id: int) -> list[LatestScore]:
+    return sorted(
+        latest_scores(session, [latent_id]),
+        key=lambda line: (line.explainer, line.score.scorer, line.score.control),
     )
-    rows = session.execute(
-        select(Explanation.explainer, Score)
-        .join(Explanation, Explanation.id == Score.explanation_id)
-        .where(Score.id.in_(latest))
-    ).all()
-    lines = [
-        ScoreLine(
-            explainer,
-            score.scorer,
-            score.control,
-            score.balanced_accuracy,
-            score.f1,
-            score.auc,
-            score.n_examples,
-            score.n_parsed,
-        )
-        for explainer, score in rows
-    ]
-    return sorted(lines, key=lambda line: (line.explainer, line.scorer, line.control))
 
 
 def _partner_explanations(session: Session, sae_id: int, index: int | None) -> dict[str, str]:
@@ -187,53 +150,26 @@ def _partners(session: Session, sae: Sae, index: int) -> list[Partner]:
     ).all()
     partners = []
     for other in others:
-        forward = session.scalar(
-            select(MatchPair).where(MatchPair.sae_a_id == sae.id, MatchPair.sae_b_id == other.id)
-        )
-        backward = session.scalar(
-            select(MatchPair).where(MatchPair.sae_a_id == other.id, MatchPair.sae_b_id == sae.id)
-        )
-        if forward is not None:
-            row = session.scalar(
-                select(Match).where(Match.pair_id == forward.id, Match.latent_index_a == index)
-            )
-            if row is None:
-                continue
-            partner = Partner(
-                other.seed,
-                other.hookpoint,
-                row.partner_decoder if row.partner_decoder >= 0 else None,
-                row.cos_decoder if row.partner_decoder >= 0 else None,
-                row.partner_encoder if row.partner_encoder >= 0 else None,
-                row.cos_encoder if row.partner_encoder >= 0 else None,
-                forward.threshold,
-            )
-        elif backward is not None:
-            # Read backwards: the latent of the other SAE whose partner is this latent.
-            by_decoder = session.execute(
-                select(Match.latent_index_a, Match.cos_decoder).where(
-                    Match.pair_id == backward.id, Match.partner_decoder == index
-                )
-            ).first()
-            by_encoder = session.execute(
-                select(Match.latent_index_a, Match.cos_encoder).where(
-                    Match.pair_id == backward.id, Match.partner_encoder == index
-                )
-            ).first()
-            partner = Partner(
-                other.seed,
-                other.hookpoint,
-                by_decoder[0] if by_decoder else None,
-                by_decoder[1] if by_decoder else None,
-                by_encoder[0] if by_encoder else None,
-                by_encoder[1] if by_encoder else None,
-                backward.threshold,
-            )
-        else:
+        pair = read_pair(session, sae, other, [index])
+        if pair is None:
             continue
+        decoder, encoder = int(pair.partner_decoder[0]), int(pair.partner_encoder[0])
+        partner = Partner(
+            other.seed,
+            other.hookpoint,
+            decoder if decoder >= 0 else None,
+            _finite(pair.cos_decoder[0]),
+            encoder if encoder >= 0 else None,
+            _finite(pair.cos_encoder[0]),
+            pair.threshold,
+        )
         partner.explanations = _partner_explanations(session, other.id, partner.decoder_partner)
         partners.append(partner)
     return partners
+
+
+def _finite(value: float) -> float | None:
+    return float(value) if math.isfinite(value) else None
 
 
 def _contexts(
@@ -341,14 +277,15 @@ def render_latent(view: LatentView) -> list[RenderableType]:
             "explainer", "scorer", "control", "balanced acc.", "F1", "AUC", "parsed", title="scores"
         )
         for line in view.scores:
+            score = line.score
             scores.add_row(
                 line.explainer,
-                line.scorer,
-                line.control,
-                _number(line.balanced_accuracy),
-                _number(line.f1),
-                _number(line.auc),
-                f"{line.n_parsed}/{line.n_examples}",
+                score.scorer,
+                score.control,
+                _number(score.balanced_accuracy),
+                _number(score.f1),
+                _number(score.auc),
+                f"{score.n_parsed}/{score.n_examples}",
             )
         parts.append(scores)
     else:

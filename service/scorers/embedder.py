@@ -22,8 +22,8 @@ from typing import Any
 import numpy as np
 
 from sae.errors import UserError
+from service.config import DEFAULT_EMBEDDING_MODEL
 
-DEFAULT_EMBEDDING_MODEL = "all-MiniLM-L6-v2"
 EMBEDDED_NAMES = frozenset(
     {DEFAULT_EMBEDDING_MODEL, "minilm", "sentence-transformers/all-MiniLM-L6-v2"}
 )

@@ -16,7 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from service.latent_examples import LatentExamples, Window, token_strings
+from sae.subject_model import token_strings
+from service.cache.windows import LatentExamples, Window
 
 
 @dataclass(frozen=True)

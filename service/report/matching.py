@@ -6,23 +6,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    ProgressColumn,
-    Task,
-    TaskID,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
+from rich.progress import ProgressColumn, Task, TaskID
 from rich.table import Table
 from rich.text import Text
 
 from sae.matching import MatchSummary
-from sae.multiseed import MultiSeedResult
-from sae.sparse_assignment import Progress as ProgressCallback
+from sae.matching.multiseed import MultiSeedResult
+from sae.matching.solvers import Progress as ProgressCallback
+from service.progress import count_progress
 
 
 class RowRateColumn(ProgressColumn):
@@ -36,15 +27,8 @@ class RowRateColumn(ProgressColumn):
 @contextmanager
 def block_progress(console: Console) -> Iterator[ProgressCallback]:
     """A progress callback drawing one bar per stage (rows of the cosine matrix done)."""
-    columns = (
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        RowRateColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-    )
-    with Progress(*columns, console=console, transient=True) as bar:
+    bar = count_progress("{task.description}", RowRateColumn(), console=console, transient=True)
+    with bar:
         tasks: dict[str, tuple[TaskID, int]] = {}
 
         def report(stage: str, done: int, total: int) -> None:

@@ -16,10 +16,10 @@ import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from service.cache.windows import ExampleSplit, LatentExamples, split_examples
+from service.config import ScoreConfig
 from service.explainers import Explainer, ExplanationResult, create_explainers
-from service.latent_examples import ExampleSplit, LatentExamples, split_examples
 from service.llm.base import CallRecord, LLMClient
-from service.score_config import ScoreConfig
 from service.scorers import Scorer, ScoreResult, create_scorers
 
 CONTROL_OWN = "own"
@@ -94,6 +94,13 @@ class LatentResult:
             + sum(s.n_failed for s in e.scores)
             for e in self.explained
         )
+
+
+def needs_llm(config: ScoreConfig) -> bool:
+    """Whether any of the config's explainers or scorers asks an LLM."""
+    return any(e.needs_llm for e in create_explainers(config)) or any(
+        s.needs_llm for s in create_scorers(config)
+    )
 
 
 def latent_seed(config: ScoreConfig, latent_id: int | None) -> int:

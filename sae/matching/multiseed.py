@@ -22,7 +22,7 @@ from pydantic import BaseModel, Field
 
 from sae.checkpoint import SAELENS_WEIGHTS, SPARSIFY_WEIGHTS, SaeWeights, load_sae
 from sae.errors import UserError
-from sae.matching import (
+from sae.matching.pair import (
     MatchConfig,
     MatchSummary,
     PairMatch,
@@ -31,7 +31,7 @@ from sae.matching import (
     read_assignment,
     write_assignment,
 )
-from sae.sparse_assignment import Progress
+from sae.matching.solvers import Progress
 
 SEED_FOLDER = re.compile(r"seed(\d+)$")
 MATCHES_FOLDER = "matches"

@@ -14,7 +14,8 @@ import random
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from service.store.models import Example, Latent, Match, MatchPair, Sae
+from service.store.matches import read_pair
+from service.store.models import Example, Latent, Sae
 
 # Draws of a random other latent before the control gives up (dead latents have no windows).
 CONTROL_DRAWS = 20
@@ -52,35 +53,6 @@ def control_latent(session: Session, latent_id: int, seed: int) -> int | None:
     return None
 
 
-def decoder_partner(session: Session, sae_id: int, other_sae_id: int, index: int) -> int | None:
-    """The index of latent `index` of SAE `sae_id`'s decoder-matched partner in SAE
-    `other_sae_id`; None when no matching of the two is stored or the latent is unmatched.
-    A pair stored only as other-into-this is read backwards (an assignment is one-to-one)."""
-    forward = session.scalar(
-        select(MatchPair.id).where(MatchPair.sae_a_id == sae_id, MatchPair.sae_b_id == other_sae_id)
-    )
-    if forward is not None:
-        partner = session.scalar(
-            select(Match.partner_decoder).where(
-                Match.pair_id == forward, Match.latent_index_a == index
-            )
-        )
-    else:
-        backward = session.scalar(
-            select(MatchPair.id).where(
-                MatchPair.sae_a_id == other_sae_id, MatchPair.sae_b_id == sae_id
-            )
-        )
-        if backward is None:
-            return None
-        partner = session.scalar(
-            select(Match.latent_index_a)
-            .where(Match.pair_id == backward, Match.partner_decoder == index)
-            .limit(1)
-        )
-    return None if partner is None or partner < 0 else int(partner)
-
-
 def cross_seed_partners(session: Session, latent_id: int, n_seeds: int) -> list[int]:
     """Latent ids of the latent's decoder-matched partners in the `n_seeds` seeds that follow
     its own (other SAEs of its run and hookpoint, in seed order, wrapping around), in that
@@ -88,26 +60,27 @@ def cross_seed_partners(session: Session, latent_id: int, n_seeds: int) -> list[
     activating window gives none."""
     if n_seeds <= 0:
         return []
-    sae_id, index, run_id, hookpoint, own_seed = session.execute(
-        select(Latent.sae_id, Latent.index, Sae.run_id, Sae.hookpoint, Sae.seed)
-        .join(Sae, Sae.id == Latent.sae_id)
-        .where(Latent.id == latent_id)
-    ).one()
-    others = session.execute(
-        select(Sae.id, Sae.seed)
-        .where(Sae.run_id == run_id, Sae.hookpoint == hookpoint, Sae.id != sae_id)
+    latent = session.get(Latent, latent_id)
+    assert latent is not None
+    sae = session.get(Sae, latent.sae_id)
+    assert sae is not None
+    others = session.scalars(
+        select(Sae)
+        .where(Sae.run_id == sae.run_id, Sae.hookpoint == sae.hookpoint, Sae.id != sae.id)
         .order_by(Sae.seed, Sae.id)
     ).all()
-    following = [row for row in others if row.seed > own_seed] + [
-        row for row in others if row.seed <= own_seed
+    following = [other for other in others if other.seed > sae.seed] + [
+        other for other in others if other.seed <= sae.seed
     ]
     partners = []
-    for other_sae_id, _ in following[:n_seeds]:
-        partner_index = decoder_partner(session, sae_id, other_sae_id, index)
-        if partner_index is None:
+    for other in following[:n_seeds]:
+        pair = read_pair(session, sae, other, [latent.index])
+        if pair is None or pair.partner_decoder[0] < 0:
             continue
         partner = session.scalar(
-            select(Latent.id).where(Latent.sae_id == other_sae_id, Latent.index == partner_index)
+            select(Latent.id).where(
+                Latent.sae_id == other.id, Latent.index == int(pair.partner_decoder[0])
+            )
         )
         if partner is not None and _fires(session, partner):
             partners.append(int(partner))

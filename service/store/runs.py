@@ -1,25 +1,27 @@
-"""Writing what the study learns into the store: runs, SAEs and their latents, latent firing
-statistics, matchings between SAEs, and compact example windows.
-
-These are the entry points other stages call (training registers runs and SAEs, matching
-stores pairs, the latent cache stores statistics and windows). Free of torch: arrays come in
-as anything numpy can read. Each works in the caller's session; the caller commits.
+"""Runs, their SAEs and their latents in the store: finding a run by name, registering runs
+and SAEs (one `latent` row per latent), recording what `sae.train` trained, and the latents'
+firing statistics. Arrays come in as anything numpy can read. The register and store
+functions work in the caller's session; the caller commits.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-from sqlalchemy import delete, insert, select, update
+from sqlalchemy import select, update
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
+from sae.checkpoint import load_sae
 from sae.errors import UserError
-from service.store.models import Latent, Match, MatchPair, Run, Sae
+from sae.train import TrainConfig, TrainedSae
+from service.store.engine import Store
+from service.store.models import Latent, Run, Sae
 
 LATENT_CHUNK = 5000
 
@@ -156,102 +158,49 @@ def store_latent_stats(
     )
 
 
-def store_match_pair(
-    session: Session,
-    sae_a: Sae,
-    sae_b: Sae,
-    *,
-    partner_decoder: npt.ArrayLike,
-    cos_decoder: npt.ArrayLike,
-    partner_encoder: npt.ArrayLike,
-    cos_encoder: npt.ArrayLike,
-    solver: str,
-    threshold: float = 0.7,
-    seconds: float | None = None,
-) -> MatchPair:
-    """Store (replacing any earlier one) the matching of SAE A's latents onto SAE B's.
-
-    Arrays are per latent of A: its partner in B and their cosine, under the decoder matching
-    and under the encoder matching. A latent is shared when both cosines exceed `threshold`
-    (strictly); `agree` says both matchings chose the same partner.
-    """
-    partner_dec = np.asarray(partner_decoder, dtype=np.int64)
-    partner_enc = np.asarray(partner_encoder, dtype=np.int64)
-    cos_dec = np.asarray(cos_decoder, dtype=np.float64)
-    cos_enc = np.asarray(cos_encoder, dtype=np.float64)
-    n = sae_a.n_latents
-    if any(array.shape != (n,) for array in (partner_dec, partner_enc, cos_dec, cos_enc)):
-        raise ValueError(f"expected one partner and cosine per latent of SAE A ({n})")
-    with np.errstate(invalid="ignore"):  # NaN, unmatched, is never above the threshold
-        decoder_only = cos_dec > threshold
-        shared = decoder_only & (cos_enc > threshold)
-    # An unmatched latent (partner -1 under both) has no partner to agree on.
-    agree = (partner_dec == partner_enc) & (partner_dec >= 0)
-    summary = {
-        "solver": solver,
-        "threshold": threshold,
-        "n_latents": n,
-        "shared_fraction": float(shared.mean()),
-        "shared_fraction_decoder_only": float(decoder_only.mean()),
-        "encoder_decoder_agreement": float(agree.mean()),
-        "mean_cos_decoder": _finite_mean(cos_dec),
-        "mean_cos_encoder": _finite_mean(cos_enc),
-        "seconds": seconds,
-    }
-    pair = session.scalars(
-        select(MatchPair).where(MatchPair.sae_a_id == sae_a.id, MatchPair.sae_b_id == sae_b.id)
-    ).one_or_none()
-    if pair is None:
-        pair = MatchPair(sae_a_id=sae_a.id, sae_b_id=sae_b.id, **summary)
-        session.add(pair)
-    else:
-        for key, value in summary.items():
-            setattr(pair, key, value)
-        session.execute(delete(Match).where(Match.pair_id == pair.id))
-    session.flush()
-    session.execute(
-        insert(Match),
-        [
-            {
-                "pair_id": pair.id,
-                "latent_index_a": index,
-                "partner_decoder": int(partner_dec[index]),
-                "cos_decoder": _finite_or_none(cos_dec[index]),
-                "partner_encoder": int(partner_enc[index]),
-                "cos_encoder": _finite_or_none(cos_enc[index]),
-                "shared": bool(shared[index]),
-                "agree": bool(agree[index]),
-            }
-            for index in range(n)
-        ],
-    )
-    return pair
+def record_training(
+    store: Store, run_name: str, config: TrainConfig, out: Path, saes: list[TrainedSae]
+) -> None:
+    """Create or update run `run_name` with one SAE row per trained (hookpoint, seed)."""
+    with store.session() as session:
+        run = register_run(
+            session,
+            run_name,
+            subject_model=config.model,
+            hookpoint=config.hookpoints[0],
+            dataset=config.dataset,
+            architecture=config.sae.architecture,
+            n_latents=config.sae.n_latents,
+            k=config.sae.k if config.sae.architecture in ("topk", "batchtopk") else None,
+            seeds=config.seeds,
+            path=str(out.resolve()),
+            config=config.model_dump(mode="json"),
+        )
+        for trained in saes:
+            d_in = load_sae(trained.path).d_in
+            register_sae(
+                session,
+                run,
+                trained.seed,
+                n_latents=config.sae.n_latents,
+                d_in=d_in,
+                hookpoint=trained.hookpoint,
+                path=str(trained.path.resolve()),
+                fvu=trained.fvu,
+                l0=trained.l0,
+                dead_fraction=trained.dead_fraction,
+            )
+        session.commit()
 
 
-def _finite_or_none(value: float) -> float | None:
-    """NaN (an unmatched latent's cosine) is stored as NULL: SQLite cannot keep a NaN."""
-    return float(value) if np.isfinite(value) else None
-
-
-def _finite_mean(values: np.ndarray) -> float | None:
-    finite = values[np.isfinite(values)]
-    return float(finite.mean()) if finite.size else None
-
-
-def encode_window(
-    token_ids: npt.ArrayLike, activations: npt.ArrayLike, half: bool = False
-) -> tuple[bytes, bytes]:
-    """Token ids as int32 and activations as float32 (float16 with `half`), little-endian."""
-    tokens = np.asarray(token_ids, dtype="<i4")
-    values = np.asarray(activations, dtype="<f2" if half else "<f4")
-    if tokens.shape != values.shape or tokens.ndim != 1:
-        raise ValueError("expected one activation per token of a 1-D window")
-    return tokens.tobytes(), values.tobytes()
-
-
-def decode_window(token_bytes: bytes, activation_bytes: bytes) -> tuple[np.ndarray, np.ndarray]:
-    """Inverse of `encode_window`; the activations' width (2 or 4 bytes) follows from sizes."""
-    tokens = np.frombuffer(token_bytes, dtype="<i4")
-    width = len(activation_bytes) // max(len(tokens), 1)
-    values = np.frombuffer(activation_bytes, dtype="<f2" if width == 2 else "<f4")
-    return tokens.astype(np.int64), values.astype(np.float32)
+def run_saes(store: Store, run_name: str) -> dict[str, dict[int, Sae]]:
+    """The run's SAEs by hookpoint and seed; a UserError when it has none."""
+    with store.read_session() as session:
+        run = get_run(session, run_name)
+        rows = session.scalars(select(Sae).where(Sae.run_id == run.id)).all()
+    by_hookpoint: dict[str, dict[int, Sae]] = {}
+    for sae in rows:
+        by_hookpoint.setdefault(sae.hookpoint, {})[sae.seed] = sae
+    if not by_hookpoint:
+        raise UserError(f"run {run_name!r} has no trained SAEs: run `autointerp train` first")
+    return by_hookpoint

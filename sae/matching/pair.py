@@ -1,7 +1,7 @@
 """Latent matching between two SAEs, as Paulo & Belrose (2025) define it.
 
 Rows of `W_dec` are L2-normalised, and separately rows of the encoder weight; each set gets its
-own maximum-cosine assignment (`sae.sparse_assignment`). A latent of SAE A is *shared* with SAE
+own maximum-cosine assignment (`sae.matching.solvers`). A latent of SAE A is *shared* with SAE
 B when its decoder match and its encoder match both have cosine strictly above the threshold
 (0.7). Also reported: the decoder-only criterion, how often the two assignments pick the same
 partner, mean matched cosines, and the solver's proven gap bound.
@@ -25,7 +25,7 @@ from pydantic import BaseModel, Field, ValidationError
 
 from sae.checkpoint import SaeWeights, load_sae, write_atomically
 from sae.errors import UserError
-from sae.sparse_assignment import Assignment, Progress, assign_exact, assign_sparse
+from sae.matching.solvers import Assignment, Progress, assign_exact, assign_sparse
 
 Solver = Literal["auto", "exact", "sparse"]
 
@@ -33,30 +33,38 @@ Solver = Literal["auto", "exact", "sparse"]
 class MatchConfig(BaseModel):
     """How two SAEs are matched; saved beside any stored result."""
 
-    threshold: float = Field(default=0.7, ge=-1.0, le=1.0, description="shared when cosine > this")
-    solver: Solver = "auto"
+    threshold: float = Field(
+        default=0.7, ge=-1.0, le=1.0, description="a latent is shared when both cosines are > this"
+    )
+    solver: Solver = Field(
+        default="auto", description="auto, exact (dense) or sparse (top-k candidate graph)"
+    )
     exact_max_latents: int = Field(
         default=16384, ge=1, description="auto uses the exact solver up to this many latents"
     )
-    candidates: int = Field(default=32, ge=1, description="top-k partners per row/column (sparse)")
+    candidates: int = Field(
+        default=32, ge=1, description="sparse solver: partners kept per row and column"
+    )
     block_rows: int = Field(default=1024, ge=1, description="rows of the cosine matrix per block")
     into_larger: bool = Field(
-        default=False, description="allow different latent counts (rectangular assignment)"
+        default=False, description="allow different latent counts (smaller into larger)"
     )
 
 
-def make_config(**options: Any) -> MatchConfig:
-    """A MatchConfig from user options; an invalid option is a one-line UserError."""
-    try:
-        return MatchConfig(**options)
-    except ValidationError as error:
-        problems = "; ".join(
-            f"{'.'.join(str(part) for part in item['loc'])}: {item['msg']}"
-            for item in error.errors()
-        )
-        raise UserError(
-            f"invalid matching option ({problems}); see autointerp match --help"
-        ) from None
+def invert_assignment(
+    partner: np.ndarray, cosine: np.ndarray, n_b: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """A's assignment into B read from B's side: for each latent of B, its partner in A (-1
+    where none) and their cosine (NaN where none). The one place a stored matching is read
+    backwards; the inverse of an optimal assignment is optimal, so nothing is re-solved.
+    Entries of `partner` that are -1 or out of B's range are ignored."""
+    partner = np.asarray(partner, dtype=np.int64)
+    inverse = np.full(n_b, -1, dtype=np.int64)
+    inverse_cosine = np.full(n_b, np.nan)
+    matched = np.flatnonzero((partner >= 0) & (partner < n_b))
+    inverse[partner[matched]] = matched
+    inverse_cosine[partner[matched]] = np.asarray(cosine, dtype=np.float64)[matched]
+    return inverse, inverse_cosine
 
 
 @dataclass
@@ -73,12 +81,8 @@ class SideAssignment:
     invalid_b: int
 
     def reversed(self, n_b: int) -> SideAssignment:
-        """The same matching seen from B (an optimal assignment's inverse is optimal)."""
-        partner = np.full(n_b, -1, dtype=np.int64)
-        cosine = np.full(n_b, np.nan)
-        matched = np.flatnonzero(self.partner >= 0)
-        partner[self.partner[matched]] = matched
-        cosine[self.partner[matched]] = self.cosine[matched]
+        """The same matching seen from B."""
+        partner, cosine = invert_assignment(self.partner, self.cosine, n_b)
         return SideAssignment(
             partner,
             cosine,

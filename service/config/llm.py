@@ -1,0 +1,44 @@
+"""`LLMConfig`: which LLM explains and scores latents, and how to reach it.
+
+It is also what a run records about its LLM, so it names the environment variable that holds
+an API key, never the key itself.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+DEFAULT_URL = "http://127.0.0.1:8011/v1"
+API_KEY_ENV = "AUTOINTERP_LLM_API_KEY"
+# Requests in flight per process when nothing sets it (the score stage sets 4 per worker).
+DEFAULT_CONCURRENCY = 32
+
+
+class LLMConfig(BaseModel):
+    """Which LLM to use and how to reach it; safe to save (holds no secret)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    backend: str = Field(
+        default="openai",
+        description="openai (a vLLM or other OpenAI-compatible server) or "
+        "transformers (in-process)",
+    )
+    model: str = Field(default="smollm2", description="model name as the server serves it")
+    urls: list[str] = Field(
+        default_factory=lambda: [DEFAULT_URL],
+        min_length=1,
+        description="OpenAI-compatible base URLs, one per server",
+    )
+    max_concurrency: int | None = Field(
+        default=None, ge=1, description="requests in flight per process (default 4 per worker)"
+    )
+
+    @property
+    def concurrency(self) -> int:
+        return self.max_concurrency or DEFAULT_CONCURRENCY
+
+    timeout_s: float = Field(default=180.0, gt=0, description="one HTTP request")
+    retry_for_s: float = Field(default=900.0, ge=0, description="keep retrying a request this long")
+    structured_output: bool = True
+    api_key_env: str = API_KEY_ENV

@@ -1,0 +1,60 @@
+"""The study file: one TOML file whose sections are the stages' own configs.
+
+`[train]` is `sae.train.TrainConfig`, `[match]` `sae.matching.MatchConfig`, `[cache]`
+`sae.latent_stats.CacheConfig`, `[queue]` `QueueConfig`, `[score]` `ScoringConfig` and
+`[report]` `ReportConfig` (both from `service.config`), key for key: a key the stage's
+config does not know is an error, and a key left out takes that config's default.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from sae.errors import UserError
+from sae.latent_stats import CacheConfig
+from sae.matching import MatchConfig
+from sae.train import TrainConfig
+from service.config import QueueConfig, ReportConfig, ScoringConfig
+
+
+class StudyConfig(BaseModel):
+    """One study; every section and key is optional but `name` and `out`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(description="run name in the store")
+    out: Path = Field(description="folder for checkpoints, matchings and the activation cache")
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    match: MatchConfig = Field(default_factory=MatchConfig)
+    cache: CacheConfig = Field(default_factory=CacheConfig)
+    queue: QueueConfig = Field(default_factory=QueueConfig)
+    score: ScoringConfig = Field(default_factory=ScoringConfig)
+    report: ReportConfig = Field(default_factory=ReportConfig)
+
+
+def load_study(path: Path) -> StudyConfig:
+    """Parse and validate a study file; relative paths in it are relative to the file."""
+    try:
+        data: dict[str, Any] = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"study file {path} does not exist: check the path") from None
+    except tomllib.TOMLDecodeError as error:
+        raise UserError(f"{path} is not valid TOML ({error}): fix the file") from None
+    try:
+        study = StudyConfig.model_validate(data)
+    except ValidationError as error:
+        problems = []
+        for item in error.errors():
+            where = ".".join(str(part) for part in item["loc"])
+            kind = "unknown key" if item["type"] == "extra_forbidden" else item["msg"]
+            problems.append(f"{where}: {kind}")
+        raise UserError(f"{path}: {'; '.join(problems)}") from None
+    base = path.parent
+    study.out = base / study.out
+    if study.report.html is not None:
+        study.report.html = base / study.report.html
+    return study
