@@ -1,5 +1,5 @@
-"""The OpenAI-compatible client without a model: request bodies, load spreading, secrets, and
-retries against a real closed port."""
+"""The OpenAI-compatible client: request bodies, secrets and retries against a real closed
+port without a model; load spreading over two ports of the real vLLM server (TCP relays)."""
 
 import asyncio
 import subprocess
@@ -8,10 +8,12 @@ import time
 from pathlib import Path
 
 import pytest
+from test_scoring_vllm import TcpRelay
 
 from sae.errors import UserError
 from service.config import LLMConfig, get_settings
-from service.llm import LLMError, SamplingParams, create_client
+from service.llm import Completion, LLMError, Message, SamplingParams, create_client
+from service.llm.base import ServerStats
 from service.llm.openai_client import OpenAIClient, backoff_s, normalize_base_url, request_body
 from service.llm.serve import free_port
 
@@ -55,14 +57,55 @@ def test_base_urls_are_normalised():
         normalize_base_url("h:1")
 
 
-def test_requests_go_to_the_healthy_server_with_fewest_in_flight():
-    client = OpenAIClient(LLMConfig(urls=["http://a:1", "http://b:1", "http://c:1"]))
-    a, b, c = client.endpoints
-    a.in_flight, b.in_flight, c.in_flight = 3, 1, 2
-    assert client.pick_endpoint() is b
-    b.avoid_until = time.monotonic() + 60
-    assert client.pick_endpoint() is c
-    asyncio.run(client.aclose())
+async def ask_many(client: OpenAIClient, count: int) -> list[Completion]:
+    messages: list[Message] = [{"role": "user", "content": "hi"}]
+    try:
+        return await asyncio.gather(
+            *(client.chat(messages, SamplingParams(max_tokens=1)) for _ in range(count))
+        )
+    finally:
+        await client.aclose()
+
+
+@pytest.mark.vllm
+def test_requests_waiting_for_a_slot_spread_over_the_servers(vllm_url: str):
+    async def run() -> list[ServerStats]:
+        relays = [TcpRelay(vllm_url), TcpRelay(vllm_url)]
+        for relay in relays:
+            await relay.start()
+        config = LLMConfig(urls=[relay.url for relay in relays], max_concurrency=2)
+        client = OpenAIClient(config)
+        try:
+            await ask_many(client, 12)
+        finally:
+            for relay in relays:
+                await relay.stop()
+        return client.servers()
+
+    # 12 requests for 2 slots: 10 wait, and each takes the server whose slot it got (chosen
+    # before the wait, 11 went to the first server).
+    first, second = asyncio.run(run())
+    assert first.requests + second.requests == 12 and abs(first.requests - second.requests) <= 2
+    assert first.errors == second.errors == first.in_flight == second.in_flight == 0
+
+
+@pytest.mark.vllm
+def test_a_server_that_refuses_connections_is_avoided(vllm_url: str):
+    async def run() -> tuple[list[Completion], list[ServerStats]]:
+        relay = TcpRelay(vllm_url)
+        await relay.start()
+        closed = f"http://127.0.0.1:{free_port()}/v1"
+        client = OpenAIClient(LLMConfig(urls=[closed, relay.url], max_concurrency=2))
+        try:
+            return await ask_many(client, 12), client.servers()
+        finally:
+            await relay.stop()
+
+    completions, (refusing, serving) = asyncio.run(run())
+    assert all(completion.calls[-1].base_url == serving.base_url for completion in completions)
+    assert serving.requests == 12 and serving.errors == 0
+    # Tried at the start and again only when its back-off ends, not by every request.
+    assert 1 <= refusing.requests == refusing.errors < 6
 
 
 def test_backoff_grows_with_jitter_and_honours_retry_after():

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 from planted_store import add_planted_windows
-from sqlalchemy import func, select, update
+from sqlalchemy import event, func, select, update
 from sqlalchemy.orm import Session
 
 from sae.errors import UserError
@@ -152,6 +152,61 @@ def test_concurrent_claims_hand_each_job_to_one_worker(store: Store):
     every = [job for jobs in claimed.values() for job in jobs]
     assert len(every) == 300 and len(set(every)) == 300
     assert sum(1 for jobs in claimed.values() if jobs) > 1
+
+
+def test_claim_leases_no_more_than_n_whatever_the_plan(store: Store):
+    """claim(n) leases at most n rows and returns each of them. On PostgreSQL the planner is
+    steered to a nested loop that runs the LIMIT subquery again for each row it updates (a
+    plan it may choose by itself): an UPDATE ... WHERE id IN (SELECT ... LIMIT n FOR UPDATE
+    SKIP LOCKED) then skips the rows it just updated and leases the whole queue."""
+    if store.backend == "postgresql":
+
+        @event.listens_for(store.engine, "connect")
+        def nested_loops(dbapi_connection: Any, _record: Any) -> None:
+            for planner in ("hashjoin", "mergejoin", "material", "hashagg", "sort"):
+                dbapi_connection.execute(f"SET enable_{planner} = off")
+            dbapi_connection.commit()
+
+        store.engine.dispose()
+    queue_jobs(store, 20)
+    leases = claim(store, "w1", n=2, stage="explain")
+    assert len(leases) == 2
+    with store.read_session() as session:
+        leased = set(session.scalars(select(Job.id).where(Job.state == "leased")))
+    assert leased == {lease.job_id for lease in leases}
+    assert job_states(store) == {"leased": 2, "queued": 18}
+
+
+def test_claim_leases_exactly_what_it_returns_under_contention(store: Store):
+    """Each claim(n) returns at most n leases, and every row it leased is among them: no job
+    is left leased to a worker that does not know it holds it."""
+    queue_jobs(store, 200)
+    returned: dict[str, set[int]] = {}
+    oversized: list[int] = []
+    errors: list[BaseException] = []
+
+    def worker(owner: str) -> None:
+        got: set[int] = set()
+        try:
+            while leases := claim(store, owner, n=2, lease_seconds=600):
+                if len(leases) > 2:
+                    oversized.append(len(leases))
+                got.update(lease.job_id for lease in leases)
+        except BaseException as error:
+            errors.append(error)
+        returned[owner] = got
+
+    threads = [threading.Thread(target=worker, args=(f"w{i}",)) for i in range(12)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors and not oversized
+    with store.read_session() as session:
+        leased: dict[str, set[int]] = {}
+        for job_id, owner in session.execute(select(Job.id, Job.lease_owner)):
+            leased.setdefault(owner, set()).add(job_id)
+    assert leased == {owner: jobs for owner, jobs in returned.items() if jobs}
 
 
 def test_expired_lease_is_reclaimed_and_the_old_owner_is_fenced_off(store: Store):
@@ -344,6 +399,30 @@ def test_worker_completes_fails_and_drains(
     )
     # One token baseline explanation and one embedding score per done job; none for the rest.
     assert explained == scored == Counter(done)
+
+
+def test_max_jobs_is_never_passed_by_concurrent_slots(
+    store: Store, home: Path, tokenizer: Any, corpus_windows: np.ndarray
+):
+    latents = make_run(store, 6)
+    planted = plant(
+        RULES["return"],
+        corpus_windows,
+        tokenizer,
+        n_top=8,
+        n_quantiles=2,
+        per_quantile=2,
+        n_random=8,
+    )
+    with store.session() as session, session.begin():
+        for latent_id in latents:
+            add_planted_windows(session, latent_id, planted)
+        assert enqueue(session, latents, "explain", LLM_FREE_JOB) == 6
+    llm = OpenAIClient(LLMConfig(urls=[f"http://127.0.0.1:{free_port()}"]))
+    loop = ScoreWorkers(store, llm, home, workers=4, max_jobs=3, poll_seconds=0.05)
+    stats = asyncio.run(loop.run())
+    assert stats.completed == 3
+    assert job_states(store) == {"done": 3, "queued": 3}
 
 
 # --- choosing latents to queue --------------------------------------------------------------

@@ -156,24 +156,41 @@ def status_command() -> None:
 
 @app.command("query")
 def query_command(
-    sql: str = typer.Argument(..., help="one read-only SQL statement"),
+    sql: str | None = typer.Argument(None, help="one read-only SQL statement"),
     fmt: str = typer.Option("table", "--format", help="table, csv or json"),
+    schema: bool = typer.Option(
+        False, "--schema", help="list the store's tables and columns with their meanings"
+    ),
+    timeout: float | None = typer.Option(
+        None, "--timeout", help="stop the query after SECONDS (default 30)"
+    ),
+    max_rows: int | None = typer.Option(
+        None, "--max-rows", help="print at most N rows (default 10000)"
+    ),
 ) -> None:
     """Run a read-only SQL query on the store and print the rows."""
     from service.config import get_settings
     from service.store.engine import open_store
-    from service.store.query import format_result, run_query
+    from service.store.query import format_result, run_query, schema_result
 
     if fmt not in ("table", "csv", "json"):
         raise UserError(f"unknown format {fmt!r}; use table, csv or json")
-    result = run_query(open_store(get_settings().db), sql)
+    if schema == (sql is not None):
+        raise UserError("give one SQL statement, or --schema (not both)")
+    result = (
+        schema_result()
+        if sql is None
+        else run_query(open_store(get_settings().db), sql, timeout_s=timeout, max_rows=max_rows)
+    )
     if fmt != "table":
         sys.stdout.write(format_result(result, fmt))
-        return
-    table = Table(*result.columns)
-    for row in result.rows:
-        table.add_row(*(f"<{len(v)} bytes>" if isinstance(v, bytes) else str(v) for v in row))
-    console.print(table)
+    else:
+        table = Table(*result.columns)
+        for row in result.rows:
+            table.add_row(*(f"<{len(v)} bytes>" if isinstance(v, bytes) else str(v) for v in row))
+        console.print(table)
+    if result.truncated:
+        err_console.print(f"showing the first {len(result.rows)} rows; raise --max-rows for more")
 
 
 @app.command("match")
@@ -296,6 +313,14 @@ def score_command(
     table.add_row("LLM requests", str(stats.requests))
     table.add_row("parse failures", f"{stats.parse_failures} of {stats.answers}")
     table.add_row("generated tokens/s", f"{stats.tokens_per_s:.1f}")
+    sent = sum(server.requests for server in stats.servers)
+    for server in stats.servers:
+        # Attempts, failed ones included: a server that went away shows its errors here.
+        share = server.requests / sent if sent else 0.0
+        table.add_row(
+            f"  at {server.base_url}",
+            f"{server.requests} attempts ({share:.0%}), {server.errors} failed",
+        )
     console.print(table)
 
 

@@ -84,6 +84,17 @@ class Completion:
         return sum(call.completion_tokens or 0 for call in self.calls)
 
 
+@dataclass(frozen=True)
+class ServerStats:
+    """One server's share of a client's work so far: attempts sent, attempts that failed
+    (no answer, or an error answer), and requests in flight now."""
+
+    base_url: str
+    requests: int
+    errors: int
+    in_flight: int
+
+
 class LLMError(Exception):
     """A request that failed for good; `calls` holds every attempt, for the store.
 
@@ -112,6 +123,10 @@ class LLMClient(ABC):
     @abstractmethod
     async def chat(self, messages: list[Message], params: SamplingParams) -> Completion:
         """Answer one conversation; raises LLMError when the request cannot be served."""
+
+    def servers(self) -> list[ServerStats]:
+        """Per-server figures, for backends that spread requests over servers."""
+        return []
 
     async def aclose(self) -> None:  # noqa: B027 - optional hook, most backends hold nothing
         """Release connections or memory."""

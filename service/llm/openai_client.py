@@ -1,11 +1,15 @@
 """The `openai` backend: any OpenAI-compatible chat-completions server, vLLM first.
 
-Requests go over async httpx to one of several base URLs, the one with the fewest requests in
-flight (a server that just failed is avoided until its back-off ends). A semaphore bounds the
-requests in flight. Connection errors, timeouts, 429 and 5xx answers are retried with
-exponential back-off and full jitter until `retry_for_s` has passed, so a run outlives a
-server restart; any other error answer (a 400 for a prompt that is too long...) fails the
-request at once. Every attempt becomes a `CallRecord`.
+Requests go over async httpx to one of several base URLs. A semaphore bounds the requests in
+flight, and a request picks its server only once it holds a slot: the one with the fewest
+requests in flight, ties taken in turn, skipping servers in back-off. Connection errors,
+timeouts, 429 and 5xx answers put the server that gave them in back-off (exponential in its
+failures in a row, full jitter) and the request is retried at once on a server not in
+back-off, or, when every server is, as soon as the first one's back-off ends; so a server that
+goes away mid-run is drained to the others, and a run outlives a restart of them all. A
+request gives up after `retry_for_s`; any other error answer (a 400 for a prompt that is too
+long...) fails it at once. Every attempt becomes a `CallRecord`, and `servers()` tells each
+server's requests, errors and requests in flight.
 
 The API key comes from the environment variable the config names and lives only in this
 object's request headers: it is never logged, recorded or saved.
@@ -33,6 +37,7 @@ from service.llm.base import (
     LLMError,
     Message,
     SamplingParams,
+    ServerStats,
     TokenLogprob,
     register_backend,
 )
@@ -56,8 +61,18 @@ class Endpoint:
 
     base_url: str
     in_flight: int = 0
+    requests: int = 0
+    errors: int = 0
+    # Failed attempts since its last answer, and when the back-off they earned ends.
+    failures_in_a_row: int = 0
     avoid_until: float = 0.0
-    served: int = 0
+
+    def failed(self, retry_after: float | None) -> None:
+        self.errors += 1
+        delay = backoff_s(self.failures_in_a_row, retry_after)
+        self.failures_in_a_row += 1
+        # Concurrent failures each draw a delay; the longest one stands.
+        self.avoid_until = max(self.avoid_until, time.monotonic() + delay)
 
 
 def backoff_s(attempt: int, retry_after: float | None = None) -> float:
@@ -136,6 +151,8 @@ class OpenAIClient(LLMClient):
         self.model = config.model
         self.enforces_json_schema = config.structured_output
         self.endpoints = [Endpoint(normalize_base_url(url)) for url in config.urls]
+        # Where the round-robin among equally loaded servers starts next.
+        self._turn = 0
         self._semaphore = asyncio.Semaphore(config.concurrency)
         headers = {"Content-Type": "application/json"}
         api_key = os.environ.get(config.api_key_env)
@@ -148,12 +165,22 @@ class OpenAIClient(LLMClient):
         )
 
     def pick_endpoint(self) -> Endpoint:
-        """The healthy endpoint with the fewest requests in flight (ties: the least used)."""
+        """The server for a request that has just got its slot: one not in back-off (when all
+        are, the one whose back-off ends first), then the fewest in flight; ties in turn."""
         now = time.monotonic()
-        return min(
-            self.endpoints,
-            key=lambda endpoint: (endpoint.avoid_until > now, endpoint.in_flight, endpoint.served),
+        count = len(self.endpoints)
+        in_turn = [self.endpoints[(self._turn + i) % count] for i in range(count)]
+        chosen = min(
+            in_turn, key=lambda endpoint: (max(endpoint.avoid_until - now, 0.0), endpoint.in_flight)
         )
+        self._turn = (self.endpoints.index(chosen) + 1) % count
+        return chosen
+
+    def servers(self) -> list[ServerStats]:
+        return [
+            ServerStats(endpoint.base_url, endpoint.requests, endpoint.errors, endpoint.in_flight)
+            for endpoint in self.endpoints
+        ]
 
     async def check(self) -> None:
         """Each URL must answer `/models` and serve `self.model`."""
@@ -190,13 +217,14 @@ class OpenAIClient(LLMClient):
         body = request_body(self.model, messages, params, self.config.structured_output)
         calls: list[CallRecord] = []
         deadline = time.monotonic() + self.config.retry_for_s
-        attempt = 0
         while True:
-            endpoint = self.pick_endpoint()
             retry_after: float | None = None
             async with self._semaphore:
+                # Picked only now: picked before the wait for a slot, every waiting request
+                # would see the same loads and all would go to the same server.
+                endpoint = self.pick_endpoint()
                 endpoint.in_flight += 1
-                endpoint.served += 1
+                endpoint.requests += 1
                 started = time.monotonic()
                 try:
                     response = await self._http.post(
@@ -213,13 +241,17 @@ class OpenAIClient(LLMClient):
             calls.append(record)
             if response is not None:
                 if response.status_code == 200:
+                    endpoint.failures_in_a_row = 0
                     return self._completion(response, record, calls)
                 record.error = f"HTTP {response.status_code}: {_short(response.text)}"
                 retryable = response.status_code == 429 or response.status_code >= 500
                 if not retryable:
+                    endpoint.errors += 1
                     raise LLMError(record.error, calls)
                 retry_after = _retry_after(response)
-            delay = backoff_s(attempt, retry_after)
+            endpoint.failed(retry_after)
+            # At once when a server is out of back-off, else when the first one's ends.
+            delay = max(min(e.avoid_until for e in self.endpoints) - time.monotonic(), 0.0)
             if time.monotonic() + delay > deadline:
                 raise LLMError(
                     f"gave up after {len(calls)} attempts over {self.config.retry_for_s:.0f} s; "
@@ -227,8 +259,6 @@ class OpenAIClient(LLMClient):
                     calls,
                     transient=True,
                 )
-            endpoint.avoid_until = time.monotonic() + delay
-            attempt += 1
             await asyncio.sleep(delay)
 
     def _completion(

@@ -16,22 +16,25 @@ resumes where this one stopped.
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, TypeVar
 
 from pydantic import ValidationError
 from rich.console import Console
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from sae.errors import UserError
 from sae.subject_model import load_tokenizer
 from service.cache.windows import LatentExamples, load_latent_examples, subject_model_of
 from service.config import ScoreConfig, ScoringConfig
-from service.llm.base import LLMClient, LLMError, create_client
+from service.llm.base import LLMClient, LLMError, ServerStats, create_client
 from service.progress import count_progress
 from service.scoring.controls import control_latent, cross_seed_partners
 from service.scoring.pipeline import (
@@ -45,7 +48,9 @@ from service.scoring.pipeline import (
 from service.store.engine import Store, open_store
 from service.store.models import Explanation, LlmCall, Prediction, Score
 from service.store.queue import (
+    DEFAULT_DB_RETRY_SECONDS,
     DEFAULT_LEASE_SECONDS,
+    RETRY_FIRST_DELAY_S,
     Lease,
     LeaseKeeper,
     LeaseLost,
@@ -53,12 +58,18 @@ from service.store.queue import (
     complete,
     fail,
     new_worker_id,
+    next_delay,
     release,
+    transient,
     unfinished,
     unfinished_configs,
 )
 
 STAGE = ScoringConfig.model_fields["stage"].default
+R = TypeVar("R")
+T = TypeVar("T")
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -75,6 +86,8 @@ class ScoreStats:
     requests: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    # Requests and errors per LLM server, as the client counted them when the run ended.
+    servers: list[ServerStats] = field(default_factory=list)
 
     @property
     def elapsed_s(self) -> float:
@@ -169,7 +182,18 @@ def _write_score(session: Session, lease: Lease, explanation_id: int, score: Sco
 
 
 class ScoreWorkers:
-    """`workers` concurrent slots claiming and finishing jobs of one stage."""
+    """`workers` concurrent slots claiming and finishing jobs of one stage.
+
+    One lease keeper (a thread) renews the leases of all slots, so no slot ever waits on it.
+    A transient database error (a lost connection, a lock timeout) is retried with back-off
+    for up to `db_retry_seconds` rather than ending the run; a job whose results could not be
+    written goes back to the queue.
+    """
+
+    # The tasks started on behalf of the job this context works on (see `_contained`).
+    _job_tasks: ClassVar[ContextVar[set[asyncio.Task[Any]] | None]] = ContextVar(
+        "job_tasks", default=None
+    )
 
     def __init__(
         self,
@@ -182,6 +206,7 @@ class ScoreWorkers:
         lease_seconds: float = DEFAULT_LEASE_SECONDS,
         poll_seconds: float = 2.0,
         max_jobs: int | None = None,
+        db_retry_seconds: float = DEFAULT_DB_RETRY_SECONDS,
         on_progress: Callable[[ScoreStats], None] | None = None,
     ):
         self.store = store
@@ -192,6 +217,7 @@ class ScoreWorkers:
         self.lease_seconds = lease_seconds
         self.poll_seconds = poll_seconds
         self.max_jobs = max_jobs
+        self.db_retry_seconds = db_retry_seconds
         self.on_progress = on_progress
         self.owner = new_worker_id()
         self.stats = ScoreStats()
@@ -199,11 +225,78 @@ class ScoreWorkers:
         # Slots load windows in threads; one tokenizer load at a time (transformers' lazy
         # imports are not safe to race, and a second load would be wasted).
         self._tokenizer_lock = threading.Lock()
-        self._claimed = 0
+        # Jobs claimed or being claimed, counted before the claim so `max_jobs` is never passed.
+        self._reserved = 0
 
     async def run(self) -> ScoreStats:
-        await asyncio.gather(*(self._slot() for _ in range(self.workers)))
+        keeper = LeaseKeeper(self.store, [], self.lease_seconds)
+        keeper.start()
+        loop = asyncio.get_running_loop()
+        previous = loop.get_task_factory()
+        loop.set_task_factory(self._task_factory(previous))
+        try:
+            await asyncio.gather(*(self._slot(keeper) for _ in range(self.workers)))
+        finally:
+            loop.set_task_factory(previous)
+            # The keeper's thread may be waiting on the store: join it off the event loop.
+            await asyncio.to_thread(keeper.stop)
         return self.stats
+
+    @classmethod
+    def _task_factory(cls, previous: Any) -> Any:
+        """A task factory that records each task in the job scope it was started from."""
+
+        def factory(loop: asyncio.AbstractEventLoop, coro: Any, **kwargs: Any) -> Any:
+            if previous is not None:
+                task = previous(loop, coro, **kwargs)
+            else:
+                task = asyncio.Task(coro, loop=loop, **kwargs)
+            scope = cls._job_tasks.get()
+            if scope is not None:
+                scope.add(task)
+            return task
+
+        return factory
+
+    @classmethod
+    async def _contained(cls, work: Coroutine[Any, Any, T]) -> T:
+        """Await `work`, then cancel whatever tasks it started that still run: asyncio.gather
+        leaves a failed request's siblings running, and a job that failed or was handed back
+        must not keep spending LLM time. Needs `run`'s task factory to see those tasks."""
+        tasks: set[asyncio.Task[Any]] = set()
+        token = cls._job_tasks.set(tasks)
+        try:
+            return await work
+        finally:
+            cls._job_tasks.reset(token)
+            running = [task for task in tasks if not task.done()]
+            for task in running:
+                task.cancel()
+            if running:
+                await asyncio.wait(running)
+
+    def _reserve(self) -> bool:
+        # No await between the check and the count: slots cannot both take the last job.
+        if self.max_jobs is not None and self._reserved >= self.max_jobs:
+            return False
+        self._reserved += 1
+        return True
+
+    async def _db(self, operation: Callable[..., R], *args: Any) -> R:
+        """`operation(*args)` in a thread, tried again with back-off on transient database
+        errors for up to `db_retry_seconds`. Only for operations that are safe to repeat:
+        each runs in its own transaction, which a failure rolls back."""
+        give_up_at = time.monotonic() + self.db_retry_seconds
+        delay = RETRY_FIRST_DELAY_S
+        while True:
+            try:
+                return await asyncio.to_thread(operation, *args)
+            except DBAPIError as error:
+                if not transient(error) or time.monotonic() + delay > give_up_at:
+                    raise
+                log.warning("store error, retrying in %.2fs: %s", delay, error.orig or error)
+            await asyncio.sleep(delay)
+            delay = next_delay(delay)
 
     def _tokenizer_for(self, latent_id: int) -> Any:
         with self.store.read_session() as session:
@@ -236,31 +329,40 @@ class ScoreWorkers:
         with self.store.session() as session, session.begin():
             write_result(session, lease, result, self.llm.model)
 
-    async def _slot(self) -> None:
-        while self.max_jobs is None or self._claimed < self.max_jobs:
-            leases = await asyncio.to_thread(
-                claim, self.store, self.owner, 1, self.stage, self.lease_seconds
-            )
+    async def _slot(self, keeper: LeaseKeeper) -> None:
+        while self._reserve():
+            claimed_at = time.monotonic()
+            try:
+                leases = await self._db(
+                    claim, self.store, self.owner, 1, self.stage, self.lease_seconds
+                )
+            except BaseException:
+                self._reserved -= 1
+                raise
             if not leases:
-                if await asyncio.to_thread(unfinished, self.store, self.stage) == 0:
+                self._reserved -= 1
+                if await self._db(unfinished, self.store, self.stage) == 0:
                     return
                 await asyncio.sleep(self.poll_seconds)
                 continue
-            self._claimed += 1
-            with LeaseKeeper(self.store, leases, self.lease_seconds) as keeper:
-                await self._finish(leases[0], keeper)
+            (lease,) = leases
+            keeper.add(lease, claimed_at)
+            try:
+                await self._finish(lease, keeper)
+            finally:
+                keeper.release(lease)
             if self.on_progress is not None:
                 self.on_progress(self.stats)
 
     async def _finish(self, lease: Lease, keeper: LeaseKeeper) -> None:
         try:
             config = ScoreConfig.model_validate(lease.config)
-            examples, control, partners = await asyncio.to_thread(
-                self._load, lease.latent_id, config
+            examples, control, partners = await self._db(self._load, lease.latent_id, config)
+            result = await self._contained(
+                explain_and_score(examples, config, self.llm, control, partners)
             )
-            result = await explain_and_score(examples, config, self.llm, control, partners)
             if not keeper.held(lease):
-                raise LeaseLost(f"job {lease.job_id} was taken over while it ran")
+                raise LeaseLost(f"job {lease.job_id} was given up or taken over while it ran")
             await asyncio.to_thread(self._write, lease, result)
             self.stats.add(result)
         except LeaseLost:
@@ -270,17 +372,24 @@ class ScoreWorkers:
             await self._fail(lease, " ".join(str(error).split()), retry=False)
         except LLMError as error:
             await self._fail(lease, f"LLM unavailable: {error}", retry=True)
+        except DBAPIError as error:
+            if not transient(error):
+                await self._fail(lease, f"{type(error).__name__}: {error}", retry=True)
+                return
+            # The store, not the job, failed (its results rolled back): queue it again as it
+            # was, without using up an attempt.
+            await self._release(lease, f"store unavailable: {error.orig or error}")
         except asyncio.CancelledError:
             # Interrupted: hand the job back at once rather than when its lease runs out, and
             # without using up one of its attempts (the job did not fail).
-            await asyncio.shield(self._release(lease))
+            await asyncio.shield(self._release(lease, "interrupted before it finished"))
             raise
         except Exception as error:  # one latent's bug is recorded on its job, not fatal here
             await self._fail(lease, f"{type(error).__name__}: {error}", retry=True)
 
-    async def _release(self, lease: Lease) -> None:
+    async def _release(self, lease: Lease, note: str) -> None:
         try:
-            await asyncio.to_thread(release, self.store, lease, "interrupted before it finished")
+            await self._db(release, self.store, lease, note)
         except LeaseLost:
             self.stats.lost += 1
             return
@@ -288,7 +397,7 @@ class ScoreWorkers:
 
     async def _fail(self, lease: Lease, error: str, retry: bool) -> None:
         try:
-            state = await asyncio.to_thread(fail, self.store, lease, error, retry)
+            state = await self._db(fail, self.store, lease, error, retry)
         except LeaseLost:
             self.stats.lost += 1
             return
@@ -353,10 +462,13 @@ async def score_queue(
     )
     try:
         if not show_progress:
-            return await pool.run()
-        with ScoreProgress(total, console) as progress:
-            pool.on_progress = progress.update
-            return await pool.run()
+            stats = await pool.run()
+        else:
+            with ScoreProgress(total, console) as progress:
+                pool.on_progress = progress.update
+                stats = await pool.run()
+        stats.servers = llm.servers()
+        return stats
     finally:
         await llm.aclose()
 

@@ -25,13 +25,13 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Connection, Engine, create_engine, event, text
+from sqlalchemy import Connection, Engine, create_engine, event, inspect, text
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import ArgumentError, NoSuchModuleError, OperationalError
+from sqlalchemy.exc import ArgumentError, NoSuchModuleError, OperationalError, ProgrammingError
 from sqlalchemy.orm import Session, sessionmaker
 
 from sae.errors import UserError
-from service.store.models import utcnow
+from service.store.models import Base, utcnow
 
 # The repository root holds migrations/ beside service/; an editable install runs from it.
 MIGRATIONS_DIR = Path(__file__).resolve().parents[2] / "migrations"
@@ -39,6 +39,24 @@ SQLITE_BUSY_TIMEOUT_MS = 60_000
 POSTGRES_CONNECT_TIMEOUT_S = 5
 # Execution option read by the SQLite `begin` hook: which BEGIN to issue.
 BEGIN_OPTION = "autointerp_sqlite_begin"
+# The PostgreSQL role `autointerp query` logs in as (see service/store/query.py): it may
+# SELECT the store's tables and nothing more. Roles belong to the server, so the stores on
+# one server share it, and each store's `db upgrade` grants it that store's tables.
+READER_ROLE = "autointerp_reader"
+# Created with no password (it logs in where pg_hba.conf trusts it, or once an administrator
+# gives it one) and none of the attributes (SUPERUSER, CREATEROLE...) that would let it out.
+# Concurrent upgrades may both find it missing; the one that loses the race keeps the other's.
+_CREATE_READER = f"""
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{READER_ROLE}') THEN
+        CREATE ROLE {READER_ROLE} LOGIN;
+    END IF;
+EXCEPTION WHEN duplicate_object OR unique_violation THEN
+    NULL;
+END
+$$
+"""
 
 
 def normalize_url(url: str | URL) -> URL:
@@ -237,6 +255,26 @@ def open_store(url: str | URL, *, check: bool = True) -> Store:
     return store
 
 
+def _grant_reader(connection: Connection, url: URL) -> None:
+    """Create the query role if missing and let it read this store's tables."""
+    try:
+        connection.exec_driver_sql(_CREATE_READER)
+    except ProgrammingError as error:
+        raise UserError(
+            f"cannot create the read-only role {READER_ROLE} for `autointerp query` on "
+            f"{redact(url)} (no CREATEROLE right); have an administrator run `CREATE ROLE "
+            f"{READER_ROLE} LOGIN`, then rerun `autointerp db upgrade`"
+        ) from error
+    quote = connection.dialect.identifier_preparer.quote
+    schema = connection.exec_driver_sql("SELECT current_schema()").scalar()
+    assert isinstance(schema, str)
+    # Only the store's own tables, not whatever else shares its schema.
+    ours = set(Base.metadata.tables) | {"alembic_version"}
+    tables = sorted(ours & set(inspect(connection).get_table_names()))
+    connection.exec_driver_sql(f"GRANT USAGE ON SCHEMA {quote(schema)} TO {READER_ROLE}")
+    connection.exec_driver_sql(f"GRANT SELECT ON {', '.join(map(quote, tables))} TO {READER_ROLE}")
+
+
 def upgrade(url: str | URL, revision: str = "head") -> tuple[str | None, str]:
     """Migrate the store at `url` (creating a SQLite file if needed) to `revision`.
 
@@ -265,6 +303,8 @@ def upgrade(url: str | URL, revision: str = "head") -> tuple[str | None, str]:
                 command.upgrade(alembic_config(connection), revision)
                 if sqlite and connection.exec_driver_sql("PRAGMA foreign_key_check").first():
                     raise RuntimeError("a migration left rows that break a foreign key")
+                if not sqlite:
+                    _grant_reader(connection, store.url)
         return before, current_revision(store) or ""
     finally:
         store.dispose()

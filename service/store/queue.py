@@ -8,6 +8,9 @@ ends with `complete` (inside the session that writes its results, so both commit
 or `fail` (requeued until `max_attempts`, then failed with its last error); a worker that is
 stopped mid-job `release`s it (queued again, the attempt not counted). A lease that runs
 out makes the job claimable again; a lease that runs out on the last attempt fails the job.
+A renewal that meets a lost connection or a lock timeout is retried until the lease would
+run out; then the keeper gives the job up (`held` turns false) rather than let the worker
+write results that another worker may be producing too.
 
 The lease is fenced by (owner, attempt): a worker whose lease expired and whose job was
 claimed again gets `LeaseLost` from `complete`, and its transaction, results included, rolls
@@ -18,9 +21,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import socket
 import threading
+import time
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -31,6 +36,7 @@ from typing import Any
 from sqlalchemy import and_, case, func, or_, select, true, update
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session
 
 from service.config import ScoringConfig
@@ -41,6 +47,28 @@ DEFAULT_LEASE_SECONDS: float = ScoringConfig.model_fields["lease_seconds"].defau
 DEFAULT_MAX_ATTEMPTS = 3
 # Rows per INSERT: well under SQLite's 32,766 bound parameters at 6 columns a row.
 ENQUEUE_CHUNK = 1000
+# Back-off between tries of a database operation that met a transient error.
+RETRY_FIRST_DELAY_S = 0.05
+RETRY_MAX_DELAY_S = 2.0
+# How long a worker keeps retrying the store before it gives up: long enough for a database
+# server to restart.
+DEFAULT_DB_RETRY_SECONDS = 300.0
+
+log = logging.getLogger(__name__)
+
+
+def transient(error: BaseException) -> bool:
+    """A database error that the same operation may not meet again: a lost connection (the
+    server restarted, the connection was terminated) or a lock or busy timeout. Both drivers
+    raise those as OperationalError; SQLAlchemy flags any other error that cost the
+    connection as `connection_invalidated`."""
+    return isinstance(error, OperationalError) or (
+        isinstance(error, DBAPIError) and error.connection_invalidated
+    )
+
+
+def next_delay(delay: float) -> float:
+    return min(delay * 2, RETRY_MAX_DELAY_S)
 
 
 class LeaseLost(Exception):
@@ -116,6 +144,11 @@ def enqueue(
     return inserted
 
 
+def _key(lease: Lease) -> tuple[int, int]:
+    """A lease's identity: the same job may be leased again, under a later attempt."""
+    return (lease.job_id, lease.attempt)
+
+
 def _lease_is_ours(lease: Lease) -> Any:
     return and_(
         Job.id == lease.job_id,
@@ -155,16 +188,21 @@ def claim(
             )
             .execution_options(synchronize_session=False)
         )
-        candidates = (
+        # Lock the ids first, then update exactly those: as a subquery of the UPDATE, the
+        # LIMIT ... SKIP LOCKED select may be run again for each row (a nested-loop plan), skip
+        # the rows the UPDATE has just changed, and so lease far more than n.
+        ids = session.scalars(
             select(Job.id)
             .where(stage_filter, or_(Job.state == "queued", expired))
             .order_by(Job.id)
             .limit(n)
             .with_for_update(skip_locked=True)
-        )
+        ).all()
+        if not ids:
+            return []
         rows = session.execute(
             update(Job)
-            .where(Job.id.in_(candidates))
+            .where(Job.id.in_(ids))
             .values(
                 state="leased",
                 lease_owner=owner,
@@ -204,16 +242,17 @@ def renew(
         return []
     with store.session() as session, session.begin():
         expires_at = store_now(session) + timedelta(seconds=lease_seconds)
-        renewed = set(
-            session.execute(
+        renewed = {
+            (row.id, row.attempts)
+            for row in session.execute(
                 update(Job)
                 .where(or_(*(_lease_is_ours(lease) for lease in leases)))
                 .values(lease_expires_at=expires_at)
-                .returning(Job.id)
+                .returning(Job.id, Job.attempts)
                 .execution_options(synchronize_session=False)
-            ).scalars()
-        )
-    return [replace(lease, expires_at=expires_at) for lease in leases if lease.job_id in renewed]
+            )
+        }
+    return [replace(lease, expires_at=expires_at) for lease in leases if _key(lease) in renewed]
 
 
 def complete(session: Session, lease: Lease) -> None:
@@ -284,22 +323,33 @@ def release(store: Store, lease: Lease, note: str) -> None:
 
 @dataclass
 class LeaseKeeper:
-    """Renews a worker's leases from a background thread until the `with` block ends.
+    """Renews a worker's leases from a background thread, between `start` and `stop` (or
+    throughout a `with` block). One keeper can serve many jobs: `add` each claimed lease and
+    `release` it once the job is finished.
 
-    Jobs whose lease could not be renewed land in `lost`; check `held(lease)` before writing.
+    A renewal that fails on a transient database error is tried again, backing off, until a
+    lease would run out; that lease is then given up and lands in `lost` (as job id and
+    attempt: this process may claim the job again later). Check `held(lease)` before writing.
     """
 
     store: Store
     leases: list[Lease]
     lease_seconds: float = DEFAULT_LEASE_SECONDS
-    lost: set[int] = field(default_factory=set)
+    lost: set[tuple[int, int]] = field(default_factory=set)
     _stop: threading.Event = field(default_factory=threading.Event)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _thread: threading.Thread | None = None
+    # By this process's monotonic clock, when each lease runs out: counted from the start of
+    # the claim or renewal that set it, so not later than the store's own expiry.
+    _deadlines: dict[tuple[int, int], float] = field(init=False)
+
+    def __post_init__(self) -> None:
+        # Leases handed in here were claimed moments ago, at a time the keeper does not know.
+        now = time.monotonic()
+        self._deadlines = {_key(lease): now + self.lease_seconds for lease in self.leases}
 
     def __enter__(self) -> LeaseKeeper:
-        self._thread = threading.Thread(target=self._run, daemon=True, name="lease-keeper")
-        self._thread.start()
+        self.start()
         return self
 
     def __exit__(
@@ -308,29 +358,95 @@ class LeaseKeeper:
         _value: BaseException | None,
         _traceback: TracebackType | None,
     ) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, daemon=True, name="lease-keeper")
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop renewing and wait for the thread (which may be waiting on the store: from
+        async code, call this in a thread)."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
 
+    def add(self, lease: Lease, claimed_at: float) -> None:
+        """Keep renewing `lease`, claimed by a call that began at `claimed_at` (monotonic)."""
+        with self._lock:
+            self.leases.append(lease)
+            self._deadlines[_key(lease)] = claimed_at + self.lease_seconds
+
     def held(self, lease: Lease) -> bool:
         with self._lock:
-            return lease.job_id not in self.lost
+            return _key(lease) not in self.lost
 
     def release(self, lease: Lease) -> None:
         """Stop renewing a job that is finished (completed or failed)."""
         with self._lock:
-            self.leases = [other for other in self.leases if other.job_id != lease.job_id]
+            self.leases = [other for other in self.leases if _key(other) != _key(lease)]
+            self._deadlines.pop(_key(lease), None)
 
     def _run(self) -> None:
         # Renew at a third of the lease so that two missed renewals still leave time.
         while not self._stop.wait(self.lease_seconds / 3):
+            self._renew()
+
+    def _renew(self) -> None:
+        delay = RETRY_FIRST_DELAY_S
+        while not self._stop.is_set():
             with self._lock:
                 current = list(self.leases)
-            renewed = renew(self.store, current, self.lease_seconds)
-            kept = {lease.job_id for lease in renewed}
+            if not current:
+                return
+            started = time.monotonic()
+            try:
+                renewed = renew(self.store, current, self.lease_seconds)
+            except Exception as error:  # this thread must outlive any error, or leases lapse
+                if not self._give_up_lapsing(time.monotonic() + delay, error):
+                    return
+                self._stop.wait(delay)
+                delay = next_delay(delay)
+                continue
+            kept = {_key(lease) for lease in renewed}
             with self._lock:
-                self.lost.update(lease.job_id for lease in current if lease.job_id not in kept)
-                self.leases = [lease for lease in self.leases if lease.job_id in kept]
+                # Leases added while the renewal ran were not part of it: they stay as they are;
+                # those released meanwhile are finished and need nothing more.
+                still = {_key(lease) for lease in self.leases}
+                for lease in current:
+                    if _key(lease) not in still:
+                        continue
+                    if _key(lease) in kept:
+                        self._deadlines[_key(lease)] = started + self.lease_seconds
+                    else:
+                        self._lose(lease)
+                self.leases = [lease for lease in self.leases if _key(lease) not in self.lost]
+            return
+
+    def _give_up_lapsing(self, retry_at: float, error: Exception) -> bool:
+        """Give up the leases that would run out before a renewal tried at `retry_at` could
+        save them; returns whether any lease is left to retry for."""
+        with self._lock:
+            lapsing = [lease for lease in self.leases if self._deadlines[_key(lease)] <= retry_at]
+            for lease in lapsing:
+                self._lose(lease)
+            self.leases = [lease for lease in self.leases if _key(lease) not in self.lost]
+            left = bool(self.leases)
+        if lapsing:
+            log.warning(
+                "giving up jobs %s: their leases could not be renewed before running out (%s: %s)",
+                ", ".join(str(lease.job_id) for lease in lapsing),
+                type(error).__name__,
+                error,
+            )
+        else:
+            log.info("lease renewal failed, retrying (%s: %s)", type(error).__name__, error)
+        return left
+
+    def _lose(self, lease: Lease) -> None:
+        # Called with the lock held.
+        self.lost.add(_key(lease))
+        self._deadlines.pop(_key(lease), None)
 
 
 @dataclass
