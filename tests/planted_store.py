@@ -6,11 +6,40 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from service.scoring.planted import RULES, plant
+from service.config import ScoreConfig
+from service.scoring.planted import RULES, PlantedWindow, plant
 from service.store.engine import Store
 from service.store.models import Example
 from service.store.runs import latent_ids, register_run, register_sae
 from service.store.windows import encode_window
+
+# A score job no LLM takes part in: the token baseline explains from activation statistics,
+# the embedding scorer ranks held-out windows with MiniLM on the CPU.
+LLM_FREE_JOB = ScoreConfig(
+    explainers=["token_baseline"],
+    scorers=["embedding"],
+    shuffled_control=False,
+    cross_seed=0,
+    n_explain_top=4,
+    n_explain_quantile=2,
+    n_positive=3,
+    n_negative=3,
+).model_dump(mode="json")
+
+
+def plant_small(rule: str, windows: Any, tokenizer: Any, seed: int = 0) -> list[PlantedWindow]:
+    """20 windows of a latent firing by `rule`: 8 top, 2 x 2 quantile, 8 silent; enough for
+    `LLM_FREE_JOB`."""
+    return plant(
+        RULES[rule],
+        windows,
+        tokenizer,
+        n_top=8,
+        n_quantiles=2,
+        per_quantile=2,
+        n_random=8,
+        seed=seed,
+    )
 
 
 def add_planted_windows(session: Session, latent_id: int, windows: Iterable[Any]) -> None:

@@ -10,15 +10,14 @@ from typing import Any
 
 import numpy as np
 import pytest
-from planted_store import add_planted_windows
+from planted_store import LLM_FREE_JOB, add_planted_windows, plant_small
 from sqlalchemy import event, func, select, update
 from sqlalchemy.orm import Session
 
 from sae.errors import UserError
-from service.config import LLMConfig, QueueConfig, ScoreConfig
+from service.config import LLMConfig, QueueConfig
 from service.llm.openai_client import OpenAIClient
 from service.llm.serve import free_port
-from service.scoring.planted import RULES, plant
 from service.scoring.worker import ScoreWorkers
 from service.store.engine import Store
 from service.store.matches import store_match_pair
@@ -38,19 +37,6 @@ from service.store.queue import (
 )
 from service.store.runs import register_run, register_sae
 from service.store.sampling import queue_run
-
-# A score job no LLM takes part in: the token baseline explains from activation statistics,
-# the embedding scorer ranks held-out windows with MiniLM on the CPU.
-LLM_FREE_JOB = ScoreConfig(
-    explainers=["token_baseline"],
-    scorers=["embedding"],
-    shuffled_control=False,
-    cross_seed=0,
-    n_explain_top=4,
-    n_explain_quantile=2,
-    n_positive=3,
-    n_negative=3,
-).model_dump(mode="json")
 
 
 def make_run(store: Store, n_latents: int = 20, name: str = "r") -> list[int]:
@@ -352,15 +338,7 @@ def test_worker_completes_fails_and_drains(
     whose stored window is corrupt fails on each attempt until `max_attempts` and keeps its
     error; the loop returns once nothing is left to claim."""
     latents = make_run(store, 12)
-    planted = plant(
-        RULES["return"],
-        corpus_windows,
-        tokenizer,
-        n_top=8,
-        n_quantiles=2,
-        per_quantile=2,
-        n_random=8,
-    )
+    planted = plant_small("return", corpus_windows, tokenizer)
     never_fires = latents[0::4]  # only windows where the latent does not fire
     corrupt = [latents[2], latents[7]]
     with store.session() as session, session.begin():
@@ -405,15 +383,7 @@ def test_max_jobs_is_never_passed_by_concurrent_slots(
     store: Store, home: Path, tokenizer: Any, corpus_windows: np.ndarray
 ):
     latents = make_run(store, 6)
-    planted = plant(
-        RULES["return"],
-        corpus_windows,
-        tokenizer,
-        n_top=8,
-        n_quantiles=2,
-        per_quantile=2,
-        n_random=8,
-    )
+    planted = plant_small("return", corpus_windows, tokenizer)
     with store.session() as session, session.begin():
         for latent_id in latents:
             add_planted_windows(session, latent_id, planted)

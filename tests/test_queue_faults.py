@@ -40,12 +40,11 @@ from typing import Any, TypeVar
 
 import numpy as np
 import pytest
-from planted_store import add_planted_windows
+from planted_store import LLM_FREE_JOB, add_planted_windows, plant_small
 from sqlalchemy import Connection, func, select, text
 from sqlalchemy.engine import make_url
 
-from service.config import ScoreConfig
-from service.scoring.planted import RULES, plant
+from service.scoring.planted import RULES
 from service.store.engine import Store
 from service.store.models import Explanation, Job, LlmCall, Prediction, Score, utcnow
 from service.store.queue import enqueue
@@ -55,18 +54,8 @@ AUTOINTERP = str(Path(sys.executable).with_name("autointerp"))
 N_JOBS = 200
 STAGE = "faults"
 LEASE_SECONDS = 3.0
-N_HELD_OUT = 3  # activating and as many non-activating windows per score
+N_HELD_OUT = LLM_FREE_JOB["n_positive"]  # activating, and as many silent windows, per score
 # Explained from activation statistics and scored by MiniLM on the CPU: no LLM anywhere.
-JOB_CONFIG = ScoreConfig(
-    explainers=["token_baseline"],
-    scorers=["embedding"],
-    shuffled_control=False,
-    cross_seed=0,
-    n_explain_top=4,
-    n_explain_quantile=2,
-    n_positive=N_HELD_OUT,
-    n_negative=N_HELD_OUT,
-).model_dump(mode="json")
 # Process name -> slots (`--workers`). The in-transaction victim runs one slot, so the test
 # knows which job it writes (PostgreSQL) and which transaction holds the write lock (SQLite).
 IN_TRANSACTION, HOLDING_LEASES = "victim-in-transaction", "victim-holding-leases"
@@ -149,17 +138,7 @@ def queue_planted_jobs(store: Store, tokenizer: Any, corpus_windows: np.ndarray)
     """One SAE of N_JOBS planted latents with 20 windows each, one score job per latent.
     Latent i gets the windows of rule i mod 5 (planting is the slow part, so five sets)."""
     planted = [
-        plant(
-            RULES[rule],
-            corpus_windows,
-            tokenizer,
-            n_top=8,
-            n_quantiles=2,
-            per_quantile=2,
-            n_random=8,
-            seed=seed,
-        )
-        for seed, rule in enumerate(RULES)
+        plant_small(rule, corpus_windows, tokenizer, seed=seed) for seed, rule in enumerate(RULES)
     ]
     with store.session() as session, session.begin():
         run = register_run(
@@ -177,7 +156,7 @@ def queue_planted_jobs(store: Store, tokenizer: Any, corpus_windows: np.ndarray)
         ids = [int(latent_id) for latent_id in latent_ids(session, sae)]
         for index, latent_id in enumerate(ids):
             add_planted_windows(session, latent_id, planted[index % len(planted)])
-        assert enqueue(session, ids, STAGE, JOB_CONFIG) == N_JOBS
+        assert enqueue(session, ids, STAGE, LLM_FREE_JOB) == N_JOBS
     return ids
 
 

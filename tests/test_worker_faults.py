@@ -15,15 +15,14 @@ from typing import Any
 
 import numpy as np
 import pytest
-from planted_store import add_planted_windows
+from planted_store import LLM_FREE_JOB, add_planted_windows, plant_small
 from sqlalchemy import Connection, Engine, create_engine, event, select, text
 from sqlalchemy.pool import NullPool
-from test_queue import LLM_FREE_JOB, job_states, make_run, queue_jobs
+from test_queue import job_states, make_run, queue_jobs
 
 from service.config import LLMConfig
 from service.llm.openai_client import OpenAIClient
 from service.llm.serve import free_port
-from service.scoring.planted import RULES, plant
 from service.scoring.worker import ScoreWorkers
 from service.store.engine import Store, make_engine, normalize_url, open_store, upgrade
 from service.store.models import Explanation, Job, Score
@@ -102,15 +101,7 @@ def test_lease_keeper_gives_up_a_lease_it_cannot_renew_in_time(
 def planted_jobs(store: Store, tokenizer: Any, corpus_windows: np.ndarray, n: int) -> list[int]:
     """`n` LLM-free score jobs on latents that all fire by a planted rule."""
     latents = make_run(store, n)
-    planted = plant(
-        RULES["return"],
-        corpus_windows,
-        tokenizer,
-        n_top=8,
-        n_quantiles=2,
-        per_quantile=2,
-        n_random=8,
-    )
+    planted = plant_small("return", corpus_windows, tokenizer)
     with store.session() as session, session.begin():
         for latent_id in latents:
             add_planted_windows(session, latent_id, planted)
