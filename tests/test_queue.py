@@ -5,6 +5,7 @@ import asyncio
 import threading
 import time
 from collections import Counter
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ from service.llm.serve import free_port
 from service.scoring.worker import ScoreWorkers
 from service.store.engine import Store
 from service.store.matches import store_match_pair
-from service.store.models import Example, Explanation, Job, Latent, Sae, Score
+from service.store.models import Example, Explanation, Job, Latent, LlmCall, Sae, Score
 from service.store.queue import (
     Lease,
     LeaseKeeper,
@@ -314,6 +315,24 @@ def test_status_counts_rate_and_eta(store: Store):
 def test_status_of_an_empty_queue(store: Store):
     report = status(store)
     assert report.stages == [] and report.total.total == 0 and report.total.eta_s == 0.0
+    assert report.servers == []
+
+
+def test_status_counts_requests_and_errors_per_llm_server(store: Store):
+    old = datetime(2020, 1, 1)
+    calls = [("http://a/v1", None, None), ("http://a/v1", "HTTP 503", None)]
+    calls += [("http://b/v1", None, None), ("http://b/v1", "connection refused", old)]
+    with store.session() as session, session.begin():
+        for url, error, created_at in calls:
+            call = LlmCall(model="m", base_url=url, error=error)
+            if created_at is not None:
+                call.created_at = created_at
+            session.add(call)
+    servers = {server.base_url: server for server in status(store).servers}
+    assert list(servers) == ["http://a/v1", "http://b/v1"]
+    a, b = servers["http://a/v1"], servers["http://b/v1"]
+    assert (a.requests, a.errors, a.recent_requests, a.recent_errors) == (2, 1, 2, 1)
+    assert (b.requests, b.errors, b.recent_requests, b.recent_errors) == (2, 1, 1, 0)
 
 
 def add_corrupt_window(session: Session, latent_id: int) -> None:

@@ -139,7 +139,8 @@ def queue_command(
 
 @app.command("status")
 def status_command() -> None:
-    """Jobs by stage and state, the recent completion rate and the time left."""
+    """Jobs by stage and state, the recent completion rate and the time left; LLM requests
+    and errors per server."""
     from service.config import get_settings
     from service.store.engine import open_store
     from service.store.models import JOB_STATES
@@ -152,6 +153,24 @@ def status_command() -> None:
         eta = f"{row.eta_s:,.0f} s" if row.eta_s is not None else "-"
         table.add_row(row.stage, *(str(row.counts[s]) for s in JOB_STATES), rate, eta)
     console.print(table)
+    if report.servers:
+        servers = Table(
+            "LLM server",
+            "requests",
+            "errors",
+            "last 10 min",
+            "errors, last 10 min",
+            title="LLM calls of finished jobs",
+        )
+        for server in report.servers:
+            servers.add_row(
+                server.base_url,
+                str(server.requests),
+                str(server.errors),
+                str(server.recent_requests),
+                str(server.recent_errors),
+            )
+        console.print(servers)
 
 
 @app.command("query")

@@ -41,7 +41,7 @@ from sqlalchemy.orm import Session
 
 from service.config import ScoringConfig
 from service.store.engine import Store, store_now
-from service.store.models import JOB_STATES, Job
+from service.store.models import JOB_STATES, Job, LlmCall
 
 DEFAULT_LEASE_SECONDS: float = ScoringConfig.model_fields["lease_seconds"].default
 DEFAULT_MAX_ATTEMPTS = 3
@@ -468,9 +468,22 @@ class StageStatus:
 
 
 @dataclass
+class ServerStatus:
+    """The LLM calls one server answered for finished jobs (`llm_call`), all time and
+    recently; `errors` counts failed attempts (a request retried elsewhere is one of them)."""
+
+    base_url: str
+    requests: int
+    errors: int
+    recent_requests: int
+    recent_errors: int
+
+
+@dataclass
 class QueueStatus:
     stages: list[StageStatus]
     total: StageStatus
+    servers: list[ServerStatus] = field(default_factory=list)
 
 
 def _rate(done_recently: int, first_finished: datetime | None, now: datetime) -> float | None:
@@ -510,6 +523,21 @@ def status(store: Store, window_s: float = 600.0) -> QueueStatus:
             .group_by(Job.stage)
         ):
             recent[stage] = (count, first)
+        is_recent = LlmCall.created_at >= now - timedelta(seconds=window_s)
+        servers = [
+            ServerStatus(url, int(n), int(errors), int(n_recent or 0), int(errors_recent or 0))
+            for url, n, errors, n_recent, errors_recent in session.execute(
+                select(
+                    LlmCall.base_url,
+                    func.count(),
+                    func.count(LlmCall.error),
+                    func.sum(case((is_recent, 1), else_=0)),
+                    func.sum(case((is_recent & LlmCall.error.is_not(None), 1), else_=0)),
+                )
+                .group_by(LlmCall.base_url)
+                .order_by(LlmCall.base_url)
+            )
+        ]
     stages = [
         _stage_status(stage, counts[stage], *recent.get(stage, (0, None)), now)
         for stage in sorted(counts)
@@ -523,7 +551,7 @@ def status(store: Store, window_s: float = 600.0) -> QueueStatus:
         min(firsts) if firsts else None,
         now,
     )
-    return QueueStatus(stages, total)
+    return QueueStatus(stages, total, servers)
 
 
 def unfinished(store: Store, stage: str) -> int:
