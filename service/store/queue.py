@@ -567,10 +567,11 @@ def unfinished(store: Store, stage: str) -> int:
 
 def unfinished_configs(store: Store, stage: str) -> list[dict[str, Any]]:
     """The distinct job configs among the queued or leased jobs of `stage`."""
+    one_per_config = (
+        select(func.min(Job.id))
+        .where(Job.stage == stage, Job.state.in_(("queued", "leased")))
+        .group_by(Job.config_hash)
+    )
     with store.read_session() as session:
-        hashes = session.execute(
-            select(Job.config_hash, func.min(Job.id))
-            .where(Job.stage == stage, Job.state.in_(("queued", "leased")))
-            .group_by(Job.config_hash)
-        ).all()
-        return [dict(session.get_one(Job, job_id).config or {}) for _, job_id in hashes]
+        configs = session.scalars(select(Job.config).where(Job.id.in_(one_per_config)))
+        return [dict(config or {}) for config in configs]
