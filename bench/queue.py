@@ -53,6 +53,7 @@ from sae.subject_model import load_tokenizer
 from service.config import LLMConfig, ScoreConfig, ScoringConfig, get_settings
 from service.llm.openai_client import OpenAIClient
 from service.scorers.embedder import load_embedder
+from service.scoring.campaign import open_campaign
 from service.scoring.planted import RULES, PlantedWindow, plant
 from service.scoring.worker import score_queue
 from service.store.engine import open_store, store_now, upgrade
@@ -110,7 +111,8 @@ def _prepare(url: str, job: ScoreConfig, n_jobs: int, planted: list[list[Planted
         sae = register_sae(session, run, 0, n_latents=n_jobs, d_in=576)
         for index, latent_id in enumerate(latent_ids(session, sae).tolist()):
             add_planted_windows(session, int(latent_id), planted[index % len(planted)])
-        enqueue(session, latent_ids(session, sae).tolist(), STAGE, job.model_dump(mode="json"))
+        campaign = open_campaign(session, job, LLMConfig())
+        enqueue(session, latent_ids(session, sae).tolist(), STAGE, campaign.id)
     store.dispose()
 
 

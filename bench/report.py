@@ -29,6 +29,7 @@ from service.config import ReportConfig
 from service.report import ReportResult, write_html
 from service.report.data import load_run_data
 from service.report.report import build_report
+from service.store.campaigns import CampaignLLM, get_or_create_campaign
 from service.store.engine import Store, open_store, upgrade
 from service.store.matches import store_match_pair
 from service.store.models import Explanation, Score
@@ -54,6 +55,9 @@ def populate(store: Store, n_latents: int, seeds: int, explained: int) -> None:
         saes = [
             register_sae(session, run, seed, n_latents=n_latents, d_in=576) for seed in range(seeds)
         ]
+        campaign = get_or_create_campaign(
+            session, {"explainers": ["llm"]}, CampaignLLM("openai", "m")
+        )
         for a in range(seeds):
             for b in range(a + 1, seeds):
                 store_match_pair(
@@ -79,7 +83,7 @@ def populate(store: Store, n_latents: int, seeds: int, explained: int) -> None:
                         "latent_id": int(ids[i]),
                         "explainer": "llm" if i < explained else "token_baseline",
                         "model": "m",
-                        "config_hash": "c",
+                        "campaign_id": campaign.id,
                         "text": texts[i],
                     }
                     for i in range(n_latents)
@@ -100,6 +104,7 @@ def populate(store: Store, n_latents: int, seeds: int, explained: int) -> None:
                         {
                             "latent_id": int(ids[i]),
                             "explanation_id": explanation_ids[int(ids[i])],
+                            "campaign_id": campaign.id,
                             "scorer": scorer,
                             "control": control,
                             "balanced_accuracy": float(values[i]),

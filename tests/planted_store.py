@@ -6,10 +6,12 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from service.config import ScoreConfig
+from service.config import LLMConfig, ScoreConfig
+from service.scoring.campaign import open_campaign
 from service.scoring.planted import RULES, PlantedWindow, plant
 from service.store.engine import Store
 from service.store.models import Example
+from service.store.queue import DEFAULT_MAX_ATTEMPTS, enqueue
 from service.store.runs import latent_ids, register_run, register_sae
 from service.store.windows import encode_window
 
@@ -80,3 +82,18 @@ def store_planted_run(store: Store, tokenizer: Any, windows: Any, rules: list[st
             planted = plant(RULES[rule], windows, tokenizer, seed=index)
             add_planted_windows(session, latent_id, planted)
     return ids
+
+
+def queue_jobs(
+    session: Session,
+    latents: Iterable[int],
+    stage: str,
+    job: ScoreConfig | dict[str, Any],
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+    llm: LLMConfig | None = None,
+) -> int:
+    """Queue `stage` for the latents in the campaign of `job` and `llm` (default: the default
+    LLM); returns how many jobs were new."""
+    config = job if isinstance(job, ScoreConfig) else ScoreConfig.model_validate(job)
+    campaign = open_campaign(session, config, llm or LLMConfig())
+    return enqueue(session, latents, stage, campaign.id, max_attempts)

@@ -6,7 +6,9 @@ direction each, with one pair stored backwards (2 into 0), so the report must in
 The 'llm' explainer writes the same explanation for a shared latent in every seed and a
 different one per seed for a seed-specific latent. 'detection' separates own from shuffled
 explanations and rates shared latents higher; 'fuzzing' cannot tell own from shuffled (it
-must come out uninformative). Latents 36-39 have no scores.
+must come out uninformative). Latents 36-39 have no scores. Everything scored belongs to
+one campaign (`CAMPAIGN_CONFIG`); an older campaign holds a stale explanation and a higher
+score of every latent, which no report or `show` may mix in.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from service.store.campaigns import CampaignLLM, get_or_create_campaign
 from service.store.engine import Store
 from service.store.matches import store_match_pair
 from service.store.models import Explanation, Score
@@ -24,6 +27,8 @@ N_LATENTS = 40
 N_SHARED = 20
 SEEDS = (0, 1, 2)
 UNSCORED = range(36, 40)
+CAMPAIGN_CONFIG = {"explainers": ["llm"], "scorers": ["detection", "fuzzing"]}
+OLD_CAMPAIGN_CONFIG = {"explainers": ["llm"], "scorers": ["detection"], "seed": 9}
 # Seed-specific latents that nevertheless score well on detection.
 GOOD_SPECIFIC = (20, 21)
 WORDS = [
@@ -47,6 +52,7 @@ class Study:
     shuffled: dict[tuple[str, str], dict[int, np.ndarray]] = field(default_factory=dict)
     firing_count: dict[int, np.ndarray] = field(default_factory=dict)
     cross_seed: list[float] = field(default_factory=list)
+    campaign_id: int | None = None
 
 
 def explanation_text(seed: int, index: int) -> str:
@@ -106,28 +112,31 @@ def populate(
         if not scored:
             return study
         ids = {seed: latent_ids(session, sae) for seed, sae in saes.items()}
+        llm = CampaignLLM("openai", "m")
+        old = get_or_create_campaign(session, OLD_CAMPAIGN_CONFIG, llm)
+        campaign = get_or_create_campaign(session, CAMPAIGN_CONFIG, llm)
+        study.campaign_id = campaign.id
         explanations: dict[tuple[int, int], Explanation] = {}
+        stale: dict[tuple[int, int], Explanation] = {}
         for seed in SEEDS:
             for index in range(N_LATENTS):
                 latent_id = int(ids[seed][index])
-                # An older explanation that the report must ignore.
-                session.add(
-                    Explanation(
-                        latent_id=latent_id,
-                        explainer="llm",
-                        model="m",
-                        config_hash="old",
-                        text="stale explanation",
-                    )
+                # The older campaign's explanation, which the report must ignore.
+                stale[(seed, index)] = Explanation(
+                    latent_id=latent_id,
+                    campaign_id=old.id,
+                    explainer="llm",
+                    model="m",
+                    text="stale explanation",
                 )
                 row = Explanation(
                     latent_id=latent_id,
+                    campaign_id=campaign.id,
                     explainer="llm",
                     model="m",
-                    config_hash="c",
                     text=explanation_text(seed, index),
                 )
-                session.add(row)
+                session.add_all([stale[(seed, index)], row])
                 explanations[(seed, index)] = row
         session.flush()
         shared = np.arange(N_LATENTS) < N_SHARED
@@ -156,14 +165,16 @@ def populate(
                         continue
                     latent_id = int(ids[seed][index])
                     other = (index + 7) % N_LATENTS
-                    for control, value, explanation in (
-                        ("own", 0.1, explanations[(seed, index)]),  # superseded below
-                        ("own", own[index], explanations[(seed, index)]),
-                        ("shuffled", shuffled[index], explanations[(seed, other)]),
+                    for control, value, explanation, in_campaign in (
+                        ("own", 0.99, stale[(seed, index)], old.id),  # another campaign
+                        ("own", 0.1, explanations[(seed, index)], campaign.id),  # superseded
+                        ("own", own[index], explanations[(seed, index)], campaign.id),
+                        ("shuffled", shuffled[index], explanations[(seed, other)], campaign.id),
                     ):
                         session.add(
                             Score(
                                 latent_id=latent_id,
+                                campaign_id=in_campaign,
                                 explanation_id=explanation.id,
                                 scorer=scorer,
                                 control=control,
@@ -183,6 +194,7 @@ def populate(
             session.add(
                 Score(
                     latent_id=int(ids[1][index]),
+                    campaign_id=campaign.id,
                     explanation_id=explanations[(source, index)].id,
                     scorer="detection",
                     control="cross_seed",

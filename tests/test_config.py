@@ -23,6 +23,7 @@ from service.config import (
     LLMConfig,
     QueueConfig,
     ReportConfig,
+    ScoreConfig,
     ScoringConfig,
 )
 from service.study import StudyConfig
@@ -39,10 +40,13 @@ COMMANDS: dict[str, tuple[list[type[BaseModel]], set[str]]] = {
     "cache-activations": ([TrainConfig], {"out", "dtype"}),
     "match": ([MatchConfig], {"a", "b", "all_seeds", "json_output", "assignment_out"}),
     "cache": ([CacheConfig], {"run"}),
-    "queue": ([QueueConfig], {"run"}),
+    "queue": (
+        [QueueConfig, ScoreConfig, LLMConfig],
+        {"run", "config_file", "retry_failed", "campaign"},
+    ),
     "score": ([ScoringConfig, LLMConfig], set()),
     "calibrate": ([CalibrationConfig, LLMConfig], set()),
-    "report": ([ReportConfig], {"run", "json_output"}),
+    "report": ([ReportConfig], {"run", "json_output", "campaign"}),
 }
 
 

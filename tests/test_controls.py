@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from planted_store import store_planted_run
+from planted_store import queue_jobs, store_planted_run
 from sqlalchemy import select
 
 from service.cache.windows import ExampleSplit, LatentExamples
@@ -34,7 +34,6 @@ from service.scoring.planted import RULES, plant, to_latent_examples
 from service.scoring.worker import ScoreWorkers
 from service.store.engine import Store
 from service.store.models import Explanation, Job, Prediction, Score
-from service.store.queue import enqueue
 
 CONFIG = ScoreConfig(
     explainers=["token_baseline"],
@@ -121,7 +120,7 @@ def test_specificity_control_marks_a_scorer_fed_shuffled_labels_uninformative(
     ids = store_planted(store, tokenizer, corpus_windows)
     config = CONFIG.model_copy(update={"scorers": ["embedding", "shuffled_labels"]})
     with store.session() as session, session.begin():
-        enqueue(session, ids, "explain", config.model_dump())
+        queue_jobs(session, ids, "explain", config.model_dump())
     # Nothing here needs an LLM: a client to a closed port proves no request is made.
     llm = OpenAIClient(LLMConfig(urls=[f"http://127.0.0.1:{free_port()}"]))
     stats = asyncio.run(ScoreWorkers(store, llm, home, workers=2, poll_seconds=0.1).run())

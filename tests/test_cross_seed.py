@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from planted_store import add_planted_windows
+from planted_store import add_planted_windows, queue_jobs
 from rich.console import Console
 from sqlalchemy import select
 
@@ -31,7 +31,6 @@ from service.scoring.worker import ScoreWorkers
 from service.store.engine import Store
 from service.store.matches import read_pair, store_match_pair
 from service.store.models import Example, Explanation, Job, Run, Sae, Score
-from service.store.queue import enqueue
 from service.store.runs import latent_ids, register_run, register_sae
 from service.store.windows import encode_window
 
@@ -181,7 +180,7 @@ def test_cross_seed_scores_are_stored_and_reported_by_shared_status(
     ids = store_two_planted_seeds(store, tokenizer, corpus_windows)
     # Seed 0's latents only: seed 1's explanations come from cross-seed scoring alone.
     with store.session() as session, session.begin():
-        enqueue(session, ids[0], "explain", CONFIG.model_dump())
+        queue_jobs(session, ids[0], "explain", CONFIG.model_dump())
     # Nothing here needs an LLM: a client to a closed port proves no request is made.
     llm = OpenAIClient(LLMConfig(urls=[f"http://127.0.0.1:{free_port()}"]))
     stats = asyncio.run(ScoreWorkers(store, llm, home, workers=2, poll_seconds=0.1).run())

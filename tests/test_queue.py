@@ -11,26 +11,26 @@ from typing import Any
 
 import numpy as np
 import pytest
-from planted_store import LLM_FREE_JOB, add_planted_windows, plant_small
+from planted_store import LLM_FREE_JOB, add_planted_windows, plant_small, queue_jobs
 from sqlalchemy import event, func, select, update
 from sqlalchemy.orm import Session
 
 from sae.errors import UserError
-from service.config import LLMConfig, QueueConfig
+from service.config import LLMConfig, QueueConfig, ScoreConfig
 from service.llm.openai_client import OpenAIClient
 from service.llm.serve import free_port
+from service.scoring.campaign import open_campaign
 from service.scoring.worker import ScoreWorkers
+from service.store.campaigns import CampaignLLM, campaign_key
 from service.store.engine import Store
 from service.store.matches import store_match_pair
-from service.store.models import Example, Explanation, Job, Latent, LlmCall, Sae, Score
+from service.store.models import Campaign, Example, Explanation, Job, Latent, LlmCall, Sae, Score
 from service.store.queue import (
     Lease,
     LeaseKeeper,
     LeaseLost,
     claim,
     complete,
-    config_hash,
-    enqueue,
     fail,
     release,
     renew,
@@ -61,11 +61,16 @@ def make_run(store: Store, n_latents: int = 20, name: str = "r") -> list[int]:
         )
 
 
-def queue_jobs(store: Store, n: int, stage: str = "explain", max_attempts: int = 3) -> list[int]:
+def queue_latents(store: Store, n: int, stage: str = "explain", max_attempts: int = 3) -> list[int]:
     latents = make_run(store, n)
     with store.session() as session, session.begin():
-        assert enqueue(session, latents, stage, {"model": "m"}, max_attempts) == n
+        assert queue_jobs(session, latents, stage, {"seed": 1}, max_attempts) == n
     return latents
+
+
+def in_campaign(session: Session) -> Campaign:
+    """The campaign of the default score config and LLM."""
+    return open_campaign(session, ScoreConfig(), LLMConfig())
 
 
 def job_states(store: Store) -> dict[str, int]:
@@ -81,7 +86,7 @@ def write_result(lease: Lease):
                 job_id=lease.job_id,
                 explainer="test",
                 model=lease.owner,
-                config_hash=lease.config_hash,
+                campaign_id=lease.campaign_id,
                 text=f"attempt {lease.attempt}",
             )
         )
@@ -89,27 +94,41 @@ def write_result(lease: Lease):
     return write
 
 
-def test_config_hash_ignores_key_order():
-    assert config_hash({"a": 1, "b": [1, 2]}) == config_hash({"b": [1, 2], "a": 1})
-    assert config_hash({"a": 1}) != config_hash({"a": 2})
+def test_campaign_key_ignores_key_order_and_names_the_llm():
+    llm = CampaignLLM("openai", "m")
+    assert campaign_key({"a": 1, "b": [1, 2]}, llm) == campaign_key({"b": [1, 2], "a": 1}, llm)
+    assert campaign_key({"a": 1}, llm) != campaign_key({"a": 2}, llm)
+    assert campaign_key({"a": 1}, llm) != campaign_key({"a": 1}, CampaignLLM("openai", "other"))
+    # The servers are recorded, not keyed: a bigger fleet is the same campaign.
+    assert campaign_key({"a": 1}, llm) == campaign_key(
+        {"a": 1}, CampaignLLM("openai", "m", ("http://a/v1", "http://b/v1"))
+    )
 
 
 def test_enqueue_is_idempotent_per_latent_stage_and_config(store: Store):
     latents = make_run(store, 10)
     with store.session() as session, session.begin():
-        assert enqueue(session, latents, "explain", {"model": "m"}) == 10
-        assert enqueue(session, latents + latents[:3], "explain", {"model": "m"}) == 0
-        assert enqueue(session, latents[:4], "explain", {"model": "other"}) == 4
-        assert enqueue(session, latents[:2], "score", {"model": "m"}) == 2
-    assert job_states(store) == {"queued": 16}
+        assert queue_jobs(session, latents, "explain", {"seed": 1}) == 10
+        assert queue_jobs(session, latents + latents[:3], "explain", {"seed": 1}) == 0
+        assert queue_jobs(session, latents[:4], "explain", {"seed": 2}) == 4
+        assert queue_jobs(session, latents[:2], "score", {"seed": 1}) == 2
+        # The same config with another LLM is another campaign: new jobs, not duplicates.
+        other_llm = LLMConfig(model="another-model")
+        assert queue_jobs(session, latents[:3], "explain", {"seed": 1}, llm=other_llm) == 3
+    assert job_states(store) == {"queued": 19}
 
 
 def test_claim_leases_oldest_first_and_counts_attempts(store: Store):
-    latents = queue_jobs(store, 5)
+    latents = queue_latents(store, 5)
     leases = claim(store, "w1", n=3, stage="explain", lease_seconds=60)
     assert [lease.latent_id for lease in leases] == latents[:3]
     assert all(lease.attempt == 1 and lease.owner == "w1" for lease in leases)
-    assert leases[0].config == {"model": "m"}
+    with store.read_session() as session:
+        campaign = session.get(Campaign, leases[0].campaign_id)
+        # Stored resolved: every field, so a job never runs "whatever today's defaults are".
+        assert campaign is not None and campaign.config == ScoreConfig(seed=1).model_dump(
+            mode="json"
+        )
     assert len(claim(store, "w2", n=10, stage="explain")) == 2
     assert claim(store, "w3", n=10, stage="explain") == []
     assert claim(store, "w3", n=10, stage="score") == []
@@ -117,7 +136,7 @@ def test_claim_leases_oldest_first_and_counts_attempts(store: Store):
 
 
 def test_concurrent_claims_hand_each_job_to_one_worker(store: Store):
-    queue_jobs(store, 300)
+    queue_latents(store, 300)
     claimed: dict[str, list[int]] = {}
     errors: list[BaseException] = []
 
@@ -155,7 +174,7 @@ def test_claim_leases_no_more_than_n_whatever_the_plan(store: Store):
             dbapi_connection.commit()
 
         store.engine.dispose()
-    queue_jobs(store, 20)
+    queue_latents(store, 20)
     leases = claim(store, "w1", n=2, stage="explain")
     assert len(leases) == 2
     with store.read_session() as session:
@@ -167,7 +186,7 @@ def test_claim_leases_no_more_than_n_whatever_the_plan(store: Store):
 def test_claim_leases_exactly_what_it_returns_under_contention(store: Store):
     """Each claim(n) returns at most n leases, and every row it leased is among them: no job
     is left leased to a worker that does not know it holds it."""
-    queue_jobs(store, 200)
+    queue_latents(store, 200)
     returned: dict[str, set[int]] = {}
     oversized: list[int] = []
     errors: list[BaseException] = []
@@ -197,7 +216,7 @@ def test_claim_leases_exactly_what_it_returns_under_contention(store: Store):
 
 
 def test_expired_lease_is_reclaimed_and_the_old_owner_is_fenced_off(store: Store):
-    queue_jobs(store, 1)
+    queue_latents(store, 1)
     (old,) = claim(store, "slow", lease_seconds=0.3)
     assert claim(store, "fast", lease_seconds=60) == []
     time.sleep(0.5)
@@ -225,7 +244,7 @@ def test_expired_lease_is_reclaimed_and_the_old_owner_is_fenced_off(store: Store
 
 
 def test_renewed_lease_is_not_reclaimed(store: Store):
-    queue_jobs(store, 1)
+    queue_latents(store, 1)
     (lease,) = claim(store, "w1", lease_seconds=0.4)
     for _ in range(3):
         time.sleep(0.2)
@@ -237,7 +256,7 @@ def test_renewed_lease_is_not_reclaimed(store: Store):
 
 
 def test_lease_keeper_holds_a_lease_past_its_first_expiry(store: Store):
-    queue_jobs(store, 1)
+    queue_latents(store, 1)
     leases = claim(store, "w1", lease_seconds=0.3)
     with LeaseKeeper(store, leases, lease_seconds=0.3) as keeper:
         time.sleep(0.8)
@@ -248,7 +267,7 @@ def test_lease_keeper_holds_a_lease_past_its_first_expiry(store: Store):
 
 
 def test_fail_requeues_until_max_attempts_then_keeps_the_error(store: Store):
-    queue_jobs(store, 1, max_attempts=2)
+    queue_latents(store, 1, max_attempts=2)
     (lease,) = claim(store, "w1")
     assert fail(store, lease, "boom 1") == "queued"
     (lease,) = claim(store, "w1")
@@ -262,13 +281,13 @@ def test_fail_requeues_until_max_attempts_then_keeps_the_error(store: Store):
 
 
 def test_fail_without_retry_fails_at_once(store: Store):
-    queue_jobs(store, 1)
+    queue_latents(store, 1)
     (lease,) = claim(store, "w1")
     assert fail(store, lease, "bad input", retry=False) == "failed"
 
 
 def test_release_requeues_without_counting_the_attempt(store: Store):
-    queue_jobs(store, 1, max_attempts=1)
+    queue_latents(store, 1, max_attempts=1)
     (lease,) = claim(store, "w1")
     release(store, lease, "interrupted")
     with store.read_session() as session:
@@ -286,7 +305,7 @@ def test_release_requeues_without_counting_the_attempt(store: Store):
 
 
 def test_lease_expiring_on_the_last_attempt_fails_the_job(store: Store):
-    queue_jobs(store, 1, max_attempts=1)
+    queue_latents(store, 1, max_attempts=1)
     claim(store, "dies", lease_seconds=0.2)
     time.sleep(0.4)
     assert claim(store, "w2") == []
@@ -296,7 +315,7 @@ def test_lease_expiring_on_the_last_attempt_fails_the_job(store: Store):
 
 
 def test_status_counts_rate_and_eta(store: Store):
-    queue_jobs(store, 10)
+    queue_latents(store, 10)
     for lease in claim(store, "w", n=4):
         with store.session() as session, session.begin():
             complete(session, lease)
@@ -368,7 +387,7 @@ def test_worker_completes_fails_and_drains(
             )
             if latent_id in corrupt:
                 add_corrupt_window(session, latent_id)
-        assert enqueue(session, latents, "explain", LLM_FREE_JOB, max_attempts=2) == 12
+        assert queue_jobs(session, latents, "explain", LLM_FREE_JOB, max_attempts=2) == 12
 
     # Never contacted: a client to a closed port proves that no request is made.
     llm = OpenAIClient(LLMConfig(urls=[f"http://127.0.0.1:{free_port()}"]))
@@ -406,7 +425,7 @@ def test_max_jobs_is_never_passed_by_concurrent_slots(
     with store.session() as session, session.begin():
         for latent_id in latents:
             add_planted_windows(session, latent_id, planted)
-        assert enqueue(session, latents, "explain", LLM_FREE_JOB) == 6
+        assert queue_jobs(session, latents, "explain", LLM_FREE_JOB) == 6
     llm = OpenAIClient(LLMConfig(urls=[f"http://127.0.0.1:{free_port()}"]))
     loop = ScoreWorkers(store, llm, home, workers=4, max_jobs=3, poll_seconds=0.05)
     stats = asyncio.run(loop.run())
@@ -421,15 +440,19 @@ def test_queue_run_all_skips_dead_latents_and_is_idempotent(store: Store):
     latents = make_run(store, 10)
     with store.session() as session, session.begin():
         session.execute(update(Latent).where(Latent.id == latents[0]).values(firing_count=0))
-    result = queue_run(store, "r", QueueConfig(selection="all"))
+    result = queue_run(store, "r", in_campaign, QueueConfig(selection="all"))
     assert (result.selected, result.inserted) == (19, 19)
-    assert queue_run(store, "r").inserted == 0
+    assert queue_run(store, "r", in_campaign).inserted == 0
 
 
 def test_queue_run_sample_is_seeded(store: Store):
     make_run(store, 50)
-    first = queue_run(store, "r", QueueConfig(stage="a", selection="sample", latents=10, seed=3))
-    again = queue_run(store, "r", QueueConfig(stage="b", selection="sample", latents=10, seed=3))
+    first = queue_run(
+        store, "r", in_campaign, QueueConfig(stage="a", selection="sample", latents=10, seed=3)
+    )
+    again = queue_run(
+        store, "r", in_campaign, QueueConfig(stage="b", selection="sample", latents=10, seed=3)
+    )
     with store.read_session() as session:
         chosen = {
             stage: set(session.scalars(select(Job.latent_id).where(Job.stage == stage)))
@@ -454,7 +477,9 @@ def test_queue_run_stratified_takes_equal_shared_and_specific(store: Store):
             cos_encoder=cos,
             solver="scipy",
         )
-    result = queue_run(store, "r", QueueConfig(selection="stratified", latents=5, seed=1))
+    result = queue_run(
+        store, "r", in_campaign, QueueConfig(selection="stratified", latents=5, seed=1)
+    )
     assert (result.shared, result.seed_specific, result.inserted) == (3, 3, 6)
     with store.read_session() as session:
         indices = sorted(
@@ -468,12 +493,12 @@ def test_queue_run_stratified_takes_equal_shared_and_specific(store: Store):
 def test_queue_run_stratified_without_matches_is_refused(store: Store):
     make_run(store, 10)
     with pytest.raises(UserError, match="no stored matches"):
-        queue_run(store, "r", QueueConfig(selection="stratified", latents=5))
+        queue_run(store, "r", in_campaign, QueueConfig(selection="stratified", latents=5))
     assert job_states(store) == {}
 
 
 def test_queue_run_of_a_missing_run_changes_nothing(store: Store):
     make_run(store, 10)
     with pytest.raises(UserError, match="no run named 'ghost'"):
-        queue_run(store, "ghost")
+        queue_run(store, "ghost", in_campaign)
     assert job_states(store) == {}

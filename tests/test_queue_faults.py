@@ -40,14 +40,13 @@ from typing import Any, TypeVar
 
 import numpy as np
 import pytest
-from planted_store import LLM_FREE_JOB, add_planted_windows, plant_small
+from planted_store import LLM_FREE_JOB, add_planted_windows, plant_small, queue_jobs
 from sqlalchemy import Connection, func, select, text
 from sqlalchemy.engine import make_url
 
 from service.scoring.planted import RULES
 from service.store.engine import Store
 from service.store.models import Explanation, Job, LlmCall, Prediction, Score, utcnow
-from service.store.queue import enqueue
 from service.store.runs import latent_ids, register_run, register_sae
 
 AUTOINTERP = str(Path(sys.executable).with_name("autointerp"))
@@ -156,7 +155,7 @@ def queue_planted_jobs(store: Store, tokenizer: Any, corpus_windows: np.ndarray)
         ids = [int(latent_id) for latent_id in latent_ids(session, sae)]
         for index, latent_id in enumerate(ids):
             add_planted_windows(session, latent_id, planted[index % len(planted)])
-        assert enqueue(session, ids, STAGE, LLM_FREE_JOB) == N_JOBS
+        assert queue_jobs(session, ids, STAGE, LLM_FREE_JOB) == N_JOBS
     return ids
 
 

@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 
 import numpy as np
 import pytest
-from planted_store import store_planted_run
+from planted_store import queue_jobs, store_planted_run
 from sqlalchemy import func, select
 
 from service.cache.windows import load_latent_examples
@@ -33,7 +33,6 @@ from service.scoring.pipeline import split_for
 from service.scoring.worker import score_queue
 from service.store.engine import Store
 from service.store.models import Explanation, Job, LlmCall, Prediction, Score
-from service.store.queue import enqueue
 
 pytestmark = pytest.mark.vllm
 
@@ -103,7 +102,7 @@ def planted_latents(
 
 def queue(store: Store, latent_ids: list[int], config: ScoreConfig) -> None:
     with store.session() as session, session.begin():
-        enqueue(session, latent_ids, "explain", config.model_dump())
+        queue_jobs(session, latent_ids, "explain", config.model_dump())
 
 
 def run_workers(store: Store, home: Path, url: str, **options: Any):

@@ -4,15 +4,18 @@ once with a readable error instead of burning their attempts, and the run goes o
 import asyncio
 from pathlib import Path
 
+import pytest
+from planted_store import queue_jobs
+from pydantic import ValidationError
 from sqlalchemy import select
 
+from sae.errors import UserError
 from service.config import LLMConfig
 from service.llm.openai_client import OpenAIClient
 from service.llm.serve import free_port
 from service.scoring.worker import ScoreWorkers
 from service.store.engine import Store
 from service.store.models import Explanation, Job, Latent
-from service.store.queue import enqueue
 from service.store.runs import register_run, register_sae
 
 
@@ -31,17 +34,37 @@ def test_unusable_jobs_fail_at_once_with_their_reason(store: Store, home: Path):
         )
         register_sae(session, run, 0, n_latents=3, d_in=576)
         ids = list(session.scalars(select(Latent.id).order_by(Latent.index)))
-        enqueue(session, [ids[0]], "explain", {"scorers": ["simulation"]})
-        enqueue(session, [ids[1]], "explain", {"n_positive": "many"})
-        enqueue(session, [ids[2]], "explain", {})  # no example windows stored
+        queue_jobs(session, [ids[2]], "explain", {})  # no example windows stored
     # Never reached: every job fails before its first request.
     llm = OpenAIClient(LLMConfig(urls=[f"http://127.0.0.1:{free_port()}"]))
     stats = asyncio.run(ScoreWorkers(store, llm, home, workers=2, poll_seconds=0.1).run())
-    assert (stats.completed, stats.failed, stats.requeued) == (0, 3, 0)
+    assert (stats.completed, stats.failed, stats.requeued) == (0, 1, 0)
     with store.read_session() as session:
-        jobs = {job.latent_id: job for job in session.scalars(select(Job))}
-        assert all(job.state == "failed" and job.attempts == 1 for job in jobs.values())
-        assert "unknown scorer 'simulation'" in (jobs[ids[0]].last_error or "")
-        assert "n_positive" in (jobs[ids[1]].last_error or "")
-        assert "no activating example" in (jobs[ids[2]].last_error or "")
+        (job,) = session.scalars(select(Job))
+        assert job.state == "failed" and job.attempts == 1
+        assert "no activating example" in (job.last_error or "")
         assert session.scalars(select(Explanation)).all() == []
+
+
+def test_unusable_configs_are_refused_when_queued(store: Store):
+    """A config that could never run is refused before any job exists, not failed later."""
+    with store.session() as session, session.begin():
+        run = register_run(
+            session,
+            "r",
+            subject_model="smollm2",
+            hookpoint="model.layers.6.mlp",
+            dataset="embedded",
+            architecture="topk",
+            n_latents=2,
+            k=8,
+            seeds=[0],
+        )
+        register_sae(session, run, 0, n_latents=2, d_in=576)
+        ids = list(session.scalars(select(Latent.id).order_by(Latent.index)))
+        with pytest.raises(UserError, match="unknown scorer 'simulation'"):
+            queue_jobs(session, ids, "explain", {"scorers": ["simulation"]})
+        with pytest.raises(ValidationError, match="n_positive"):
+            queue_jobs(session, ids, "explain", {"n_positive": "many"})
+    with store.read_session() as session:
+        assert session.scalars(select(Job)).all() == []

@@ -15,10 +15,10 @@ from typing import Any
 
 import numpy as np
 import pytest
-from planted_store import LLM_FREE_JOB, add_planted_windows, plant_small
+from planted_store import LLM_FREE_JOB, add_planted_windows, plant_small, queue_jobs
 from sqlalchemy import Connection, Engine, create_engine, event, select, text
 from sqlalchemy.pool import NullPool
-from test_queue import job_states, make_run, queue_jobs
+from test_queue import job_states, make_run, queue_latents
 
 from service.config import LLMConfig
 from service.llm.openai_client import OpenAIClient
@@ -26,7 +26,7 @@ from service.llm.serve import free_port
 from service.scoring.worker import ScoreWorkers
 from service.store.engine import Store, make_engine, normalize_url, open_store, upgrade
 from service.store.models import Explanation, Job, Score
-from service.store.queue import LeaseKeeper, claim, enqueue
+from service.store.queue import LeaseKeeper, claim
 
 LOCK_TIMEOUT_MS = 100
 
@@ -60,7 +60,7 @@ def job_locked(store: Store, job_id: int) -> Iterator[None]:
 
 
 def test_lease_keeper_rides_out_a_renewal_that_times_out(store: Store, impatient_store: Store):
-    queue_jobs(store, 1)
+    queue_latents(store, 1)
     leases = claim(store, "w1", lease_seconds=1.0)
     with LeaseKeeper(impatient_store, leases, lease_seconds=1.0) as keeper:
         time.sleep(0.1)
@@ -75,7 +75,7 @@ def test_lease_keeper_rides_out_a_renewal_that_times_out(store: Store, impatient
 def test_lease_keeper_gives_up_a_lease_it_cannot_renew_in_time(
     store: Store, impatient_store: Store, caplog: pytest.LogCaptureFixture
 ):
-    queue_jobs(store, 1)
+    queue_latents(store, 1)
     leases = claim(store, "w1", lease_seconds=0.6)
     with (
         caplog.at_level(logging.WARNING, logger="service.store.queue"),
@@ -105,7 +105,7 @@ def planted_jobs(store: Store, tokenizer: Any, corpus_windows: np.ndarray, n: in
     with store.session() as session, session.begin():
         for latent_id in latents:
             add_planted_windows(session, latent_id, planted)
-        assert enqueue(session, latents, "explain", LLM_FREE_JOB) == n
+        assert queue_jobs(session, latents, "explain", LLM_FREE_JOB) == n
     return latents
 
 

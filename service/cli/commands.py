@@ -4,7 +4,7 @@ the configs (`service.cli.options`)."""
 
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -18,7 +18,14 @@ from sae.latent_stats import CacheConfig
 from sae.matching import MatchConfig
 from sae.train import TrainConfig
 from service.cli.options import comma_integers, comma_separated, config_from, option
-from service.config import CalibrationConfig, LLMConfig, QueueConfig, ReportConfig, ScoringConfig
+from service.config import (
+    CalibrationConfig,
+    LLMConfig,
+    QueueConfig,
+    ReportConfig,
+    ScoreConfig,
+    ScoringConfig,
+)
 from service.progress import token_progress
 
 app = typer.Typer(
@@ -108,6 +115,30 @@ def db_upgrade() -> None:
         console.print(f"store upgraded from {before or 'empty'} to revision {after}")
 
 
+CAMPAIGN_OPTION = typer.Option(
+    None, "--campaign", help="campaign id (`autointerp campaigns`); default: the newest with scores"
+)
+
+
+def _score_job(
+    config_file: Path | None, explainers: list[str] | None, scorers: list[str] | None
+) -> ScoreConfig:
+    """The job config from a TOML file (the keys of a study's [score.job]) and the flags,
+    flags winning; every field resolved."""
+    import tomllib
+
+    values: dict[str, Any] = {}
+    if config_file is not None:
+        try:
+            values = tomllib.loads(config_file.read_text())
+        except (OSError, tomllib.TOMLDecodeError) as error:
+            raise UserError(f"cannot read score config {config_file}: {error}") from None
+        # A whole study file works too: its [score.job] section is the job config.
+        values = dict(values.get("score", {}).get("job", values))
+    flags = {"explainers": comma_separated(explainers), "scorers": comma_separated(scorers)}
+    return config_from(ScoreConfig, values | {k: v for k, v in flags.items() if v is not None})
+
+
 @app.command("queue")
 def queue_command(
     run: str = typer.Option(..., help="name of the run whose latents to queue"),
@@ -115,16 +146,50 @@ def queue_command(
     latents: int | None = option(QueueConfig, "latents"),
     seed: int = option(QueueConfig, "seed"),
     stage: str = option(QueueConfig, "stage"),
+    config_file: Annotated[
+        Path | None,
+        typer.Option("--config", help="score config TOML: the keys of a study's [score.job]"),
+    ] = None,
+    explainers: list[str] | None = option(ScoreConfig, "explainers"),
+    scorers: list[str] | None = option(ScoreConfig, "scorers"),
+    model: str = option(LLMConfig, "model"),
+    backend: str = option(LLMConfig, "backend"),
+    urls: list[str] | None = option(LLMConfig, "urls", "--llm-url"),
+    retry_failed: bool = typer.Option(
+        False, "--retry-failed", help="queue the campaign's failed jobs again, fresh attempts"
+    ),
+    campaign: int | None = CAMPAIGN_OPTION,
 ) -> None:
-    """Queue a run's latents for a stage; latents already queued are left as they are."""
+    """Queue a run's latents in a scoring campaign (the score config and the LLM); latents
+    already queued in that campaign are left as they are."""
     from service.config import get_settings
+    from service.scoring.campaign import open_campaign
+    from service.store.campaigns import describe, get_campaign
     from service.store.engine import open_store
+    from service.store.queue import retry_failed as requeue_failed
     from service.store.sampling import queue_run
 
+    store = open_store(get_settings().db)
+    job = _score_job(config_file, explainers, scorers)
+    llm = config_from(
+        LLMConfig, {"urls": comma_separated(urls), "model": model, "backend": backend}
+    )
+    if retry_failed:
+        with store.session() as session, session.begin():
+            chosen = (
+                get_campaign(session, campaign)
+                if campaign is not None
+                else open_campaign(session, job, llm)
+            )
+            n = requeue_failed(session, chosen.id, stage)
+            console.print(f"{n} failed {stage} jobs queued again in {describe(chosen)}")
+        return
+    if campaign is not None:
+        raise UserError("--campaign only chooses what --retry-failed requeues; drop it")
     config = config_from(
         QueueConfig, {"selection": selection, "latents": latents, "seed": seed, "stage": stage}
     )
-    result = queue_run(open_store(get_settings().db), run, config)
+    result = queue_run(store, run, lambda session: open_campaign(session, job, llm), config)
     detail = (
         f" ({result.shared} shared, {result.seed_specific} seed-specific)"
         if result.shared is not None
@@ -132,13 +197,47 @@ def queue_command(
     )
     console.print(
         f"{result.selected} latents of {result.run}{detail}: {result.inserted} new "
-        f"{result.stage} jobs, {result.selected - result.inserted} already queued",
+        f"{result.stage} jobs, {result.selected - result.inserted} already queued, in "
+        f"{result.campaign}",
         highlight=False,
     )
 
 
+@app.command("campaigns")
+def campaigns_command() -> None:
+    """List the scoring campaigns: their LLM and config, jobs by state, latents scored."""
+    from service.config import get_settings
+    from service.store.campaigns import list_campaigns
+    from service.store.engine import open_store
+    from service.store.models import JOB_STATES
+
+    store = open_store(get_settings().db)
+    with store.read_session() as session:
+        summaries = list_campaigns(session)
+        table = Table(
+            "id", "LLM", "explainers", "scorers", *JOB_STATES, "latents scored", "state", "created"
+        )
+        for summary in summaries:
+            campaign = summary.campaign
+            config = campaign.config or {}
+            llm = campaign.llm_model or ("not recorded" if campaign.llm else "none")
+            table.add_row(
+                str(campaign.id),
+                llm if campaign.llm_backend is None else f"{llm} ({campaign.llm_backend})",
+                ", ".join(config.get("explainers", [])) or "-",
+                ", ".join(config.get("scorers", [])) or "-",
+                *(str(summary.jobs[state]) for state in JOB_STATES),
+                str(summary.latents_scored),
+                summary.state,
+                f"{campaign.created_at:%Y-%m-%d %H:%M}",
+            )
+    console.print(table if summaries else "no campaigns yet: `autointerp queue` starts one")
+
+
 @app.command("status")
-def status_command() -> None:
+def status_command(
+    campaign: int | None = typer.Option(None, "--campaign", help="only this campaign's jobs"),
+) -> None:
     """Jobs by stage and state, the recent completion rate and the time left; LLM requests
     and errors per server."""
     from service.config import get_settings
@@ -146,7 +245,7 @@ def status_command() -> None:
     from service.store.models import JOB_STATES
     from service.store.queue import status
 
-    report = status(open_store(get_settings().db))
+    report = status(open_store(get_settings().db), campaign_id=campaign)
     table = Table("stage", *JOB_STATES, "jobs/s", "ETA", title="job queue")
     for row in [*report.stages, report.total]:
         rate = f"{row.rate_per_s:.2f}" if row.rate_per_s is not None else "-"
@@ -582,8 +681,10 @@ def report_command(
     agreement: bool = option(ReportConfig, "agreement"),
     good_threshold: float = option(ReportConfig, "good_threshold"),
     seed: int = option(ReportConfig, "seed"),
+    campaign: int | None = CAMPAIGN_OPTION,
 ) -> None:
-    """Shared vs seed-specific interpretability of a run: tables, statistics, plots."""
+    """Shared vs seed-specific interpretability of a run, on one campaign's scores: tables,
+    statistics, plots."""
     from service.config import get_settings
     from service.report import check_html_path, make_report, write_html
     from service.report.terminal import headline
@@ -598,7 +699,7 @@ def report_command(
     store = open_store(get_settings().db)
     try:
         with err_console.status(f"computing the report on run {run}"):
-            result = make_report(store, run, config)
+            result = make_report(store, run, config, campaign)
     finally:
         store.dispose()
     if html is not None:
@@ -618,6 +719,7 @@ def show_command(
     sae: str = typer.Argument(..., help="RUN:SEED, or RUN:HOOKPOINT:SEED"),
     latent: int = typer.Argument(..., help="latent index within the SAE"),
     contexts: int = typer.Option(5, help="top-activating contexts to show"),
+    campaign: int | None = CAMPAIGN_OPTION,
 ) -> None:
     """One latent: explanations, scores, partners in other seeds, top contexts."""
     from sae.subject_model import load_tokenizer
@@ -629,7 +731,12 @@ def show_command(
     store = open_store(settings.db)
     try:
         view = show_latent(
-            store, sae, latent, lambda model: load_tokenizer(model, settings.home), contexts
+            store,
+            sae,
+            latent,
+            lambda model: load_tokenizer(model, settings.home),
+            contexts,
+            campaign,
         )
     finally:
         store.dispose()

@@ -89,7 +89,7 @@ class LLMExplainer(Explainer):
         try:
             completion = await llm.chat(messages, params)
         except LLMError as error:
-            if error.transient:
+            if error.fails_the_job:
                 raise
             return ExplanationResult(self.name, "", str(error), False, error.calls)
         text = parse_explanation(completion.text)

@@ -99,20 +99,42 @@ class LLMError(Exception):
     """A request that failed for good; `calls` holds every attempt, for the store.
 
     `transient`: the servers were unreachable or overloaded for the whole retry period, so
-    the same request may well succeed later (the job should be retried); otherwise the
-    request itself was refused (too long, malformed) and will fail again.
+    the same request may well succeed later (the job should be retried). `status`: the HTTP
+    status of a server's refusal; a 4xx other than 429 (`refused`: a wrong API key, a model
+    the server does not serve, a request it cannot take) fails the same way every time, so it
+    fails the job rather than pass for an unparseable answer. Otherwise the answer itself was
+    unusable (an unreadable body) and counts as a parse failure.
     """
 
-    def __init__(self, message: str, calls: list[CallRecord], transient: bool = False):
+    def __init__(
+        self,
+        message: str,
+        calls: list[CallRecord],
+        transient: bool = False,
+        status: int | None = None,
+    ):
         super().__init__(message)
         self.calls = calls
         self.transient = transient
+        self.status = status
+
+    @property
+    def refused(self) -> bool:
+        return self.status is not None and 400 <= self.status < 500 and self.status != 429
+
+    @property
+    def fails_the_job(self) -> bool:
+        """Whether the job must stop here: the LLM could not be reached, or refused."""
+        return self.transient or self.refused
 
 
 class LLMClient(ABC):
     """One LLM backend. Safe to share between concurrent tasks of one event loop."""
 
     model: str
+    # The registered name of the backend (`LLMConfig.backend`): with `model`, the LLM's
+    # identity in a campaign.
+    backend: str
     # Whether `SamplingParams.json_schema` is enforced (guided decoding) by this backend.
     enforces_json_schema: bool = False
 

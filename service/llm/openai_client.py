@@ -143,6 +143,7 @@ class OpenAIClient(LLMClient):
     """Chat completions against one or more OpenAI-compatible base URLs."""
 
     enforces_json_schema = True
+    backend = "openai"
 
     def __init__(self, config: LLMConfig):
         if not config.urls:
@@ -247,7 +248,7 @@ class OpenAIClient(LLMClient):
                 retryable = response.status_code == 429 or response.status_code >= 500
                 if not retryable:
                     endpoint.errors += 1
-                    raise LLMError(record.error, calls)
+                    raise LLMError(record.error, calls, status=response.status_code)
                 retry_after = _retry_after(response)
             endpoint.failed(retry_after)
             # At once when a server is out of back-off, else when the first one's ends.

@@ -35,6 +35,7 @@ IN_PROCESS = "in-process"
 class TransformersClient(LLMClient):
     """Generates with a transformers causal LM loaded on first use."""
 
+    backend = "transformers"
     enforces_json_schema = True
 
     def __init__(self, model: str, home: Path, loaded: tuple[Any, Any] | None = None):

@@ -28,11 +28,14 @@ class ReportResult:
     data: RunData
 
 
-def make_report(store: Store, run_name: str, config: ReportConfig | None = None) -> ReportResult:
-    """Load the run and compute its report; the embedding model loads only when explanation
+def make_report(
+    store: Store, run_name: str, config: ReportConfig | None = None, campaign: int | None = None
+) -> ReportResult:
+    """Load the run and compute its report on the scores of campaign `campaign` (None: the
+    newest with scores for the run); the embedding model loads only when explanation
     agreement has matched explanations to compare."""
     config = config or ReportConfig()
-    data = load_run_data(store, run_name)
+    data = load_run_data(store, run_name, campaign)
 
     def embed(texts: Sequence[str]) -> np.ndarray:
         from service.scorers.embedder import load_embedder
@@ -40,6 +43,7 @@ def make_report(store: Store, run_name: str, config: ReportConfig | None = None)
         return load_embedder(config.embedding_model).embed(texts)
 
     report = build_report(data, config, embed if config.agreement else None)
+    report.campaign = data.campaign
     return ReportResult(report, data)
 
 

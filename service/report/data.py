@@ -31,6 +31,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from service.scorers import primary_metric
+from service.store.campaigns import campaign_for_run, describe
 from service.store.engine import Store
 from service.store.matches import StoredPair, read_pair
 from service.store.models import (
@@ -177,6 +178,8 @@ class RunData:
     explanations: dict[str, dict[tuple[int, int], str]]
     scores: list[ScoreData]
     n_examples: int
+    # The one campaign the explanations and scores come from (None: nothing scored yet).
+    campaign: str | None = None
 
     def score_sets(self, control: str = CONTROL_OWN) -> list[ScoreData]:
         return [score for score in self.scores if score.control == control]
@@ -260,22 +263,22 @@ def _latent_keys(saes: list[SaeData]) -> dict[int, tuple[int, int]]:
 
 
 def _load_explanations(
-    session: Session, sae_ids: list[int], keys: dict[int, tuple[int, int]]
+    session: Session, campaign_id: int, sae_ids: list[int], keys: dict[int, tuple[int, int]]
 ) -> dict[str, dict[tuple[int, int], str]]:
     of_run = Explanation.latent_id.in_(select(Latent.id).where(Latent.sae_id.in_(sae_ids)))
     explanations: dict[str, dict[tuple[int, int], str]] = {}
-    for latent_id, explainer, text in latest_explanations(session, of_run):
+    for latent_id, explainer, text in latest_explanations(session, campaign_id, of_run):
         if text and latent_id in keys:
             explanations.setdefault(explainer, {})[keys[latent_id]] = text
     return explanations
 
 
 def _load_scores(
-    session: Session, sae_ids: list[int], keys: dict[int, tuple[int, int]]
+    session: Session, campaign_id: int, sae_ids: list[int], keys: dict[int, tuple[int, int]]
 ) -> list[ScoreData]:
     of_run = Score.latent_id.in_(select(Latent.id).where(Latent.sae_id.in_(sae_ids)))
     grouped: dict[tuple[str, str, str], list[tuple[int, int, int, int, float, int, int]]] = {}
-    for row in latest_scores(session, of_run):
+    for row in latest_scores(session, campaign_id, of_run):
         score = row.score
         if score.latent_id not in keys:
             continue
@@ -315,8 +318,10 @@ def _load_scores(
     return scores
 
 
-def load_run_data(store: Store, run_name: str) -> RunData:
-    """Read everything the report needs about the run `run_name` (UserError if unknown).
+def load_run_data(store: Store, run_name: str, campaign_id: int | None = None) -> RunData:
+    """Read everything the report needs about the run `run_name` (UserError if unknown),
+    with the explanations and scores of campaign `campaign_id` (None: the newest campaign
+    with scores for the run).
 
     A run without SAEs, matchings or scores loads fine, with those parts empty."""
     with store.read_session() as session:
@@ -325,8 +330,12 @@ def load_run_data(store: Store, run_name: str) -> RunData:
         sae_ids = [sae.id for sae in saes]
         keys = _latent_keys(saes)
         hookpoints = _group_hookpoints(session, saes)
-        explanations = _load_explanations(session, sae_ids, keys) if sae_ids else {}
-        scores = _load_scores(session, sae_ids, keys) if sae_ids else []
+        campaign = campaign_for_run(session, campaign_id, run.id)
+        explanations: dict[str, dict[tuple[int, int], str]] = {}
+        scores: list[ScoreData] = []
+        if campaign is not None and sae_ids:
+            explanations = _load_explanations(session, campaign.id, sae_ids, keys)
+            scores = _load_scores(session, campaign.id, sae_ids, keys)
         n_examples = (
             int(
                 session.scalar(
@@ -350,4 +359,5 @@ def load_run_data(store: Store, run_name: str) -> RunData:
             run.k,
             list(run.seeds),
         )
-    return RunData(info, hookpoints, explanations, scores, n_examples)
+    label = describe(campaign) if campaign is not None else None
+    return RunData(info, hookpoints, explanations, scores, n_examples, label)

@@ -140,6 +140,9 @@ class Report(BaseModel):
     config: ReportConfig
     hookpoints: list[HookpointReport]
     missing: list[str] = Field(description="what the run lacks, and the command that adds it")
+    campaign: str | None = Field(
+        default=None, description="the one campaign every explanation and score comes from"
+    )
 
 
 def _mean_or_none(values: np.ndarray) -> float | None:

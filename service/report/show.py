@@ -1,6 +1,7 @@
 """`autointerp show SAE LATENT`: one latent on the terminal.
 
-Its firing statistics, its latest explanation per explainer, its scores, its partner in each
+Its firing statistics, its explanation per explainer and its scores in one campaign (the
+newest with scores for the run unless `--campaign` names one), its partner in each
 other seed of the same hookpoint (decoder and encoder partners with their cosines, whether it
 is shared, and the partner's explanation), and its top contexts with the firing tokens
 highlighted by activation.
@@ -24,6 +25,7 @@ from sqlalchemy.orm import Session
 
 from sae.errors import UserError
 from sae.subject_model import token_strings
+from service.store.campaigns import campaign_for_run, describe
 from service.store.engine import Store
 from service.store.matches import read_pair
 from service.store.models import Example, Explanation, Latent, Run, Sae
@@ -89,6 +91,7 @@ class LatentView:
     scores: list[LatestScore]
     partners: list[Partner]
     contexts: list[Context]
+    campaign: str | None = None
 
 
 def resolve_sae(session: Session, spec: str) -> Sae:
@@ -121,28 +124,36 @@ def resolve_sae(session: Session, spec: str) -> Sae:
     raise UserError(f"run {run.name!r} has no seed-{seed} SAE{where} (SAEs: {listing})")
 
 
-def _latest_explanations(session: Session, latent_id: int) -> dict[str, str]:
-    rows = latest_explanations(session, Explanation.latent_id == latent_id)
+def _latest_explanations(
+    session: Session, campaign_id: int | None, latent_id: int
+) -> dict[str, str]:
+    if campaign_id is None:
+        return {}
+    rows = latest_explanations(session, campaign_id, Explanation.latent_id == latent_id)
     return {explainer: text for _, explainer, text in rows}
 
 
-def _scores(session: Session, latent_id: int) -> list[LatestScore]:
+def _scores(session: Session, campaign_id: int | None, latent_id: int) -> list[LatestScore]:
+    if campaign_id is None:
+        return []
     return sorted(
-        latest_scores(session, [latent_id]),
+        latest_scores(session, campaign_id, [latent_id]),
         key=lambda line: (line.explainer, line.score.scorer, line.score.control),
     )
 
 
-def _partner_explanations(session: Session, sae_id: int, index: int | None) -> dict[str, str]:
+def _partner_explanations(
+    session: Session, campaign_id: int | None, sae_id: int, index: int | None
+) -> dict[str, str]:
     if index is None:
         return {}
     latent_id = session.scalar(
         select(Latent.id).where(Latent.sae_id == sae_id, Latent.index == index)
     )
-    return _latest_explanations(session, latent_id) if latent_id is not None else {}
+    return _latest_explanations(session, campaign_id, latent_id) if latent_id is not None else {}
 
 
-def _partners(session: Session, sae: Sae, index: int) -> list[Partner]:
+def _partners(session: Session, campaign_id: int | None, sae: Sae, index: int) -> list[Partner]:
     others = session.scalars(
         select(Sae)
         .where(Sae.run_id == sae.run_id, Sae.hookpoint == sae.hookpoint, Sae.id != sae.id)
@@ -163,7 +174,9 @@ def _partners(session: Session, sae: Sae, index: int) -> list[Partner]:
             _finite(pair.cos_encoder[0]),
             pair.threshold,
         )
-        partner.explanations = _partner_explanations(session, other.id, partner.decoder_partner)
+        partner.explanations = _partner_explanations(
+            session, campaign_id, other.id, partner.decoder_partner
+        )
         partners.append(partner)
     return partners
 
@@ -204,9 +217,12 @@ def show_latent(
     index: int,
     tokenizer: Callable[[str], Any],
     n_contexts: int = DEFAULT_CONTEXTS,
+    campaign_id: int | None = None,
 ) -> LatentView:
-    """Everything `show` prints about latent `index` of the SAE `sae_spec`. `tokenizer` maps
-    the run's subject model to its tokenizer; it is called only when there are contexts."""
+    """Everything `show` prints about latent `index` of the SAE `sae_spec`, with the
+    explanations and scores of campaign `campaign_id` (None: the newest with scores for the
+    run). `tokenizer` maps the run's subject model to its tokenizer; it is called only when
+    there are contexts."""
     with store.read_session() as session:
         sae = resolve_sae(session, sae_spec)
         run = session.get(Run, sae.run_id)
@@ -224,6 +240,8 @@ def show_latent(
                 f"latent {index} of SAE {sae_spec} is not in the store; register the SAE again"
             )
         subject_model = run.subject_model
+        campaign = campaign_for_run(session, campaign_id, run.id)
+        chosen = campaign.id if campaign is not None else None
         return LatentView(
             run=run.name,
             hookpoint=sae.hookpoint,
@@ -233,10 +251,11 @@ def show_latent(
             firing_count=latent.firing_count,
             firing_frequency=latent.firing_frequency,
             max_activation=latent.max_activation,
-            explanations=_latest_explanations(session, latent.id),
-            scores=_scores(session, latent.id),
-            partners=_partners(session, sae, index),
+            explanations=_latest_explanations(session, chosen, latent.id),
+            scores=_scores(session, chosen, latent.id),
+            partners=_partners(session, chosen, sae, index),
             contexts=_contexts(session, latent.id, lambda: tokenizer(subject_model), n_contexts),
+            campaign=describe(campaign) if campaign is not None else None,
         )
 
 
@@ -268,6 +287,8 @@ def render_latent(view: LatentView) -> list[RenderableType]:
     facts.add_row("firing frequency", _number(view.firing_frequency, 6))
     facts.add_row("max activation", _number(view.max_activation))
     parts: list[RenderableType] = [Text(title, style="bold"), facts]
+    if view.campaign is not None:
+        parts.append(Text(f"explanations and scores of {view.campaign}"))
     explanations = Table("explainer", "explanation", title="explanations")
     for explainer, explanation in view.explanations.items():
         explanations.add_row(explainer, explanation)

@@ -169,6 +169,8 @@ def headline(report: Report) -> list[RenderableType]:
     parts: list[RenderableType] = [
         Text(f"report on run {report.run} ({report.subject_model})", style="bold")
     ]
+    if report.campaign is not None:
+        parts.append(Text(f"scores of {report.campaign}"))
     for group in report.hookpoints:
         if group.pairs:
             parts.append(_pairs(group))

@@ -195,7 +195,7 @@ class ClassifierScorer(Scorer):
         try:
             completion = await llm.chat(messages, params)
         except LLMError as error:
-            if error.transient:
+            if error.fails_the_job:
                 raise
             failed = [Verdict(item.window, item.label, None, raw=str(error)) for item in batch]
             return failed, error.calls

@@ -4,7 +4,9 @@ queue, progress), the calibration and the benchmark call `explain_and_score`.
 
 Controls: given the windows of other latents, each explainer also explains THOSE latents
 (each from its own split, exactly as that latent's own job would), and every scorer tests
-those explanations on this latent's held-out windows, labelled with the control's name. The
+those explanations on this latent's held-out windows, labelled with the control's name. An
+explanation the campaign already holds (`known`: the latent's own, or a control's, written
+by an earlier job) is reused, not asked for again. The
 shuffled control is a random other latent of the same SAE: a scorer that rates a foreign
 explanation as well as the latent's own is not measuring the explanation. Cross-seed scoring
 uses the latent's matched partner in another seed: does the partner's explanation transfer?
@@ -13,7 +15,7 @@ uses the latent's matched partner in another seed: does the partner's explanatio
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from service.cache.windows import ExampleSplit, LatentExamples, split_examples
@@ -32,16 +34,26 @@ class NotScorable(Exception):
     """The latent lacks the windows to explain it (no activating example): retrying is moot."""
 
 
+@dataclass(frozen=True)
+class KnownExplanation:
+    """An explanation the campaign already stored (row `id`), to be reused."""
+
+    id: int
+    result: ExplanationResult
+
+
 @dataclass
 class Explained:
     """One explanation and the scores it got on the scored latent's held-out windows.
     `source_latent_id` is the latent it explains: the scored latent itself, or for a
-    control the other latent (of the same SAE, or the matched partner in another seed)."""
+    control the other latent (of the same SAE, or the matched partner in another seed).
+    `stored_id`: the stored explanation it reused (None: new, to be stored)."""
 
     explanation: ExplanationResult
     source_latent_id: int | None
     control: str = CONTROL_OWN
     scores: list[ScoreResult] = field(default_factory=list)
+    stored_id: int | None = None
 
 
 @dataclass
@@ -97,10 +109,10 @@ class LatentResult:
 
 
 def needs_llm(config: ScoreConfig) -> bool:
-    """Whether any of the config's explainers or scorers asks an LLM."""
-    return any(e.needs_llm for e in create_explainers(config)) or any(
-        s.needs_llm for s in create_scorers(config)
-    )
+    """Whether any of the config's explainers or scorers asks an LLM (an unknown name is a
+    user error here: every one is made, none skipped)."""
+    made = [*create_explainers(config), *create_scorers(config)]
+    return any(plugin.needs_llm for plugin in made)
 
 
 def latent_seed(config: ScoreConfig, latent_id: int | None) -> int:
@@ -129,6 +141,7 @@ async def _explain_and_score_one(
     scored_split: ExampleSplit,
     llm: LLMClient | None,
     seed: int,
+    known: KnownExplanation | None,
 ) -> Explained:
     """One explainer's explanation of `explained_split`, scored on `scored_split` at once.
 
@@ -136,8 +149,13 @@ async def _explain_and_score_one(
     scoring prompts put the held-out windows before the explanation, so the first scoring
     request of a window batch (usually the instant token baseline's) fills the server's prefix
     cache and the requests of the explanations that arrive later reuse it."""
-    explanation = await explainer.explain(explained_split, llm)
-    explained = Explained(explanation, source_latent_id, control)
+    if known is not None:
+        explained = Explained(known.result, source_latent_id, control, stored_id=known.id)
+    else:
+        explained = Explained(
+            await explainer.explain(explained_split, llm), source_latent_id, control
+        )
+    explanation = explained.explanation
     if not explanation.parsed:
         return explained  # an unparseable explanation is kept, not scored
     results = await asyncio.gather(
@@ -155,12 +173,15 @@ async def explain_and_score(
     llm: LLMClient | None,
     control: LatentExamples | None = None,
     partners: Sequence[LatentExamples] = (),
+    known: Mapping[tuple[int | None, str], KnownExplanation] | None = None,
 ) -> LatentResult:
     """Explain one latent with each explainer and score each explanation with each scorer.
     Score other latents' explanations on this latent's windows too: with `control` (another
     latent of the same SAE) and `config.shuffled_control`, that latent's, as `shuffled`; and
     those of the first `config.cross_seed` of `partners` (its matched partners in other
-    seeds), as `cross_seed`. Another latent without an activating window is skipped."""
+    seeds), as `cross_seed`. Another latent without an activating window is skipped. `known`
+    maps (latent id, explainer) to an explanation already stored, used instead of a new one."""
+    known = known or {}
     explainers = create_explainers(config)
     scorers = create_scorers(config)
     seed = latent_seed(config, examples.latent_id)
@@ -179,7 +200,15 @@ async def explain_and_score(
     explained = await asyncio.gather(
         *(
             _explain_and_score_one(
-                explainer, source_split, source_id, label, scorers, split, llm, seed
+                explainer,
+                source_split,
+                source_id,
+                label,
+                scorers,
+                split,
+                llm,
+                seed,
+                known.get((source_id, explainer.name)),
             )
             for source_split, source_id, label in sources
             for explainer in explainers

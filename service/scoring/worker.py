@@ -19,7 +19,7 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,20 +33,21 @@ from sqlalchemy.orm import Session
 from sae.errors import UserError
 from sae.subject_model import load_tokenizer
 from service.cache.windows import LatentExamples, load_latent_examples, subject_model_of
-from service.config import ScoreConfig, ScoringConfig
+from service.config import API_KEY_ENV, ScoreConfig, ScoringConfig
+from service.explainers import ExplanationResult
 from service.llm.base import LLMClient, LLMError, ServerStats, create_client
 from service.progress import count_progress
 from service.scoring.controls import control_latent, cross_seed_partners
 from service.scoring.pipeline import (
+    KnownExplanation,
     LatentResult,
     NotScorable,
     ScoreResult,
     explain_and_score,
     latent_seed,
-    needs_llm,
 )
 from service.store.engine import Store, open_store
-from service.store.models import Explanation, LlmCall, Prediction, Score
+from service.store.models import Campaign, Explanation, LlmCall, Prediction, Score
 from service.store.queue import (
     DEFAULT_DB_RETRY_SECONDS,
     DEFAULT_LEASE_SECONDS,
@@ -62,14 +63,27 @@ from service.store.queue import (
     release,
     transient,
     unfinished,
-    unfinished_configs,
+    unfinished_campaigns,
 )
+from service.store.scores import campaign_explanations
 
 STAGE = ScoringConfig.model_fields["stage"].default
+# The jobs that must all fail on one LLM refusal before a run stops rather than fail the rest.
+FIRST_JOBS = 3
 R = TypeVar("R")
 T = TypeVar("T")
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class Loaded:
+    """What a job reads from the store before it asks the LLM anything."""
+
+    examples: LatentExamples
+    control: LatentExamples | None
+    partners: list[LatentExamples]
+    known: Mapping[tuple[int | None, str], KnownExplanation]
 
 
 @dataclass
@@ -117,28 +131,34 @@ class ScoreStats:
 
 
 def write_result(session: Session, lease: Lease, result: LatentResult, model: str) -> None:
-    """Add a latent's explanations, scores, verdicts and LLM calls to `session`, and complete
-    its job there: the caller's commit writes all of it or none. A control's explanation is
-    stored under the latent it explains (another latent of the same SAE, or the matched
-    partner in another seed); its scores, like all of them, under the job's latent."""
+    """Add a latent's new explanations, its scores, verdicts and LLM calls to `session`, all
+    under the job's campaign, and complete its job there: the caller's commit writes all of
+    it or none. An explanation is stored under the latent it explains (for a control,
+    another latent of the same SAE or the matched partner in another seed) as that latent's
+    explanation in the campaign; one the campaign already held is reused, not stored again.
+    Scores, like all of them, go under the job's latent."""
     for explained in result.explained:
-        # An explanation no LLM wrote (the token baseline) names its explainer as its model.
-        explanation = Explanation(
-            latent_id=explained.source_latent_id or lease.latent_id,
-            job_id=lease.job_id,
-            explainer=explained.explanation.explainer,
-            model=model if explained.explanation.calls else explained.explanation.explainer,
-            config_hash=lease.config_hash,
-            text=explained.explanation.text,
-            raw=explained.explanation.raw,
-        )
-        session.add(explanation)
-        session.flush()
+        explanation_id = explained.stored_id
+        if explanation_id is None:
+            # An explanation no LLM wrote (the token baseline) names its explainer as its model.
+            row = Explanation(
+                latent_id=explained.source_latent_id or lease.latent_id,
+                job_id=lease.job_id,
+                campaign_id=lease.campaign_id,
+                explainer=explained.explanation.explainer,
+                model=model if explained.explanation.calls else explained.explanation.explainer,
+                text=explained.explanation.text,
+                raw=explained.explanation.raw,
+            )
+            session.add(row)
+            session.flush()
+            explanation_id = row.id
         for score in explained.scores:
-            _write_score(session, lease, explanation.id, score)
+            _write_score(session, lease, explanation_id, score)
     session.add_all(
         LlmCall(
             job_id=lease.job_id,
+            campaign_id=lease.campaign_id,
             stage=stage,
             model=call.model,
             base_url=call.base_url,
@@ -157,6 +177,7 @@ def _write_score(session: Session, lease: Lease, explanation_id: int, score: Sco
         latent_id=lease.latent_id,
         explanation_id=explanation_id,
         job_id=lease.job_id,
+        campaign_id=lease.campaign_id,
         scorer=score.scorer,
         control=score.control,
         balanced_accuracy=score.balanced_accuracy,
@@ -220,6 +241,8 @@ class ScoreWorkers:
         self.db_retry_seconds = db_retry_seconds
         self.on_progress = on_progress
         self.owner = new_worker_id()
+        # Only jobs of campaigns this LLM serves (or that need none) are claimed.
+        self._llm = (llm.backend, llm.model)
         self.stats = ScoreStats()
         self._tokenizers: dict[str, Any] = {}
         # Slots load windows in threads; one tokenizer load at a time (transformers' lazy
@@ -227,6 +250,12 @@ class ScoreWorkers:
         self._tokenizer_lock = threading.Lock()
         # Jobs claimed or being claimed, counted before the claim so `max_jobs` is never passed.
         self._reserved = 0
+        # Each campaign's job config, read once.
+        self._configs: dict[int, ScoreConfig] = {}
+        # Requests the LLM refused for good (HTTP 4xx) while no job had succeeded yet: when
+        # the first jobs all meet the same refusal, the run stops (see `_refused_by_llm`).
+        self._refusals: list[LLMError] = []
+        self._any_succeeded = False
 
     async def run(self) -> ScoreStats:
         keeper = LeaseKeeper(self.store, [], self.lease_seconds)
@@ -240,7 +269,36 @@ class ScoreWorkers:
             loop.set_task_factory(previous)
             # The keeper's thread may be waiting on the store: join it off the event loop.
             await asyncio.to_thread(keeper.stop)
+        refusal = self._refused_by_llm()
+        if refusal is not None:
+            raise UserError(refusal)
         return self.stats
+
+    def _refused_by_llm(self) -> str | None:
+        """One line naming the cause and the fix, when the first jobs all failed on the same
+        refusal by the LLM server (a wrong key, a model it does not serve, a request format
+        it does not take): every later job would fail alike."""
+        if self._any_succeeded or not self._refusals:
+            return None
+        statuses = {error.status for error in self._refusals}
+        if len(statuses) != 1:
+            return None
+        (status,) = statuses
+        first = self._refusals[0]
+        fix = {
+            401: f"set {API_KEY_ENV} (or the config's api_key_env) to the server's API key",
+            403: f"set {API_KEY_ENV} to a key the server accepts for this model",
+            404: f"the server does not serve model {self.llm.model!r}: pass --model with one "
+            "it serves",
+        }.get(status or 0, "fix the request the server refuses (see the message)")
+        return (
+            f"the LLM refused every request ({first}); {fix}; the {self.stats.failed} jobs "
+            "it failed are kept: requeue them with `autointerp queue --run RUN --retry-failed`"
+        )
+
+    def _stopping(self) -> bool:
+        """Whether the first jobs all failed on one refusal, so no further job is claimed."""
+        return len(self._refusals) >= FIRST_JOBS and self._refused_by_llm() is not None
 
     @classmethod
     def _task_factory(cls, previous: Any) -> Any:
@@ -277,6 +335,8 @@ class ScoreWorkers:
 
     def _reserve(self) -> bool:
         # No await between the check and the count: slots cannot both take the last job.
+        if self._stopping():
+            return False
         if self.max_jobs is not None and self._reserved >= self.max_jobs:
             return False
         self._reserved += 1
@@ -306,11 +366,19 @@ class ScoreWorkers:
                 self._tokenizers[model] = load_tokenizer(model, self.home)
             return self._tokenizers[model]
 
-    def _load(
-        self, latent_id: int, config: ScoreConfig
-    ) -> tuple[LatentExamples, LatentExamples | None, list[LatentExamples]]:
+    def _config_of(self, campaign_id: int) -> ScoreConfig:
+        if campaign_id not in self._configs:
+            with self.store.read_session() as session:
+                campaign = session.get(Campaign, campaign_id)
+                assert campaign is not None  # a job's campaign outlives it
+                self._configs[campaign_id] = ScoreConfig.model_validate(campaign.config)
+        return self._configs[campaign_id]
+
+    def _load(self, lease: Lease, config: ScoreConfig) -> Loaded:
         """The latent's windows, those of its shuffled control latent (or None) and those of
-        its cross-seed partners (each only where the config asks for it)."""
+        its cross-seed partners (each only where the config asks for it), and the
+        explanations the campaign already holds for any of them."""
+        latent_id = lease.latent_id
         tokenizer = self._tokenizer_for(latent_id)
         with self.store.read_session() as session:
             examples = load_latent_examples(session, latent_id, tokenizer)
@@ -323,7 +391,17 @@ class ScoreWorkers:
                 load_latent_examples(session, partner, tokenizer)
                 for partner in cross_seed_partners(session, latent_id, config.cross_seed)
             ]
-            return examples, control, partners
+            ids = [latent_id] + [
+                x.latent_id for x in [control, *partners] if x is not None and x.latent_id
+            ]
+            known: dict[tuple[int | None, str], KnownExplanation] = {
+                (stored.latent_id, stored.explainer): KnownExplanation(
+                    stored.id,
+                    ExplanationResult(stored.explainer, stored.text, stored.raw, bool(stored.text)),
+                )
+                for stored in campaign_explanations(session, lease.campaign_id, ids)
+            }
+            return Loaded(examples, control, partners, known)
 
     def _write(self, lease: Lease, result: LatentResult) -> None:
         with self.store.session() as session, session.begin():
@@ -334,14 +412,14 @@ class ScoreWorkers:
             claimed_at = time.monotonic()
             try:
                 leases = await self._db(
-                    claim, self.store, self.owner, 1, self.stage, self.lease_seconds
+                    claim, self.store, self.owner, 1, self.stage, self.lease_seconds, self._llm
                 )
             except BaseException:
                 self._reserved -= 1
                 raise
             if not leases:
                 self._reserved -= 1
-                if await self._db(unfinished, self.store, self.stage) == 0:
+                if await self._db(unfinished, self.store, self.stage, self._llm) == 0:
                     return
                 await asyncio.sleep(self.poll_seconds)
                 continue
@@ -356,21 +434,30 @@ class ScoreWorkers:
 
     async def _finish(self, lease: Lease, keeper: LeaseKeeper) -> None:
         try:
-            config = ScoreConfig.model_validate(lease.config)
-            examples, control, partners = await self._db(self._load, lease.latent_id, config)
+            config = await self._db(self._config_of, lease.campaign_id)
+            loaded = await self._db(self._load, lease, config)
             result = await self._contained(
-                explain_and_score(examples, config, self.llm, control, partners)
+                explain_and_score(
+                    loaded.examples, config, self.llm, loaded.control, loaded.partners, loaded.known
+                )
             )
             if not keeper.held(lease):
                 raise LeaseLost(f"job {lease.job_id} was given up or taken over while it ran")
             await asyncio.to_thread(self._write, lease, result)
             self.stats.add(result)
+            self._any_succeeded = True
         except LeaseLost:
             self.stats.lost += 1
         except (NotScorable, ValidationError, UserError) as error:
             # The latent or the job's config is unusable: another attempt would fail alike.
             await self._fail(lease, " ".join(str(error).split()), retry=False)
         except LLMError as error:
+            if error.refused:
+                # The server refused the request itself: asking again would meet the same no.
+                if not self._any_succeeded:
+                    self._refusals.append(error)
+                await self._fail(lease, f"LLM refused the request: {error}", retry=False)
+                return
             await self._fail(lease, f"LLM unavailable: {error}", retry=True)
         except DBAPIError as error:
             if not transient(error):
@@ -448,9 +535,9 @@ async def score_queue(
 ) -> ScoreStats:
     """Check the LLM (unless no queued job needs one), then work on `config.stage` jobs until
     the queue has none left (or `config.max_jobs` are done)."""
-    if _queue_needs_llm(store, config.stage):
+    if _queue_needs_llm(store, config.stage, (llm.backend, llm.model)):
         await llm.check()
-    total = unfinished(store, config.stage)
+    total = unfinished(store, config.stage, (llm.backend, llm.model))
     pool = ScoreWorkers(
         store,
         llm,
@@ -473,20 +560,19 @@ async def score_queue(
         await llm.aclose()
 
 
-def _queue_needs_llm(store: Store, stage: str) -> bool:
-    """Whether an unfinished job of `stage` asks an LLM; also True for an empty queue, so
-    that `autointerp score` still says at once when its LLM cannot serve. A job whose config
-    is unusable needs nothing: it fails on its config."""
-    configs = unfinished_configs(store, stage)
-    if not configs:
-        return True
-    for raw in configs:
-        try:
-            if needs_llm(ScoreConfig.model_validate(raw)):
-                return True
-        except (ValidationError, UserError):
-            continue
-    return False
+def _queue_needs_llm(store: Store, stage: str, llm: tuple[str, str]) -> bool:
+    """Whether an unfinished job of `stage` that this LLM can serve asks an LLM; also True
+    when there is no such job, so that `autointerp score` still says at once when its LLM
+    cannot serve. Says, in one line, when every unfinished job is for another LLM."""
+    campaigns = unfinished_campaigns(store, stage)
+    servable = [c for c in campaigns if c.llm_model is None or (c.llm_backend, c.llm_model) == llm]
+    if campaigns and not servable:
+        others = ", ".join(sorted({f"{c.llm_model} ({c.llm_backend})" for c in campaigns}))
+        raise UserError(
+            f"every unfinished {stage} job belongs to a campaign of another LLM ({others}); "
+            "start `autointerp score` with that --model and --backend"
+        )
+    return not servable or any(c.llm_model is not None for c in servable)
 
 
 def run_score(

@@ -170,12 +170,32 @@ class Example(Base):
     text: Mapped[str | None] = mapped_column(Text)
 
 
+class Campaign(Base):
+    """One scoring campaign: a resolved score config and the LLM that explains and scores
+    under it. Its jobs, explanations, scores and LLM calls point to it, so results of two
+    configs or two models are never compared as one. `key` hashes the config and the LLM's
+    identity (backend and served model name; the server URLs are recorded in `llm`, not
+    keyed: adding a server to the fleet does not start a new campaign). A campaign whose
+    explainers and scorers ask no LLM has no LLM (`llm_model` NULL): any worker serves it.
+    """
+
+    __tablename__ = "campaign"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    key: Mapped[str] = mapped_column(String(64), unique=True)
+    config: Mapped[dict[str, Any]]
+    llm_backend: Mapped[str | None] = mapped_column(String(50))
+    llm_model: Mapped[str | None] = mapped_column(String(200))
+    llm: Mapped[dict[str, Any] | None]
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+
 class Job(Base):
-    """One unit of queued work: a stage (explain, score...) on a latent under one config."""
+    """One unit of queued work: a stage (explain, score...) on a latent in one campaign."""
 
     __tablename__ = "job"
     __table_args__ = (
-        UniqueConstraint("latent_id", "stage", "config_hash"),
+        UniqueConstraint("latent_id", "stage", "campaign_id"),
         Index("ix_job_state_stage", "state", "stage"),
         Index("ix_job_finished_at", "finished_at"),
     )
@@ -183,8 +203,9 @@ class Job(Base):
     id: Mapped[int] = mapped_column(primary_key=True)
     latent_id: Mapped[int] = mapped_column(ForeignKey("latent.id", ondelete="CASCADE"))
     stage: Mapped[str] = mapped_column(String(50))
-    config_hash: Mapped[str] = mapped_column(String(64))
-    config: Mapped[dict[str, Any]]
+    campaign_id: Mapped[int] = mapped_column(
+        ForeignKey("campaign.id", ondelete="CASCADE"), index=True
+    )
     state: Mapped[str] = mapped_column(String(10), default="queued")
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     max_attempts: Mapped[int] = mapped_column(Integer, default=3)
@@ -197,18 +218,24 @@ class Job(Base):
 
 
 class Explanation(Base):
-    """A short natural-language explanation of a latent, from one explainer and model."""
+    """A short natural-language explanation of a latent, from one explainer and model: at
+    most one per latent, explainer and campaign, reused wherever the campaign needs it (the
+    latent's own job, or another latent's job that uses it as a control). NULL campaign:
+    an explanation stored before campaigns that a newer one of its config superseded."""
 
     __tablename__ = "explanation"
+    __table_args__ = (UniqueConstraint("campaign_id", "latent_id", "explainer"),)
 
     id: Mapped[int] = mapped_column(primary_key=True)
     latent_id: Mapped[int] = mapped_column(ForeignKey("latent.id", ondelete="CASCADE"), index=True)
     job_id: Mapped[int | None] = mapped_column(
         ForeignKey("job.id", ondelete="SET NULL"), index=True
     )
+    campaign_id: Mapped[int | None] = mapped_column(
+        ForeignKey("campaign.id", ondelete="CASCADE"), index=True
+    )
     explainer: Mapped[str] = mapped_column(String(100))
     model: Mapped[str] = mapped_column(String(200))
-    config_hash: Mapped[str] = mapped_column(String(64))
     text: Mapped[str] = mapped_column(Text)
     raw: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
@@ -227,6 +254,9 @@ class Score(Base):
     )
     job_id: Mapped[int | None] = mapped_column(
         ForeignKey("job.id", ondelete="SET NULL"), index=True
+    )
+    campaign_id: Mapped[int | None] = mapped_column(
+        ForeignKey("campaign.id", ondelete="CASCADE"), index=True
     )
     scorer: Mapped[str] = mapped_column(String(100))
     control: Mapped[str] = mapped_column(String(50), default=CONTROL_OWN)
@@ -263,6 +293,9 @@ class LlmCall(Base):
     id: Mapped[int] = mapped_column(primary_key=True)
     job_id: Mapped[int | None] = mapped_column(
         ForeignKey("job.id", ondelete="SET NULL"), index=True
+    )
+    campaign_id: Mapped[int | None] = mapped_column(
+        ForeignKey("campaign.id", ondelete="CASCADE"), index=True
     )
     stage: Mapped[str | None] = mapped_column(String(50))  # "explain" or the scorer's name
     model: Mapped[str] = mapped_column(String(200))

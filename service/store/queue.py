@@ -1,6 +1,7 @@
 """The durable job queue: rows of the `job` table that many workers on many machines share.
 
-A job is (latent, stage, config hash); enqueueing the same triple again does nothing. A
+A job is (latent, stage, campaign); enqueueing the same triple again does nothing. A worker
+claims only jobs of campaigns its LLM can serve (`campaigns.served_by`). A
 worker `claim`s jobs: each claim hands a job to exactly one worker (PostgreSQL row locks with
 SKIP LOCKED, SQLite's single writer under BEGIN IMMEDIATE), counts an attempt and grants a
 lease. The worker `renew`s the lease while it works (`LeaseKeeper` does so in a thread) and
@@ -19,15 +20,13 @@ back, so no job's results are ever written twice.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from types import TracebackType
@@ -40,8 +39,9 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session
 
 from service.config import ScoringConfig
+from service.store.campaigns import served_by
 from service.store.engine import Store, store_now
-from service.store.models import JOB_STATES, Job, LlmCall
+from service.store.models import JOB_STATES, Campaign, Job, LlmCall
 
 DEFAULT_LEASE_SECONDS: float = ScoringConfig.model_fields["lease_seconds"].default
 DEFAULT_MAX_ATTEMPTS = 3
@@ -83,17 +83,10 @@ class Lease:
     job_id: int
     latent_id: int
     stage: str
-    config: dict[str, Any]
-    config_hash: str
+    campaign_id: int
     attempt: int
     owner: str
     expires_at: datetime
-
-
-def config_hash(config: Mapping[str, Any]) -> str:
-    """A stable short hash of a stage's config: key order and whitespace do not matter."""
-    canonical = json.dumps(config, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
 def new_worker_id() -> str:
@@ -105,15 +98,14 @@ def enqueue(
     session: Session,
     latent_ids: Iterable[int],
     stage: str,
-    config: Mapping[str, Any],
+    campaign_id: int,
     max_attempts: int = DEFAULT_MAX_ATTEMPTS,
 ) -> int:
-    """Queue `stage` for each latent under `config`; returns how many jobs were new.
+    """Queue `stage` for each latent in campaign `campaign_id`; returns how many jobs were new.
 
-    Runs in the caller's session (commit it). Jobs already queued, running or finished under
-    the same config are left exactly as they are.
+    Runs in the caller's session (commit it). Jobs already queued, running or finished in
+    the same campaign are left exactly as they are.
     """
-    digest = config_hash(config)
     now = store_now(session)
     insert = postgresql_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
     ids = list(dict.fromkeys(latent_ids))
@@ -123,8 +115,7 @@ def enqueue(
             {
                 "latent_id": latent_id,
                 "stage": stage,
-                "config_hash": digest,
-                "config": dict(config),
+                "campaign_id": campaign_id,
                 "state": "queued",
                 "attempts": 0,
                 "max_attempts": max_attempts,
@@ -136,12 +127,19 @@ def enqueue(
         statement = (
             insert(Job)
             .values(rows)
-            .on_conflict_do_nothing(index_elements=["latent_id", "stage", "config_hash"])
+            .on_conflict_do_nothing(index_elements=["latent_id", "stage", "campaign_id"])
             .returning(Job.id)
         )
         # Counting returned ids: rowcount is not reliable for multi-row inserts on psycopg.
         inserted += len(session.execute(statement).all())
     return inserted
+
+
+def _servable(llm: tuple[str, str] | None) -> Any:
+    """Jobs of campaigns the LLM `(backend, model)` serves; every job when None."""
+    if llm is None:
+        return true()
+    return Job.campaign_id.in_(select(Campaign.id).where(served_by(*llm)))
 
 
 def _key(lease: Lease) -> tuple[int, int]:
@@ -164,8 +162,10 @@ def claim(
     n: int = 1,
     stage: str | None = None,
     lease_seconds: float = DEFAULT_LEASE_SECONDS,
+    llm: tuple[str, str] | None = None,
 ) -> list[Lease]:
-    """Lease up to `n` claimable jobs (queued, or leased with an expired lease) to `owner`.
+    """Lease up to `n` claimable jobs (queued, or leased with an expired lease) to `owner`;
+    with `llm` (backend, model), only jobs of campaigns that LLM serves.
 
     Commits at once. Oldest jobs first. Jobs whose lease ran out on their last attempt are
     marked failed here rather than handed out again.
@@ -193,7 +193,7 @@ def claim(
         # the rows the UPDATE has just changed, and so lease far more than n.
         ids = session.scalars(
             select(Job.id)
-            .where(stage_filter, or_(Job.state == "queued", expired))
+            .where(stage_filter, _servable(llm), or_(Job.state == "queued", expired))
             .order_by(Job.id)
             .limit(n)
             .with_for_update(skip_locked=True)
@@ -210,7 +210,7 @@ def claim(
                 attempts=Job.attempts + 1,
                 updated_at=now,
             )
-            .returning(Job.id, Job.latent_id, Job.stage, Job.config, Job.config_hash, Job.attempts)
+            .returning(Job.id, Job.latent_id, Job.stage, Job.campaign_id, Job.attempts)
             .execution_options(synchronize_session=False)
         ).all()
     return sorted(
@@ -219,8 +219,7 @@ def claim(
                 job_id=row.id,
                 latent_id=row.latent_id,
                 stage=row.stage,
-                config=row.config,
-                config_hash=row.config_hash,
+                campaign_id=row.campaign_id,
                 attempt=row.attempts,
                 owner=owner,
                 expires_at=expires_at,
@@ -507,19 +506,24 @@ def _stage_status(
     return status
 
 
-def status(store: Store, window_s: float = 600.0) -> QueueStatus:
-    """Counts by stage and state, with the completion rate over the last `window_s` seconds."""
+def status(store: Store, window_s: float = 600.0, campaign_id: int | None = None) -> QueueStatus:
+    """Counts by stage and state, with the completion rate over the last `window_s` seconds;
+    of one campaign's jobs and calls when `campaign_id` is given."""
+    of_jobs = Job.campaign_id == campaign_id if campaign_id is not None else true()
+    of_calls = LlmCall.campaign_id == campaign_id if campaign_id is not None else true()
     with store.read_session() as session:
         now = store_now(session)
         counts: dict[str, dict[str, int]] = {}
         for stage, state, count in session.execute(
-            select(Job.stage, Job.state, func.count()).group_by(Job.stage, Job.state)
+            select(Job.stage, Job.state, func.count()).where(of_jobs).group_by(Job.stage, Job.state)
         ):
             counts.setdefault(stage, dict.fromkeys(JOB_STATES, 0))[state] = count
         recent: dict[str, tuple[int, datetime | None]] = {}
         for stage, count, first in session.execute(
             select(Job.stage, func.count(), func.min(Job.finished_at))
-            .where(Job.state == "done", Job.finished_at >= now - timedelta(seconds=window_s))
+            .where(
+                of_jobs, Job.state == "done", Job.finished_at >= now - timedelta(seconds=window_s)
+            )
             .group_by(Job.stage)
         ):
             recent[stage] = (count, first)
@@ -534,6 +538,7 @@ def status(store: Store, window_s: float = 600.0) -> QueueStatus:
                     func.sum(case((is_recent, 1), else_=0)),
                     func.sum(case((is_recent & LlmCall.error.is_not(None), 1), else_=0)),
                 )
+                .where(of_calls)
                 .group_by(LlmCall.base_url)
                 .order_by(LlmCall.base_url)
             )
@@ -554,24 +559,43 @@ def status(store: Store, window_s: float = 600.0) -> QueueStatus:
     return QueueStatus(stages, total, servers)
 
 
-def unfinished(store: Store, stage: str) -> int:
-    """Jobs of `stage` still queued or leased (some perhaps to workers that died)."""
+def unfinished(store: Store, stage: str, llm: tuple[str, str] | None = None) -> int:
+    """Jobs of `stage` still queued or leased (some perhaps to workers that died); with
+    `llm`, only those of campaigns that LLM serves."""
     with store.read_session() as session:
         count = session.scalar(
             select(func.count())
             .select_from(Job)
-            .where(Job.stage == stage, Job.state.in_(("queued", "leased")))
+            .where(Job.stage == stage, Job.state.in_(("queued", "leased")), _servable(llm))
         )
     return int(count or 0)
 
 
-def unfinished_configs(store: Store, stage: str) -> list[dict[str, Any]]:
-    """The distinct job configs among the queued or leased jobs of `stage`."""
-    one_per_config = (
-        select(func.min(Job.id))
-        .where(Job.stage == stage, Job.state.in_(("queued", "leased")))
-        .group_by(Job.config_hash)
-    )
+def unfinished_campaigns(store: Store, stage: str) -> list[Campaign]:
+    """The campaigns with queued or leased jobs of `stage`."""
     with store.read_session() as session:
-        configs = session.scalars(select(Job.config).where(Job.id.in_(one_per_config)))
-        return [dict(config or {}) for config in configs]
+        return list(
+            session.scalars(
+                select(Campaign).where(
+                    Campaign.id.in_(
+                        select(Job.campaign_id).where(
+                            Job.stage == stage, Job.state.in_(("queued", "leased"))
+                        )
+                    )
+                )
+            )
+        )
+
+
+def retry_failed(session: Session, campaign_id: int, stage: str) -> int:
+    """Queue the failed `stage` jobs of a campaign again with fresh attempts; returns how
+    many. Their last error stays on record until they run again."""
+    return len(
+        session.execute(
+            update(Job)
+            .where(Job.campaign_id == campaign_id, Job.stage == stage, Job.state == "failed")
+            .values(state="queued", attempts=0, finished_at=None, updated_at=store_now(session))
+            .returning(Job.id)
+            .execution_options(synchronize_session=False)
+        ).all()
+    )

@@ -10,6 +10,7 @@ firing count of zero) are never queued: there is nothing to explain.
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from sqlalchemy import ColumnElement, Integer, func, or_, select
@@ -17,8 +18,9 @@ from sqlalchemy.orm import Session
 
 from sae.errors import UserError
 from service.config import QueueConfig
+from service.store.campaigns import describe
 from service.store.engine import Store
-from service.store.models import Latent, Match, MatchPair, Run, Sae
+from service.store.models import Campaign, Latent, Match, MatchPair, Run, Sae
 from service.store.queue import DEFAULT_MAX_ATTEMPTS, enqueue
 from service.store.runs import get_run
 
@@ -29,6 +31,8 @@ class QueuedLatents:
 
     run: str
     stage: str
+    campaign_id: int
+    campaign: str
     selected: int
     inserted: int
     shared: int | None = None
@@ -74,12 +78,12 @@ def _sample(ids: list[int], n: int, rng: random.Random) -> list[int]:
 def queue_run(
     store: Store,
     run_name: str,
+    campaign: Callable[[Session], Campaign],
     selection: QueueConfig | None = None,
-    config: dict[str, object] | None = None,
     max_attempts: int = DEFAULT_MAX_ATTEMPTS,
 ) -> QueuedLatents:
-    """Queue `selection.stage` jobs, each with the job config `config`, for the latents of
-    `run_name` that `selection` chooses, in one transaction.
+    """Queue `selection.stage` jobs in the campaign `campaign(session)` finds or creates, for
+    the latents of `run_name` that `selection` chooses, in one transaction.
 
     "all" live latents; "sample" `latents` of them at random; "stratified" `latents` shared
     and as many seed-specific ones (fewer of both if either group is smaller, so the two stay
@@ -94,7 +98,15 @@ def queue_run(
     rng = random.Random(seed)
     with store.session() as session, session.begin():
         run = get_run(session, run_name)
-        result = QueuedLatents(run=run.name, stage=stage, selected=0, inserted=0)
+        chosen_campaign = campaign(session)
+        result = QueuedLatents(
+            run=run.name,
+            stage=stage,
+            campaign_id=chosen_campaign.id,
+            campaign=describe(chosen_campaign),
+            selected=0,
+            inserted=0,
+        )
         if selection.selection == "stratified":
             assert n is not None
             shared, specific = shared_and_specific(session, run)
@@ -120,5 +132,5 @@ def queue_run(
                 raise UserError(f"run {run.name!r} has no live latents to queue")
             chosen = latents if selection.selection == "all" else _sample(latents, n or 0, rng)
         result.selected = len(chosen)
-        result.inserted = enqueue(session, chosen, stage, config or {}, max_attempts)
+        result.inserted = enqueue(session, chosen, stage, chosen_campaign.id, max_attempts)
     return result

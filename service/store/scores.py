@@ -1,9 +1,10 @@
-"""Reading explanations and scores back: the newest explanation of each latent per explainer,
-and the newest score of each latent per explainer, scorer, control and explanation source.
-`autointerp show` reads one latent with these, the report a whole run.
+"""Reading explanations and scores back, always within one campaign: the explanation of each
+latent per explainer, and the newest score of each latent per explainer, scorer, control and
+explanation source. `autointerp show` reads one latent with these, the report a whole run,
+and the worker looks up the explanations a campaign already has, to reuse them.
 
-A latent scored again (a job requeued, a shuffled control drawn anew) keeps its older rows;
-readers see the newest, by id.
+A latent scored again in the same campaign (a failed job queued again) keeps its older
+rows; readers see the newest, by id.
 """
 
 from __future__ import annotations
@@ -26,29 +27,55 @@ class LatestScore:
     score: Score
 
 
-def latest_explanations(
-    session: Session, latents: ColumnElement[bool]
-) -> list[tuple[int, str, str]]:
-    """(latent id, explainer, text) of the newest explanation per latent and explainer, for
-    the latents `latents` selects (a condition on `Explanation.latent_id`)."""
-    newest = (
-        select(func.max(Explanation.id))
-        .where(latents)
-        .group_by(Explanation.latent_id, Explanation.explainer)
+@dataclass(frozen=True)
+class StoredExplanation:
+    """An explanation a campaign already holds; `text` is empty when it could not be parsed."""
+
+    id: int
+    latent_id: int
+    explainer: str
+    text: str
+    raw: str | None
+
+
+def campaign_explanations(
+    session: Session, campaign_id: int, latent_ids: Iterable[int]
+) -> list[StoredExplanation]:
+    """The explanations campaign `campaign_id` holds for these latents (one per explainer)."""
+    rows = session.execute(
+        select(
+            Explanation.id,
+            Explanation.latent_id,
+            Explanation.explainer,
+            Explanation.text,
+            Explanation.raw,
+        ).where(
+            Explanation.campaign_id == campaign_id,
+            Explanation.latent_id.in_(list(latent_ids)),
+        )
     )
+    return [StoredExplanation(*row) for row in rows]
+
+
+def latest_explanations(
+    session: Session, campaign_id: int, latents: ColumnElement[bool]
+) -> list[tuple[int, str, str]]:
+    """(latent id, explainer, text) of each explanation of campaign `campaign_id`, for the
+    latents `latents` selects (a condition on `Explanation.latent_id`)."""
     rows = session.execute(
         select(Explanation.latent_id, Explanation.explainer, Explanation.text)
-        .where(Explanation.id.in_(newest))
+        .where(Explanation.campaign_id == campaign_id, latents)
         .order_by(Explanation.latent_id, Explanation.explainer)
     )
     return [(int(latent_id), explainer, text) for latent_id, explainer, text in rows]
 
 
 def latest_scores(
-    session: Session, latent_ids: Iterable[int] | ColumnElement[bool]
+    session: Session, campaign_id: int, latent_ids: Iterable[int] | ColumnElement[bool]
 ) -> list[LatestScore]:
-    """The newest score per (latent, explainer, scorer, control, explanation source) of the
-    latents given as ids or as a condition on `Score.latent_id`, oldest first."""
+    """The newest score of campaign `campaign_id` per (latent, explainer, scorer, control,
+    explanation source) of the latents given as ids or as a condition on `Score.latent_id`,
+    oldest first."""
     selects = (
         latent_ids
         if isinstance(latent_ids, ColumnElement)
@@ -57,7 +84,7 @@ def latest_scores(
     newest = (
         select(func.max(Score.id))
         .join(Explanation, Explanation.id == Score.explanation_id)
-        .where(selects)
+        .where(Score.campaign_id == campaign_id, selects)
         .group_by(
             Score.latent_id,
             Explanation.explainer,

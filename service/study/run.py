@@ -15,6 +15,7 @@ from sae.train import TrainProgress, cache_activations, train
 from service.cache.stage import cache_run
 from service.progress import token_progress
 from service.report import ReportResult, make_report, write_html
+from service.scoring.campaign import open_campaign
 from service.scoring.worker import run_score
 from service.store.engine import Store, open_store, upgrade
 from service.store.matches import matching_recorded, record_matching
@@ -40,12 +41,19 @@ def run_study(study: StudyConfig, db_url: str, home: Path, console: Console) -> 
         _train(study, store, home, console, announce)
         _match(study, store, announce)
         _cache(study, store, home, announce)
-        queued = queue_run(store, study.name, study.queue, study.score.job.model_dump(mode="json"))
-        announce("queue", f"{queued.selected} latents, {queued.inserted} new jobs")
+        queued = queue_run(
+            store,
+            study.name,
+            lambda session: open_campaign(session, study.score.job, study.score.llm),
+            study.queue,
+        )
+        announce(
+            "queue", f"{queued.selected} latents, {queued.inserted} new jobs ({queued.campaign})"
+        )
         scoring = study.score.model_copy(update={"stage": study.queue.stage})
         stats = run_score(db_url, home, scoring, console=console)
         announce("score", f"{stats.completed} latents explained and scored in this call")
-        result = make_report(store, study.name, study.report)
+        result = make_report(store, study.name, study.report, campaign=queued.campaign_id)
         if study.report.html is not None:
             write_html(result, study.report.html)
             announce("report", f"HTML written to {study.report.html}")
