@@ -75,20 +75,30 @@ def store(store_url: str) -> Iterator[Store]:
 def vllm_url(home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """Base URL of a real vLLM server serving SmolLM2, started once per session (~2 minutes
     on CPU) from .venv-vllm (`make vllm`), or the server AUTOINTERP_TEST_LLM_URL names.
-    Without .venv-vllm the tests that need it fail (`make test` builds it first)."""
+    Without .venv-vllm the tests that need it fail (`make test` builds it first).
+
+    The server requires an API key, which this fixture puts in AUTOINTERP_LLM_API_KEY for
+    the session's clients and the processes it starts (a server named by
+    AUTOINTERP_TEST_LLM_URL must be started with the key that variable holds)."""
+    import secrets
+
     from sae.errors import UserError
+    from service.config import API_KEY_ENV
     from service.llm.serve import find_vllm_python, free_port, running_server
 
     given = os.environ.get("AUTOINTERP_TEST_LLM_URL")
     if given:
         yield given
         return
+    os.environ[API_KEY_ENV] = secrets.token_hex(16)
     try:
         find_vllm_python()
     except UserError as error:
         pytest.fail(f"{error}; `make vllm` builds .venv-vllm")
     log_path = tmp_path_factory.mktemp("vllm") / "vllm.log"
-    with running_server("smollm2", home, port=free_port(), log_path=log_path) as server:
+    with running_server(
+        "smollm2", home, port=free_port(), log_path=log_path, api_key=os.environ[API_KEY_ENV]
+    ) as server:
         yield server.url
 
 

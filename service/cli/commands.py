@@ -381,18 +381,25 @@ def llm_serve(
     host: str = typer.Option("127.0.0.1", help="address to listen on"),
     port: int = typer.Option(8011, help="port to listen on"),
 ) -> None:
-    """Start a real vLLM OpenAI-compatible server for MODEL; runs until Ctrl-C."""
-    from service.config import get_settings
+    """Start a real vLLM OpenAI-compatible server for MODEL; runs until Ctrl-C. With
+    AUTOINTERP_LLM_API_KEY set, the server requires that key of every client."""
+    import os
+
+    from service.config import API_KEY_ENV, get_settings
     from service.llm.serve import serve_forever, start_server, wait_ready
 
-    server = start_server(model, get_settings().home, python=python, host=host, port=port)
+    api_key = os.environ.get(API_KEY_ENV) or None
+    server = start_server(
+        model, get_settings().home, python=python, host=host, port=port, api_key=api_key
+    )
     try:
         with err_console.status(f"starting vLLM for {model} (log: {server.log_path})"):
             wait_ready(server)
     except BaseException:
         server.stop()
         raise
-    console.print(f"vLLM serves {server.model!r} at {server.url} (Ctrl-C stops it)")
+    guarded = f", requiring the key in {API_KEY_ENV}" if api_key else ""
+    console.print(f"vLLM serves {server.model!r} at {server.url}{guarded} (Ctrl-C stops it)")
     raise typer.Exit(serve_forever(server))
 
 

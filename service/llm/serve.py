@@ -18,7 +18,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -73,6 +73,8 @@ class VllmServer:
     url: str
     model: str
     log_path: Path
+    # The key the server requires, if any: kept in memory only, never shown.
+    api_key: str | None = field(default=None, repr=False)
 
     def log_tail(self, lines: int = 5) -> str:
         try:
@@ -109,8 +111,11 @@ def start_server(
     kv_cache_gb: int = 2,
     log_path: Path | None = None,
     extra_args: tuple[str, ...] = (),
+    api_key: str | None = None,
 ) -> VllmServer:
-    """Launch vLLM serving `model` (embedded name, folder or hub id) under the name `model`."""
+    """Launch vLLM serving `model` (embedded name, folder or hub id) under the name `model`;
+    with `api_key`, every /v1 request must carry it (handed over in the environment, so it
+    never shows in the process list)."""
     interpreter = find_vllm_python(python)
     if port_in_use(host, port):
         raise UserError(f"port {port} on {host} is already in use; pass --port with a free one")
@@ -143,6 +148,9 @@ def start_server(
         *extra_args,
     ]
     environment = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gb)}
+    environment.pop("VLLM_API_KEY", None)
+    if api_key:
+        environment["VLLM_API_KEY"] = api_key
     with log_path.open("wb") as log:
         process = subprocess.Popen(
             command,
@@ -151,7 +159,7 @@ def start_server(
             env=environment,
             start_new_session=True,
         )
-    return VllmServer(process, f"http://{host}:{port}/v1", served_name, log_path)
+    return VllmServer(process, f"http://{host}:{port}/v1", served_name, log_path, api_key)
 
 
 def wait_ready(server: VllmServer, timeout_s: float = READY_TIMEOUT_S) -> None:
@@ -165,7 +173,8 @@ def wait_ready(server: VllmServer, timeout_s: float = READY_TIMEOUT_S) -> None:
                 f"(log {server.log_path}: {server.log_tail()})"
             )
         try:
-            response = httpx.get(f"{server.url}/models", timeout=5.0)
+            headers = {"Authorization": f"Bearer {server.api_key}"} if server.api_key else {}
+            response = httpx.get(f"{server.url}/models", headers=headers, timeout=5.0)
             if response.status_code == 200:
                 return
         except httpx.HTTPError:
@@ -187,9 +196,12 @@ def running_server(
     host: str = DEFAULT_HOST,
     port: int = DEFAULT_PORT,
     log_path: Path | None = None,
+    api_key: str | None = None,
 ) -> Iterator[VllmServer]:
     """A ready vLLM server for the `with` block, stopped when the block ends."""
-    server = start_server(model, home, python=python, host=host, port=port, log_path=log_path)
+    server = start_server(
+        model, home, python=python, host=host, port=port, log_path=log_path, api_key=api_key
+    )
     try:
         wait_ready(server)
         yield server
