@@ -111,8 +111,8 @@ class LatentResult:
 def needs_llm(config: ScoreConfig) -> bool:
     """Whether any of the config's explainers or scorers asks an LLM (an unknown name is a
     user error here: every one is made, none skipped)."""
-    made = [*create_explainers(config), *create_scorers(config)]
-    return any(plugin.needs_llm for plugin in made)
+    explainers, scorers = create_explainers(config), create_scorers(config)
+    return any(e.needs_llm for e in explainers) or any(s.needs_llm for s in scorers)
 
 
 def latent_seed(config: ScoreConfig, latent_id: int | None) -> int:
