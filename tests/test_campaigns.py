@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 from planted_store import LLM_FREE_JOB, queue_jobs, store_planted_run
 from report_fixtures import explanation_text, populate
 from sqlalchemy import MetaData, func, insert, select
@@ -50,6 +51,19 @@ def test_a_report_reads_one_campaign_and_names_it(store: Store, home: Path):
         assert np.allclose(old_scores.value[np.isfinite(old_scores.value)], 0.99)
     assert older.data.find_scores("llm", "detection", "shuffled") is None
     assert set(older.data.explanations["llm"].values()) == {"stale explanation"}
+
+    # Side by side, paired by latent: both campaigns scored latents 0-35 of every seed.
+    both = make_report(store, study.run, campaign=study.campaign_id, compare=old)
+    assert both.report.comparison is not None
+    rows = {(r.scorer, r.group): r for r in both.report.comparison.rows}
+    assert {scorer for scorer, _ in rows} == {"detection", "fuzzing"}
+    assert [rows[("detection", g)].n for g in ("all", "shared", "seed-specific")] == [108, 60, 48]
+    first = np.concatenate([study.own[("llm", "detection")][seed] for seed in (0, 1, 2)])
+    detection = rows[("detection", "all")]
+    assert detection.mean_second == pytest.approx(0.99)
+    assert detection.mean_first == pytest.approx(np.nanmean(first))
+    assert detection.difference.mean == pytest.approx(0.99 - np.nanmean(first))
+    assert detection.wilcoxon_p is not None and detection.wilcoxon_p < 1e-6
 
     tokenizer = lambda _model: load_tokenizer("smollm2", home)  # noqa: E731
     view = show_latent(store, f"{study.run}:0", 3, tokenizer, n_contexts=0)

@@ -46,7 +46,7 @@ COMMANDS: dict[str, tuple[list[type[BaseModel]], set[str]]] = {
     ),
     "score": ([ScoringConfig, LLMConfig], set()),
     "calibrate": ([CalibrationConfig, LLMConfig], set()),
-    "report": ([ReportConfig], {"run", "json_output", "campaign"}),
+    "report": ([ReportConfig], {"run", "json_output", "campaign", "compare"}),
 }
 
 

@@ -689,9 +689,12 @@ def report_command(
     good_threshold: float = option(ReportConfig, "good_threshold"),
     seed: int = option(ReportConfig, "seed"),
     campaign: int | None = CAMPAIGN_OPTION,
+    compare: int | None = typer.Option(
+        None, "--compare", help="another campaign id: its scores beside these, paired by latent"
+    ),
 ) -> None:
     """Shared vs seed-specific interpretability of a run, on one campaign's scores: tables,
-    statistics, plots."""
+    statistics, plots; with --compare, two campaigns side by side."""
     from service.config import get_settings
     from service.report import check_html_path, make_report, write_html
     from service.report.terminal import headline
@@ -706,7 +709,7 @@ def report_command(
     store = open_store(get_settings().db)
     try:
         with err_console.status(f"computing the report on run {run}"):
-            result = make_report(store, run, config, campaign)
+            result = make_report(store, run, config, campaign, compare)
     finally:
         store.dispose()
     if html is not None:

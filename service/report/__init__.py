@@ -15,10 +15,11 @@ import numpy as np
 
 from sae.errors import UserError
 from service.config import ReportConfig
+from service.report.compare import compare_campaigns
 from service.report.data import RunData, load_run_data
 from service.report.html import render_html
 from service.report.plots import hookpoint_plots
-from service.report.report import Report, build_report
+from service.report.report import Report, bootstrap_of, build_report
 from service.store.engine import Store
 
 
@@ -29,11 +30,15 @@ class ReportResult:
 
 
 def make_report(
-    store: Store, run_name: str, config: ReportConfig | None = None, campaign: int | None = None
+    store: Store,
+    run_name: str,
+    config: ReportConfig | None = None,
+    campaign: int | None = None,
+    compare: int | None = None,
 ) -> ReportResult:
     """Load the run and compute its report on the scores of campaign `campaign` (None: the
-    newest with scores for the run); the embedding model loads only when explanation
-    agreement has matched explanations to compare."""
+    newest with scores for the run), beside campaign `compare`'s when given; the embedding
+    model loads only when explanation agreement has matched explanations to compare."""
     config = config or ReportConfig()
     data = load_run_data(store, run_name, campaign)
 
@@ -44,6 +49,11 @@ def make_report(
 
     report = build_report(data, config, embed if config.agreement else None)
     report.campaign = data.campaign
+    if compare is not None:
+        other = load_run_data(store, run_name, compare)
+        if data.campaign is None:
+            raise UserError(f"run {run_name!r} has no scores to compare with campaign {compare}")
+        report.comparison = compare_campaigns(data, other, bootstrap_of(config))
     return ReportResult(report, data)
 
 

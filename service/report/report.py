@@ -26,6 +26,7 @@ from pydantic import BaseModel, Field
 from sae.matching.multiseed import presence_statistics
 from service.config import ReportConfig
 from service.report.agreement import AgreementSection, Embed, explanation_agreement
+from service.report.compare import CampaignComparison
 from service.report.data import (
     HookpointData,
     RunData,
@@ -142,6 +143,9 @@ class Report(BaseModel):
     missing: list[str] = Field(description="what the run lacks, and the command that adds it")
     campaign: str | None = Field(
         default=None, description="the one campaign every explanation and score comes from"
+    )
+    comparison: CampaignComparison | None = Field(
+        default=None, description="another campaign's scores beside these (--compare)"
     )
 
 

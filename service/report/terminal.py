@@ -9,6 +9,7 @@ from rich.console import RenderableType
 from rich.table import Table
 from rich.text import Text
 
+from service.report.compare import CampaignComparison
 from service.report.report import HookpointReport, Report, ScorerSection
 from service.report.statistics import Summary
 
@@ -164,6 +165,30 @@ def _cross_seed(group: HookpointReport) -> Table:
     return table
 
 
+def _comparison(comparison: CampaignComparison) -> Table:
+    table = Table(
+        "explainer / scorer",
+        "latents",
+        "n",
+        "first",
+        "second",
+        "second - first [95% CI]",
+        "p (Wilcoxon)",
+        title=f"first: {comparison.first}\nsecond: {comparison.second}\n({comparison.test})",
+    )
+    for row in comparison.rows:
+        table.add_row(
+            f"{row.explainer} / {row.scorer} ({row.metric})",
+            row.group,
+            str(row.n),
+            _number(row.mean_first),
+            _number(row.mean_second),
+            _with_ci(row.difference),
+            DASH if row.wilcoxon_p is None else f"{row.wilcoxon_p:.3g}",
+        )
+    return table
+
+
 def headline(report: Report) -> list[RenderableType]:
     """What `autointerp report` prints."""
     parts: list[RenderableType] = [
@@ -182,6 +207,8 @@ def headline(report: Report) -> list[RenderableType]:
             parts.append(_agreement(group))
         if group.cross_seed:
             parts.append(_cross_seed(group))
+    if report.comparison is not None:
+        parts.append(_comparison(report.comparison))
     for line in report.missing:
         parts.append(Text(f"missing: {line}", style="yellow"))
     return parts
