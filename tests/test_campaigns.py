@@ -268,3 +268,10 @@ def test_results_stored_before_campaigns_are_kept_and_labelled(store_url: str):
     assert result.report.campaign is not None
     assert "smollm2 (backend not recorded)" in result.report.campaign
     store.dispose()
+
+
+def test_the_example_score_config_is_a_valid_job():
+    import tomllib
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "score.toml"
+    ScoreConfig.model_validate(tomllib.loads(path.read_text()))
