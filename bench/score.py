@@ -26,6 +26,13 @@ cache from before.
     python -m bench.score [--llm-url URL] [--latents 8] [--naive-latents 2]
 
 Without --llm-url it starts vLLM from .venv-vllm (about two minutes) and stops it after.
+
+    python -m bench.score --explain-calls [--latents 24]
+
+counts instead, through the store and the worker and with no LLM (the token baseline
+explains, the embedding scorer scores, each latent also scored with a shuffled control's
+explanation), how many explanations are made per latent: with an LLM explainer each is one
+explain request.
 """
 
 # The sys.path fix below must run before the imports:
@@ -211,6 +218,35 @@ def compare(
     )
 
 
+def explanations_per_latent(tokenizer: Any, home: Path, n_latents: int) -> float:
+    """Explanations made per latent when every latent of a planted run is scored with a
+    shuffled control, through a SQLite store and the worker (no LLM asked)."""
+    import tempfile
+
+    from sqlalchemy import func, select
+
+    from service.scoring.worker import ScoreWorkers
+    from service.store.engine import open_store, upgrade
+    from service.store.models import Explanation
+    from tests.planted_store import LLM_FREE_JOB, queue_jobs, store_planted_run
+
+    windows = load_chunks("embedded", tokenizer, chunk_len=32, max_tokens=60_000).numpy()
+    rules = [list(RULES)[index % len(RULES)] for index in range(n_latents)]
+    with tempfile.TemporaryDirectory() as folder:
+        url = f"sqlite:///{folder}/bench.db"
+        upgrade(url)
+        store = open_store(url)
+        latents = store_planted_run(store, tokenizer, windows, rules)
+        with store.session() as session, session.begin():
+            queue_jobs(session, latents, "explain", LLM_FREE_JOB | {"shuffled_control": True})
+        never_asked = OpenAIClient(LLMConfig(urls=[f"http://127.0.0.1:{free_port()}/v1"]))
+        asyncio.run(ScoreWorkers(store, never_asked, home, workers=4, poll_seconds=0.05).run())
+        with store.read_session() as session:
+            made = session.scalar(select(func.count()).select_from(Explanation)) or 0
+        store.dispose()
+    return made / n_latents
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--llm-url", help="a running OpenAI-compatible server (default: start)")
@@ -222,7 +258,18 @@ def main() -> None:
         "--configs", default=",".join(CONFIGS), help=f"comma-separated, of: {', '.join(CONFIGS)}"
     )
     parser.add_argument("--seed", type=int, default=int(time.time()) % 100_000)
+    parser.add_argument(
+        "--explain-calls", action="store_true", help="count explanations per latent, no LLM"
+    )
     args = parser.parse_args()
+    if args.explain_calls:
+        home = get_settings().home
+        per_latent = explanations_per_latent(load_tokenizer("smollm2", home), home, args.latents)
+        print(
+            f"{args.latents} latents with a shuffled control: {per_latent:.2f} explanations "
+            "made per latent (one explain request each with an LLM explainer)"
+        )
+        return
     names = [name.strip() for name in args.configs.split(",")]
     unknown = [name for name in names if name not in CONFIGS]
     if unknown:
