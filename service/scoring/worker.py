@@ -19,11 +19,10 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import Callable, Coroutine
-from contextvars import ContextVar
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, TypeVar
+from typing import Any, TypeVar
 
 from pydantic import ValidationError
 from rich.console import Console
@@ -67,7 +66,6 @@ from service.store.queue import (
 
 STAGE = ScoringConfig.model_fields["stage"].default
 R = TypeVar("R")
-T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
@@ -190,11 +188,6 @@ class ScoreWorkers:
     written goes back to the queue.
     """
 
-    # The tasks started on behalf of the job this context works on (see `_contained`).
-    _job_tasks: ClassVar[ContextVar[set[asyncio.Task[Any]] | None]] = ContextVar(
-        "job_tasks", default=None
-    )
-
     def __init__(
         self,
         store: Store,
@@ -231,49 +224,12 @@ class ScoreWorkers:
     async def run(self) -> ScoreStats:
         keeper = LeaseKeeper(self.store, [], self.lease_seconds)
         keeper.start()
-        loop = asyncio.get_running_loop()
-        previous = loop.get_task_factory()
-        loop.set_task_factory(self._task_factory(previous))
         try:
             await asyncio.gather(*(self._slot(keeper) for _ in range(self.workers)))
         finally:
-            loop.set_task_factory(previous)
             # The keeper's thread may be waiting on the store: join it off the event loop.
             await asyncio.to_thread(keeper.stop)
         return self.stats
-
-    @classmethod
-    def _task_factory(cls, previous: Any) -> Any:
-        """A task factory that records each task in the job scope it was started from."""
-
-        def factory(loop: asyncio.AbstractEventLoop, coro: Any, **kwargs: Any) -> Any:
-            if previous is not None:
-                task = previous(loop, coro, **kwargs)
-            else:
-                task = asyncio.Task(coro, loop=loop, **kwargs)
-            scope = cls._job_tasks.get()
-            if scope is not None:
-                scope.add(task)
-            return task
-
-        return factory
-
-    @classmethod
-    async def _contained(cls, work: Coroutine[Any, Any, T]) -> T:
-        """Await `work`, then cancel whatever tasks it started that still run: asyncio.gather
-        leaves a failed request's siblings running, and a job that failed or was handed back
-        must not keep spending LLM time. Needs `run`'s task factory to see those tasks."""
-        tasks: set[asyncio.Task[Any]] = set()
-        token = cls._job_tasks.set(tasks)
-        try:
-            return await work
-        finally:
-            cls._job_tasks.reset(token)
-            running = [task for task in tasks if not task.done()]
-            for task in running:
-                task.cancel()
-            if running:
-                await asyncio.wait(running)
 
     def _reserve(self) -> bool:
         # No await between the check and the count: slots cannot both take the last job.
@@ -358,9 +314,7 @@ class ScoreWorkers:
         try:
             config = ScoreConfig.model_validate(lease.config)
             examples, control, partners = await self._db(self._load, lease.latent_id, config)
-            result = await self._contained(
-                explain_and_score(examples, config, self.llm, control, partners)
-            )
+            result = await explain_and_score(examples, config, self.llm, control, partners)
             if not keeper.held(lease):
                 raise LeaseLost(f"job {lease.job_id} was given up or taken over while it ran")
             await asyncio.to_thread(self._write, lease, result)
