@@ -275,3 +275,23 @@ def test_the_example_score_config_is_a_valid_job():
 
     path = Path(__file__).resolve().parents[1] / "examples" / "score.toml"
     ScoreConfig.model_validate(tomllib.loads(path.read_text()))
+
+
+def test_a_worker_of_an_llm_free_study_needs_no_server(store_url: str):
+    """Only LLM-free campaigns in the store: `score` asks no server, also once the queue has
+    drained (a worker restarted late just finishes); a campaign of another LLM is named."""
+    upgrade(store_url)
+    seed_run(store_url, n_latents=2)
+    queued = cli(
+        store_url, "queue", "--run", "demo", "--explainers", "token_baseline", "--scorers",
+        "embedding",
+    )  # fmt: skip
+    assert "4 new explain jobs" in queued.stdout, queued.stdout + queued.stderr
+    dead = f"http://127.0.0.1:{free_port()}/v1"
+    for _ in range(2):  # with jobs (they fail: no windows cached), then with none left
+        result = cli(store_url, "score", "--llm-url", dead, "--workers", "2")
+        assert result.returncode == 0, result.stdout + result.stderr
+    cli(store_url, "queue", "--run", "demo", "--model", "another-model")
+    one_line_error(
+        cli(store_url, "score", "--llm-url", dead), "campaign of another LLM (another-model"
+    )

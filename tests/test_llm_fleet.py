@@ -1,20 +1,36 @@
 """A fleet of LLM servers: the real vLLM server on two ports (a TCP relay on each) shares the
 requests evenly, and when one port goes away mid-run the other serves the rest, every request
-answered exactly once.
+answered exactly once. And the production loop on a fleet: two `autointerp score` processes on
+one PostgreSQL store, both sending to the two ports, do every job exactly once, and
+`autointerp status` shows the requests of each port.
 
 Request i asks with i filler words, so its prompt token count tells whose answer it got."""
 
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import threading
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
-from test_scoring_vllm import TcpRelay
+from planted_store import queue_jobs, store_planted_run
+from sqlalchemy import select
+from test_queue_faults import AUTOINTERP, Worker, start_worker
+from test_scoring_vllm import SMALL, TcpRelay
 
 from service.config import LLMConfig
 from service.llm import Completion, Message, SamplingParams
 from service.llm.base import ServerStats
 from service.llm.openai_client import OpenAIClient
+from service.store.engine import open_store, upgrade
+from service.store.models import Explanation, Job, LlmCall
 
 pytestmark = pytest.mark.vllm
 
@@ -108,3 +124,106 @@ def test_a_port_that_goes_away_mid_run_is_drained_to_the_other(vllm_url: str):
     assert answered_by.count(staying.base_url) == staying.requests - staying.errors
     assert answered_by.count(left.base_url) == left.requests - left.errors
     assert staying.errors == 0 and staying.in_flight == left.in_flight == 0
+
+
+@contextmanager
+def relays_in_thread(target_url: str, n: int) -> Iterator[list[TcpRelay]]:
+    """`n` TCP relays to `target_url` on an event loop of their own (a thread), for other
+    processes to connect to while the test waits on them."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    started: list[TcpRelay] = []
+    try:
+        for _ in range(n):
+            relay = TcpRelay(target_url)
+            asyncio.run_coroutine_threadsafe(relay.start(), loop).result(10)
+            started.append(relay)
+        yield started
+    finally:
+        for relay in started:
+            asyncio.run_coroutine_threadsafe(relay.stop(), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()
+
+
+FLEET_RULES = ["digits", "parenthesis", "return", "class"]
+FLEET_STAGE = "fleet"
+SCORE_PROCESSES = 2
+# vLLM on two CPU cores answers a few requests a second; four latents take a minute or two.
+FLEET_TIMEOUT_S = 600
+
+
+def test_score_processes_on_one_store_use_the_whole_fleet(
+    postgres_url: str,
+    home: Path,
+    vllm_url: str,
+    tokenizer: Any,
+    corpus_windows: np.ndarray,
+    tmp_path: Path,
+):
+    upgrade(postgres_url)
+    store = open_store(postgres_url)
+    processes: list[Worker] = []
+    try:
+        latents = store_planted_run(store, tokenizer, corpus_windows, FLEET_RULES)
+        with store.session() as session, session.begin():
+            queue_jobs(session, latents, FLEET_STAGE, SMALL)
+        with relays_in_thread(vllm_url, 2) as relays:
+            urls = [relay.url for relay in relays]
+            options = tuple(option for url in urls for option in ("--urls", url))
+            for number in range(SCORE_PROCESSES):
+                processes.append(
+                    start_worker(
+                        f"score-{number}",
+                        2,
+                        postgres_url,
+                        home,
+                        tmp_path,
+                        stage=FLEET_STAGE,
+                        lease_seconds=60,
+                        options=options,
+                    )
+                )
+            for process in processes:
+                try:
+                    code = process.process.wait(FLEET_TIMEOUT_S)
+                except subprocess.TimeoutExpired:
+                    message = f"{process.name} did not finish\n{process.tail()}"
+                    raise AssertionError(message) from None
+                assert code == 0, f"{process.name} ended with {code}\n{process.tail()}"
+        env = os.environ | {"AUTOINTERP_DB": postgres_url, "COLUMNS": "200"}
+        status = subprocess.run(
+            [AUTOINTERP, "status"], env=env, capture_output=True, text=True, check=True
+        ).stdout
+        with store.read_session() as session:
+            jobs = session.scalars(select(Job)).all()
+            explained = Counter(session.scalars(select(Explanation.job_id)))
+            calls = session.execute(select(LlmCall.job_id, LlmCall.base_url, LlmCall.error)).all()
+    finally:
+        for process in processes:
+            if process.process.poll() is None:
+                process.process.kill()
+                process.process.wait(30)
+        store.dispose()
+
+    # Every job done once, by one of the two processes: one explanation each (one explainer,
+    # no controls), every LLM call recorded against one of the fleet's two ports.
+    assert Counter(job.state for job in jobs) == {"done": len(FLEET_RULES)}
+    assert all(job.attempts == 1 for job in jobs)
+    assert all(any(p.owns(job.lease_owner) for p in processes) for job in jobs)
+    assert explained == {job.id: 1 for job in jobs}
+    assert {job_id for job_id, _, _ in calls} == {job.id for job in jobs}
+    served = Counter(base_url for _, base_url, error in calls if error is None)
+    assert set(served) == set(urls) and all(error is None for _, _, error in calls)
+    # `autointerp status` reads the same calls back: one row per port, with its requests.
+    for url in urls:
+        (row,) = [line for line in status.splitlines() if url in line]
+        assert str(served[url]) in row.split()
+    print(
+        "requests per port:",
+        dict(served),
+        "jobs per process:",
+        {p.name: sum(p.owns(job.lease_owner) for job in jobs) for p in processes},
+    )

@@ -1,10 +1,16 @@
 """Workers that die, on the real loop: four `autointerp score` processes drain 200 score jobs
 that need no LLM (token baseline explanations scored by the embedding scorer, on planted
 windows) while two of them are SIGKILLed mid-run, one inside its results transaction and one
-while it holds leases. Afterwards every job is done exactly once with exactly one set of
-results, the dead processes' jobs were re-run by others after their leases expired, and
-nothing the process killed inside its transaction wrote survives. Runs on real SQLite and
-PostgreSQL.
+while it holds leases, and then started again, as an operator would. Afterwards every job is
+done exactly once with exactly one set of results, the dead processes' jobs were re-run by
+the living (survivors or the restarted) after their leases expired, the restarted processes
+did their share, and nothing the process killed inside its transaction wrote survives. Runs
+on real SQLite and PostgreSQL.
+
+A restarted process takes a while to start (importing torch, loading MiniLM) and could find
+the queue drained by then. So the survivors are paused (SIGSTOP, never while they hold
+SQLite's write lock) until each restarted process has leased a job. Their leases run out
+meanwhile and are taken over: a stalled worker's late results must be refused as well.
 
 Catching a process inside its results transaction, with no hook in the product:
 - PostgreSQL: the test locks the row of the one job the victim is working on (FOR NO KEY
@@ -102,7 +108,17 @@ class Worker:
         assert self.process.wait(30) == -signal.SIGKILL, f"{self.name} outlived SIGKILL"
 
 
-def start_worker(name: str, slots: int, url: str, home: Path, folder: Path) -> Worker:
+def start_worker(
+    name: str,
+    slots: int,
+    url: str,
+    home: Path,
+    folder: Path,
+    stage: str = STAGE,
+    lease_seconds: float = LEASE_SECONDS,
+    options: tuple[str, ...] = (),
+) -> Worker:
+    """`autointerp score` on `url`'s `stage` with `slots` slots, and `options` added."""
     if make_url(url).get_backend_name() == "postgresql":
         # Names the process's backends in pg_stat_activity.
         url = make_url(url).update_query_dict({"application_name": name})
@@ -114,8 +130,8 @@ def start_worker(name: str, slots: int, url: str, home: Path, folder: Path) -> W
         "OMP_NUM_THREADS": "1",
         "TOKENIZERS_PARALLELISM": "false",
     }
-    command = [AUTOINTERP, "score", "--stage", STAGE, "--workers", str(slots)]
-    command += ["--lease-seconds", str(LEASE_SECONDS)]
+    command = [AUTOINTERP, "score", "--stage", stage, "--workers", str(slots)]
+    command += ["--lease-seconds", str(lease_seconds), *options]
     log = folder / f"{name}.log"
     with log.open("wb") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
@@ -297,6 +313,18 @@ def results_transaction_job(store: Store, victim: Worker, stopped_at: datetime) 
     return job_id
 
 
+def pause(worker: Worker, shm: Path | None) -> None:
+    """SIGSTOP `worker`, at a moment it does not hold the write lock of the WAL index `shm`
+    (SQLite; None on PostgreSQL, where a stopped session's row locks are skipped by claims)."""
+    while True:
+        os.kill(worker.pid, signal.SIGSTOP)
+        wait_for(lambda: stopped(worker.pid), 10, lambda: f"{worker.name} did not stop")
+        if shm is None or not holds_wal_write_lock(worker.pid, shm.stat().st_ino):
+            return
+        os.kill(worker.pid, signal.SIGCONT)
+        time.sleep(0.01)
+
+
 def kill_inside_results_transaction_sqlite(store: Store, victim: Worker, shm: Path) -> None:
     stops = 0
     deadline = time.monotonic() + 90
@@ -356,12 +384,14 @@ def test_killed_workers_lose_nothing_and_duplicate_nothing(
 
     # Killed inside its results transaction.
     victim = workers[IN_TRANSACTION]
+    shm = None
     if store.backend == "postgresql":
         kill_inside_results_transaction_postgresql(store, victim)
     else:
         database = make_url(url).database
         assert database is not None
-        kill_inside_results_transaction_sqlite(store, victim, Path(f"{database}-shm"))
+        shm = Path(f"{database}-shm")
+        kill_inside_results_transaction_sqlite(store, victim, shm)
     in_flight = {IN_TRANSACTION: leases_of(store, victim)}
     assert len(in_flight[IN_TRANSACTION]) == 1, "its one slot was writing its one job"
 
@@ -378,13 +408,32 @@ def test_killed_workers_lose_nothing_and_duplicate_nothing(
     done_at_kills = done_count(store)
     assert done_at_kills < N_JOBS - 20, "the kills came too late to be mid-run"
 
-    for worker in workers.values():
-        if worker.name in in_flight:
-            continue
+    # Both started again: new processes (new worker ids) on the same store, same slots; the
+    # survivors wait until each has leased a job.
+    living = [worker for worker in workers.values() if worker.name not in in_flight]
+    for worker in living:
+        pause(worker, shm)
+    restarted = [
+        start_worker(f"{name}-restarted", PROCESSES[name], url, home, tmp_path)
+        for name in in_flight
+    ]
+    workers.update((worker.name, worker) for worker in restarted)
+    try:
+        for worker in restarted:
+            wait_for(
+                lambda worker=worker: leases_of(store, worker) or worker.process.poll() is not None,
+                START_TIMEOUT_S,
+                lambda worker=worker: f"{worker.name} never leased a job\n{logs()}",
+            )
+    finally:
+        for worker in living:
+            os.kill(worker.pid, signal.SIGCONT)
+    living += restarted
+    for worker in living:
         try:
             code = worker.process.wait(DRAIN_TIMEOUT_S)
         except subprocess.TimeoutExpired:
-            raise AssertionError(f"the survivors did not drain the queue\n{logs()}") from None
+            raise AssertionError(f"the living did not drain the queue\n{logs()}") from None
         assert code == 0, f"{worker.name} ended with {code}\n{worker.tail()}"
     elapsed = time.monotonic() - started
 
@@ -411,19 +460,25 @@ def test_killed_workers_lose_nothing_and_duplicate_nothing(
         assert latent_id == job.latent_id
         assert job.finished_at is not None and created_at <= job.finished_at
 
-    # What the dead held was re-run by a survivor once the dead lease ran out; the results of
+    # What the dead held was re-run by the living once the dead lease ran out; the results of
     # the transaction killed half-way are not there, those of the re-run are.
     written = [(job_id, at) for job_id, _, at in explanations]
     written += [(job_id, at) for job_id, at, _ in scores]
-    survivors = [worker for worker in workers.values() if worker.name not in in_flight]
     for name, held in in_flight.items():
         for job_id, expired_at in held.items():
             job = jobs[job_id]
             assert job.attempts >= 2, (name, job_id)
-            assert any(worker.owns(job.lease_owner) for worker in survivors), (name, job_id)
+            assert any(worker.owns(job.lease_owner) for worker in living), (name, job_id)
             assert job.finished_at is not None and job.finished_at >= expired_at, (name, job_id)
             assert all(at >= expired_at for other, at in written if other == job_id), job_id
+    # Every job was finished by one of the processes, and each restarted one finished some.
+    done_by = {
+        worker.name: sum(worker.owns(job.lease_owner) for job in jobs.values())
+        for worker in workers.values()
+    }
+    assert sum(done_by.values()) == N_JOBS, done_by
+    assert all(done_by[worker.name] > 0 for worker in restarted), done_by
     print(
         f"{store.backend}: {N_JOBS} jobs in {elapsed:.1f} s, {done_at_kills} done at the kills, "
-        f"re-run: {sum(len(held) for held in in_flight.values())}"
+        f"re-run: {sum(len(held) for held in in_flight.values())}, done by: {done_by}"
     )

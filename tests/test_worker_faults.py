@@ -1,7 +1,7 @@
 """The score loop under store faults, on real SQLite and PostgreSQL: a lease renewal that meets
 a lock timeout is retried (and a lease that cannot be renewed in time is given up, not kept),
 workers whose connections are terminated mid-run reconnect and finish every job exactly once,
-and a job that fails cancels the work it still has in flight."""
+and a job whose request fails has its other requests cancelled before it is handed back."""
 
 import asyncio
 import logging
@@ -20,7 +20,9 @@ from sqlalchemy import Connection, Engine, create_engine, event, select, text
 from sqlalchemy.pool import NullPool
 from test_queue import job_states, make_run, queue_latents
 
-from service.config import LLMConfig
+from service.concurrency import gather_or_cancel
+from service.config import LLMConfig, ScoreConfig
+from service.llm.base import ServerStats
 from service.llm.openai_client import OpenAIClient
 from service.llm.serve import free_port
 from service.scoring.worker import ScoreWorkers
@@ -187,39 +189,111 @@ def test_workers_reconnect_after_their_connections_are_terminated(
         admin.dispose()
 
 
-def test_a_failed_request_cancels_the_jobs_other_requests():
-    """asyncio.gather hands back the first error and leaves the other requests running; the
-    worker cancels whatever the job still has in flight before it hands the job back."""
+async def request(name: str, seconds: float, log: list[str], error: str | None = None) -> str:
+    """Stands for one LLM request of a job: takes `seconds`, then answers or fails; `log`
+    says how it ended."""
+    try:
+        await asyncio.sleep(seconds)
+    except asyncio.CancelledError:
+        log.append(f"{name} cancelled")
+        raise
+    if error is not None:
+        log.append(f"{name} failed")
+        raise ConnectionError(error)
+    log.append(f"{name} answered")
+    return name
 
-    async def scenario() -> tuple[bool, bool]:
-        cancelled = asyncio.Event()
 
-        async def slow_request() -> None:
-            try:
-                await asyncio.sleep(30)
-            except asyncio.CancelledError:
-                cancelled.set()
-                raise
+def test_gather_or_cancel_returns_the_results_in_order():
+    log: list[str] = []
+    results = asyncio.run(gather_or_cancel(request("slow", 0.05, log), request("quick", 0.0, log)))
+    assert results == ["slow", "quick"]
+    assert log == ["quick answered", "slow answered"]
 
-        async def failing_request() -> None:
-            await asyncio.sleep(0.01)
-            raise ConnectionError("the server went away")
 
-        async def pipeline() -> None:
-            await asyncio.gather(slow_request(), failing_request())
+def test_gather_or_cancel_cancels_the_siblings_of_a_failure_before_it_raises():
+    log: list[str] = []
 
-        loop = asyncio.get_running_loop()
-        previous = loop.get_task_factory()
-        loop.set_task_factory(ScoreWorkers._task_factory(previous))
+    async def job() -> None:
         try:
-            with pytest.raises(ConnectionError):
-                await ScoreWorkers._contained(pipeline())
-            cancelled_at_once = cancelled.is_set()
-            # A job that succeeds leaves nothing behind either, and other work is untouched.
-            bystander = asyncio.create_task(asyncio.sleep(0.05))
-            await ScoreWorkers._contained(asyncio.sleep(0))
-            return cancelled_at_once, not bystander.cancelled() and await bystander is None
-        finally:
-            loop.set_task_factory(previous)
+            await gather_or_cancel(
+                request("sibling-1", 30, log),
+                request("failing", 0.01, log, error="the server went away"),
+                request("sibling-2", 30, log),
+            )
+        except ConnectionError as error:  # the request's own error, not an ExceptionGroup
+            log.append(f"job handed back: {error}")
 
-    assert asyncio.run(scenario()) == (True, True)
+    asyncio.run(asyncio.wait_for(job(), 10))
+    assert log[0] == "failing failed"
+    assert sorted(log[1:3]) == ["sibling-1 cancelled", "sibling-2 cancelled"]
+    assert log[3:] == ["job handed back: the server went away"]
+
+
+def test_cancelling_gather_or_cancel_cancels_every_request():
+    log: list[str] = []
+
+    async def interrupted() -> None:
+        task = asyncio.create_task(
+            gather_or_cancel(request("first", 30, log), request("second", 30, log))
+        )
+        await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(interrupted())
+    assert sorted(log) == ["first cancelled", "second cancelled"]
+
+
+@pytest.mark.vllm
+def test_a_job_whose_request_fails_cancels_its_other_requests_before_it_is_handed_back(
+    tmp_path: Path, home: Path, vllm_url: str, tokenizer: Any, corpus_windows: np.ndarray
+):
+    """One job, its detection scorer asking one window per request, sent to the real vLLM
+    server and to a port where nothing listens, in turn, with no retry: the first request
+    sent to the dead port fails the job while requests of the same job are in flight at vLLM.
+    When the job is handed back (the progress callback, called once the job is back in the
+    queue) none of them still runs."""
+    url = f"sqlite:///{tmp_path / 'store.db'}"
+    upgrade(url)
+    store = open_store(url)
+    latents = make_run(store, 1)
+    config = ScoreConfig(
+        explainers=["token_baseline"],
+        scorers=["detection"],
+        shuffled_control=False,
+        cross_seed=0,
+        n_explain_top=4,
+        n_explain_quantile=2,
+        n_positive=4,
+        n_negative=4,
+        examples_per_request=1,
+    )
+    with store.session() as session, session.begin():
+        add_planted_windows(session, latents[0], plant_small("return", corpus_windows, tokenizer))
+        queue_jobs(session, latents, "explain", config)
+    dead_url = f"http://127.0.0.1:{free_port()}/v1"
+    llm = OpenAIClient(LLMConfig(urls=[vllm_url, dead_url], retry_for_s=0, max_concurrency=8))
+    at_hand_back: list[list[ServerStats]] = []
+    loop = ScoreWorkers(store, llm, home, workers=1, max_jobs=1)
+    loop.on_progress = lambda _stats: at_hand_back.append(llm.servers())
+
+    async def run() -> None:
+        try:
+            await loop.run()
+        finally:
+            await llm.aclose()
+
+    try:
+        asyncio.run(run())
+        with store.read_session() as session:
+            job = session.scalars(select(Job)).one()
+    finally:
+        store.dispose()
+    assert (job.state, job.attempts) == ("queued", 1)
+    assert job.last_error is not None and job.last_error.startswith("LLM unavailable")
+    ((vllm, dead),) = at_hand_back
+    assert dead.errors >= 1
+    # Requests of the job had gone to vLLM, and none was left running there.
+    assert vllm.requests >= 1 and vllm.in_flight == 0

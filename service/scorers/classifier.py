@@ -15,7 +15,6 @@ the top alternatives at the answer token: P(1) / (P(1) + P(0)).
 
 from __future__ import annotations
 
-import asyncio
 import json
 import math
 import random
@@ -25,6 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from service.cache.windows import ExampleSplit, Window
+from service.concurrency import gather_or_cancel
 from service.llm.base import CallRecord, LLMClient, LLMError, SamplingParams, TokenLogprob
 from service.llm.prompts import escape, load_prompt, render_window
 from service.scorers.base import Scorer, ScoreResult, Verdict
@@ -171,7 +171,9 @@ class ClassifierScorer(Scorer):
         rng.shuffle(items)
         size = self.config.examples_per_request
         batches = [items[start : start + size] for start in range(0, len(items), size)]
-        outcomes = await asyncio.gather(*(self._ask(explanation, batch, llm) for batch in batches))
+        outcomes = await gather_or_cancel(
+            *(self._ask(explanation, batch, llm) for batch in batches)
+        )
         result = ScoreResult(self.name, [])
         for verdicts, calls in outcomes:
             result.verdicts.extend(verdicts)

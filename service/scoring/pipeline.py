@@ -1,5 +1,6 @@
 """One latent, start to finish, without the store: split its windows, explain them with each
-explainer, then run every scorer on the held-out windows concurrently. The worker (store,
+explainer, then run every scorer on the held-out windows concurrently (the first request that
+fails for good cancels the others: `gather_or_cancel`). The worker (store,
 queue, progress), the calibration and the benchmark call `explain_and_score`.
 
 Controls: given the windows of other latents, each explainer also explains THOSE latents
@@ -14,11 +15,11 @@ uses the latent's matched partner in another seed: does the partner's explanatio
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from service.cache.windows import ExampleSplit, LatentExamples, split_examples
+from service.concurrency import gather_or_cancel
 from service.config import ScoreConfig
 from service.explainers import Explainer, ExplanationResult, create_explainers
 from service.llm.base import CallRecord, LLMClient
@@ -158,7 +159,7 @@ async def _explain_and_score_one(
     explanation = explained.explanation
     if not explanation.parsed:
         return explained  # an unparseable explanation is kept, not scored
-    results = await asyncio.gather(
+    results = await gather_or_cancel(
         *(s.score(explanation.text, scored_split, llm, seed) for s in scorers)
     )
     for result in results:
@@ -197,7 +198,7 @@ async def explain_and_score(
         other_split = split_for(other, config)
         if other_split.explain:
             sources.append((other_split, other.latent_id, label))
-    explained = await asyncio.gather(
+    explained = await gather_or_cancel(
         *(
             _explain_and_score_one(
                 explainer,

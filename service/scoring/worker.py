@@ -19,14 +19,14 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import Callable, Coroutine, Mapping
-from contextvars import ContextVar
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, TypeVar
+from typing import Any, TypeVar
 
 from pydantic import ValidationError
 from rich.console import Console
+from sqlalchemy import select
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
@@ -71,7 +71,6 @@ STAGE = ScoringConfig.model_fields["stage"].default
 # The jobs that must all fail on one LLM refusal before a run stops rather than fail the rest.
 FIRST_JOBS = 3
 R = TypeVar("R")
-T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
@@ -211,11 +210,6 @@ class ScoreWorkers:
     written goes back to the queue.
     """
 
-    # The tasks started on behalf of the job this context works on (see `_contained`).
-    _job_tasks: ClassVar[ContextVar[set[asyncio.Task[Any]] | None]] = ContextVar(
-        "job_tasks", default=None
-    )
-
     def __init__(
         self,
         store: Store,
@@ -260,13 +254,9 @@ class ScoreWorkers:
     async def run(self) -> ScoreStats:
         keeper = LeaseKeeper(self.store, [], self.lease_seconds)
         keeper.start()
-        loop = asyncio.get_running_loop()
-        previous = loop.get_task_factory()
-        loop.set_task_factory(self._task_factory(previous))
         try:
             await asyncio.gather(*(self._slot(keeper) for _ in range(self.workers)))
         finally:
-            loop.set_task_factory(previous)
             # The keeper's thread may be waiting on the store: join it off the event loop.
             await asyncio.to_thread(keeper.stop)
         refusal = self._refused_by_llm()
@@ -299,39 +289,6 @@ class ScoreWorkers:
     def _stopping(self) -> bool:
         """Whether the first jobs all failed on one refusal, so no further job is claimed."""
         return len(self._refusals) >= FIRST_JOBS and self._refused_by_llm() is not None
-
-    @classmethod
-    def _task_factory(cls, previous: Any) -> Any:
-        """A task factory that records each task in the job scope it was started from."""
-
-        def factory(loop: asyncio.AbstractEventLoop, coro: Any, **kwargs: Any) -> Any:
-            if previous is not None:
-                task = previous(loop, coro, **kwargs)
-            else:
-                task = asyncio.Task(coro, loop=loop, **kwargs)
-            scope = cls._job_tasks.get()
-            if scope is not None:
-                scope.add(task)
-            return task
-
-        return factory
-
-    @classmethod
-    async def _contained(cls, work: Coroutine[Any, Any, T]) -> T:
-        """Await `work`, then cancel whatever tasks it started that still run: asyncio.gather
-        leaves a failed request's siblings running, and a job that failed or was handed back
-        must not keep spending LLM time. Needs `run`'s task factory to see those tasks."""
-        tasks: set[asyncio.Task[Any]] = set()
-        token = cls._job_tasks.set(tasks)
-        try:
-            return await work
-        finally:
-            cls._job_tasks.reset(token)
-            running = [task for task in tasks if not task.done()]
-            for task in running:
-                task.cancel()
-            if running:
-                await asyncio.wait(running)
 
     def _reserve(self) -> bool:
         # No await between the check and the count: slots cannot both take the last job.
@@ -436,10 +393,8 @@ class ScoreWorkers:
         try:
             config = await self._db(self._config_of, lease.campaign_id)
             loaded = await self._db(self._load, lease, config)
-            result = await self._contained(
-                explain_and_score(
-                    loaded.examples, config, self.llm, loaded.control, loaded.partners, loaded.known
-                )
+            result = await explain_and_score(
+                loaded.examples, config, self.llm, loaded.control, loaded.partners, loaded.known
             )
             if not keeper.held(lease):
                 raise LeaseLost(f"job {lease.job_id} was given up or taken over while it ran")
@@ -561,10 +516,16 @@ async def score_queue(
 
 
 def _queue_needs_llm(store: Store, stage: str, llm: tuple[str, str]) -> bool:
-    """Whether an unfinished job of `stage` that this LLM can serve asks an LLM; also True
-    when there is no such job, so that `autointerp score` still says at once when its LLM
-    cannot serve. Says, in one line, when every unfinished job is for another LLM."""
+    """Whether an unfinished job of `stage` that this LLM can serve asks an LLM. With none
+    left, whether work for an LLM could still come: a campaign that asks one, or no campaign
+    yet (so that `autointerp score` says at once when its LLM cannot serve, yet a worker of
+    an LLM-free study started after its queue drained just finishes). Says, in one line,
+    when every unfinished job is for another LLM."""
     campaigns = unfinished_campaigns(store, stage)
+    if not campaigns:
+        with store.read_session() as session:
+            known = session.scalars(select(Campaign.llm_model)).all()
+        return not known or any(model is not None for model in known)
     servable = [c for c in campaigns if c.llm_model is None or (c.llm_backend, c.llm_model) == llm]
     if campaigns and not servable:
         others = ", ".join(sorted({f"{c.llm_model} ({c.llm_backend})" for c in campaigns}))
@@ -572,7 +533,7 @@ def _queue_needs_llm(store: Store, stage: str, llm: tuple[str, str]) -> bool:
             f"every unfinished {stage} job belongs to a campaign of another LLM ({others}); "
             "start `autointerp score` with that --model and --backend"
         )
-    return not servable or any(c.llm_model is not None for c in servable)
+    return any(c.llm_model is not None for c in servable)
 
 
 def run_score(
