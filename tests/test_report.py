@@ -127,6 +127,7 @@ def test_dense_scores_keep_the_newest_per_latent():
         source_index=np.array([5, 6, 7]),
         n_examples=np.array([20, 20, 20]),
         n_failed=np.array([0, 0, 0]),
+        undefined_reason=np.array(["", "", ""], dtype=object),
     )
     np.testing.assert_array_equal(rows.dense(3), [0.5, np.nan, 0.9])
 

@@ -172,6 +172,36 @@ def _presence_table(group: HookpointReport) -> str:
     )
 
 
+def _scored_table(group: HookpointReport) -> str:
+    rows: list[Row] = [
+        (
+            _label(section),
+            [
+                section.metric.replace("_", " "),
+                _number(section.scored.n + sum(section.undefined.values())),
+                _number(section.scored.n),
+                _number(sum(section.undefined.values())),
+                section.undefined_text() or DASH,
+                _percent(section.failed_answer_rate),
+            ],
+        )
+        for section in group.scorers
+    ]
+    return _table(
+        "Latents scored with their own explanation",
+        [
+            "explainer / scorer",
+            "metric",
+            "latents scored",
+            "metric defined",
+            "metric undefined (NULL, left out of every statistic)",
+            "undefined, by reason",
+            "unparsed answers",
+        ],
+        rows,
+    )
+
+
 def _control_table(group: HookpointReport) -> str:
     rows: list[Row] = []
     for section in group.scorers:
@@ -479,6 +509,7 @@ def _hookpoint_section(group: HookpointReport, plots: Sequence[Plot], report: Re
         parts.append(_pairs_table(group))
     parts.append(_presence_table(group))
     if group.scorers:
+        parts.append(_scored_table(group))
         parts.append(_control_table(group))
         parts.append(_interpretability_table(group))
         parts.append(_correlation_table(group, report.config.good_threshold))

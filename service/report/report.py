@@ -87,6 +87,10 @@ class ScorerSection(BaseModel):
     metric: str
     scored: Summary = Field(description="every latent with an own-explanation score")
     failed_answer_rate: float | None = Field(description="unparsed answers / answers asked")
+    undefined: dict[str, int] = Field(
+        default_factory=dict,
+        description="latents whose metric is undefined (NULL), by reason: 'no negatives', ...",
+    )
     control: SpecificityGap | None = Field(description="None: no shuffled-explanation scores")
     informative: bool | None
     shared_vs_specific: Comparison | None = Field(description="None: no matchings stored")
@@ -96,6 +100,10 @@ class ScorerSection(BaseModel):
     by_presence: list[Summary] | None = Field(
         description="[m-1]: scores of latents present in exactly m SAEs"
     )
+
+    def undefined_text(self) -> str:
+        """'no negatives: 3; nothing parsed: 1'; empty when every metric was defined."""
+        return "; ".join(f"{reason}: {count:,}" for reason, count in sorted(self.undefined.items()))
 
 
 class CrossSeedSection(BaseModel):
@@ -274,12 +282,14 @@ def _scorer_section(
     in_group = np.isin(own.sae_id, [sae.id for sae in group.saes.values()])
     n_examples = int(own.n_examples[in_group].sum())
     n_failed = int(own.n_failed[in_group].sum())
+    undefined = ScoreData.undefined_counts(own.undefined_reason[in_group])
     return ScorerSection(
         explainer=own.explainer,
         scorer=own.scorer,
         metric=own.metric,
         scored=summarize(values, bootstrap),
         failed_answer_rate=n_failed / n_examples if n_examples else None,
+        undefined=undefined,
         control=control,
         informative=control.informative if control else None,
         shared_vs_specific=comparison,

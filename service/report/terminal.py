@@ -176,6 +176,15 @@ def headline(report: Report) -> list[RenderableType]:
             parts.append(_presence(group))
         if group.scorers:
             parts.append(_scorers(group, report.config.good_threshold))
+            parts.extend(
+                Text(
+                    f"{section.explainer} / {section.scorer}: {section.metric} undefined "
+                    f"(NULL, left out) for {section.undefined_text()}",
+                    style="yellow",
+                )
+                for section in group.scorers
+                if section.undefined
+            )
         if group.agreement:
             parts.append(_agreement(group))
         if group.cross_seed:
