@@ -27,6 +27,8 @@ import itertools
 from dataclasses import dataclass, field
 
 import numpy as np
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
@@ -105,6 +107,29 @@ class HookpointData:
         for other in others:
             mask |= self.pairs[(seed, other)].shared
         return mask
+
+    def match_groups(self) -> np.ndarray:
+        """A group id per latent, over the seeds' latents concatenated in seed order: the
+        connected components of "shared with" (both cosines above the threshold, with the
+        decoder partner), so a shared latent and its partners in every seed form one group
+        and a latent shared with no seed is a group of its own."""
+        offsets = dict(
+            zip(
+                self.seeds,
+                np.cumsum([0] + [self.saes[s].n_latents for s in self.seeds[:-1]]).tolist(),
+                strict=True,
+            )
+        )
+        total = sum(sae.n_latents for sae in self.saes.values())
+        rows, columns = [np.zeros(0, dtype=np.int64)], [np.zeros(0, dtype=np.int64)]
+        for (seed_a, seed_b), pair in self.pairs.items():
+            shared = pair.shared & (pair.partner_decoder >= 0)
+            rows.append(offsets[seed_a] + pair.indices[shared])
+            columns.append(offsets[seed_b] + pair.partner_decoder[shared])
+        row, column = np.concatenate(rows), np.concatenate(columns)
+        graph = coo_matrix((np.ones(row.size), (row, column)), shape=(total, total))
+        _, labels = connected_components(graph, directed=False)
+        return labels.astype(np.int64)
 
     def matched_similarity(self, seed: int) -> np.ndarray | None:
         """Per latent of `seed`: the best, over other seeds, of the smaller of its decoder and
