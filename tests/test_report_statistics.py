@@ -189,3 +189,28 @@ def test_quantile_bins_have_equal_counts_and_merge_ties():
     assert np.bincount(bins.astype(int)).tolist() == [2] * 5
     tied = quantile_bins([1.0, 1.0, 1.0, 1.0, 2.0, math.nan], 4)
     assert np.isnan(tied[-1]) and len(set(tied[:-1].tolist())) == 2
+
+
+def test_one_stratum_agrees_with_scipys_permutation_test_and_bootstrap():
+    """The reference: with one stratum, the test is scipy's two-sample permutation test of the
+    difference of means and the interval scipy's two-sample percentile bootstrap."""
+    from scipy import stats
+
+    rng = np.random.default_rng(5)
+    shared, specific = rng.normal(0.62, 0.1, 30), rng.normal(0.57, 0.1, 45)
+    values = np.concatenate([shared, specific])
+    labels = np.arange(values.size) < shared.size
+    ours = stratified_difference(values, labels, bootstrap=Bootstrap(n_resamples=20000))
+
+    def difference(x: np.ndarray, y: np.ndarray, axis: int = -1) -> np.ndarray:
+        return np.mean(x, axis=axis) - np.mean(y, axis=axis)
+
+    reference = stats.permutation_test(
+        (shared, specific), difference, n_resamples=20000, vectorized=True, rng=1
+    )
+    interval = stats.bootstrap(
+        (shared, specific), difference, n_resamples=20000, method="percentile", rng=1
+    ).confidence_interval
+    assert ours.difference == pytest.approx(difference(shared, specific))
+    assert ours.p_value == pytest.approx(reference.pvalue, abs=0.01)
+    assert (ours.ci_low, ours.ci_high) == pytest.approx((interval.low, interval.high), abs=0.005)
