@@ -9,12 +9,12 @@ means adding `name_v2.md`, so that stored results keep pointing at the text they
 Windows and explanations reach the LLM exactly as written (no HTML entities: `>>>` stays
 `>>>`). Each request gets its own `Delimiters`: windows sit between `<example-NONCE id="N">`
 and `</example-NONCE>` lines and the explanation between `<explanation-NONCE>` tags, where
-NONCE is a hash of the request's windows that none of its texts contains, so no text can
-close its block or open another; the marks of firing tokens are the first pair of
-`MARK_CANDIDATES` none of whose characters occurs in the windows, so no text can forge or
-close a mark. The nonce depends on the windows alone, so the requests that score one batch
-of windows under several explanations keep a common prefix (a server's prefix cache) unless
-an explanation happens to contain the nonce.
+NONCE is a short hash of the request's windows that none of its texts contains (checked, so
+it is safe however short), so no text can close its block or open another; the marks of
+firing tokens are the first pair of `MARK_CANDIDATES` none of whose characters occurs in the
+windows, so no text can forge or close a mark. The nonce depends on the windows alone, so
+the requests that score one batch of windows under several explanations keep a common
+prefix (a server's prefix cache) unless an explanation happens to contain the nonce.
 """
 
 from __future__ import annotations
@@ -40,7 +40,10 @@ MARK_CANDIDATES = (
     ("\u27e6", "\u27e7"),
     ("\u27ea", "\u27eb"),
 )
-NONCE_CHARS = 8
+# A short nonce keeps prompts short (this tokenizer spends a token per character of it); it
+# is safe at any length because it is checked against every text of the request.
+NONCE_CHARS = 3
+NONCE_ALPHABET = "0123456789abcdefghijklmnopqrstuvwxyz"
 # Every template shows corpus text, so every template must use the delimiters.
 DELIMITER_PLACEHOLDER = "example_tag"
 SYSTEM_MARKER = "<!-- system -->"
@@ -119,7 +122,11 @@ def choose_delimiters(windows: Sequence[str], others: Sequence[str] = ()) -> Del
     while True:
         candidate = digest.copy()
         candidate.update(attempt.to_bytes(8, "little"))
-        nonce = candidate.hexdigest()[:NONCE_CHARS]
+        number = int.from_bytes(candidate.digest()[:8], "little")
+        nonce = "".join(
+            NONCE_ALPHABET[number // len(NONCE_ALPHABET) ** i % len(NONCE_ALPHABET)]
+            for i in range(NONCE_CHARS)
+        )
         if not any(nonce in text for text in texts):
             break
         attempt += 1
