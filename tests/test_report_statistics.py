@@ -174,13 +174,14 @@ def test_strata_without_both_classes_carry_no_weight():
     # Frequency separates the classes completely: nothing is left to compare.
     none = stratified_difference([0.9, 0.8, 0.3, 0.2], [True, True, False, False], [1, 1, 0, 0])
     assert none.n_strata == 0 and none.difference is None and none.p_value is None
+    assert (none.n_shared, none.n_seed_specific) == (0, 0)
     # One mixed stratum: the difference is its own.
     one = stratified_difference(
         [0.9, 0.5, 0.8, 0.3, 0.2, math.nan],
         [True, False, True, False, False, True],
         [1] * 3 + [0] * 3,
     )
-    assert (one.n_units, one.n_strata) == (5, 1)
+    assert (one.n_units, one.n_strata, one.n_shared, one.n_seed_specific) == (5, 1, 2, 1)
     assert one.difference == pytest.approx(0.85 - 0.5)
 
 

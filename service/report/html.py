@@ -319,8 +319,8 @@ def _tests_table(group: HookpointReport) -> str:
         "Shared vs seed-specific interpretability tested with match groups as the unit",
         [
             "explainer / scorer, test",
-            "shared groups",
-            "seed-specific groups",
+            "shared groups (in strata with both)",
+            "seed-specific groups (in strata with both)",
             "frequency bins with both (strata)",
             "shared minus seed-specific",
             "CI low",

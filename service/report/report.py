@@ -110,8 +110,6 @@ class SharingTest(StratifiedDifference):
     """One test of shared against seed-specific interpretability, and how it was made."""
 
     test: str
-    n_shared: int = Field(description="shared units (match groups) in the test")
-    n_seed_specific: int = Field(description="seed-specific units in the test")
     n_permutations: int
     p_holm: float | None = Field(
         default=None,
@@ -316,18 +314,6 @@ def _group_values(values: np.ndarray, groups: np.ndarray, ids: np.ndarray) -> np
     return result
 
 
-def _sharing_test(
-    result: StratifiedDifference, test: str, shared: np.ndarray, used: np.ndarray, n: int
-) -> SharingTest:
-    return SharingTest(
-        **result.model_dump(),
-        test=test,
-        n_shared=int((shared & used).sum()),
-        n_seed_specific=int((~shared & used).sum()),
-        n_permutations=n,
-    )
-
-
 def _sharing_tests(
     values: np.ndarray,
     known: np.ndarray,
@@ -345,8 +331,8 @@ def _sharing_tests(
     # that disagree: then any).
     group_shared = _group_values(shared[scored].astype(np.float64), groups[scored], ids) > 0
     plain = stratified_difference(group_scores, group_shared, None, bootstrap)
-    by_group = _sharing_test(
-        plain, MATCH_GROUP_TEST, group_shared, np.ones(ids.size, bool), config.n_resamples
+    by_group = SharingTest(
+        **plain.model_dump(), test=MATCH_GROUP_TEST, n_permutations=config.n_resamples
     )
     with np.errstate(divide="ignore", invalid="ignore"):
         log_frequency = np.where(frequency > 0, np.log10(frequency), np.nan)
@@ -355,12 +341,8 @@ def _sharing_tests(
         return by_group, None
     bins = quantile_bins(group_frequency, config.frequency_bins)
     adjusted = stratified_difference(group_scores, group_shared, bins, bootstrap)
-    return by_group, _sharing_test(
-        adjusted,
-        FREQUENCY_ADJUSTED_TEST,
-        group_shared,
-        np.isfinite(bins),
-        config.n_resamples,
+    return by_group, SharingTest(
+        **adjusted.model_dump(), test=FREQUENCY_ADJUSTED_TEST, n_permutations=config.n_resamples
     )
 
 

@@ -236,6 +236,8 @@ class StratifiedDifference(BaseModel):
 
     n_units: int = Field(description="units with a score: match groups")
     n_strata: int = Field(description="strata holding both shared and seed-specific units")
+    n_shared: int = Field(default=0, description="shared units in those strata")
+    n_seed_specific: int = Field(default=0, description="seed-specific units in those strata")
     difference: float | None = Field(
         default=None,
         description="sum over strata of w * (shared mean - seed-specific mean), "
@@ -325,7 +327,12 @@ def stratified_difference(
         first, second = value[inside & label], value[inside & ~label]
         if first.size and second.size:
             mixed.append((first.size * second.size / (first.size + second.size), first, second))
-    result = StratifiedDifference(n_units=int(value.size), n_strata=len(mixed))
+    result = StratifiedDifference(
+        n_units=int(value.size),
+        n_strata=len(mixed),
+        n_shared=sum(first.size for _, first, _ in mixed),
+        n_seed_specific=sum(second.size for _, _, second in mixed),
+    )
     if not mixed:
         return result
     total = sum(weight for weight, _, _ in mixed)

@@ -103,7 +103,7 @@ def _tests(group: HookpointReport, n_tests: int) -> Table:
     table = Table(
         "explainer / scorer",
         "test",
-        "groups: shared / seed-specific",
+        "groups compared: shared / seed-specific",
         "shared - seed-specific [95% CI]",
         "p",
         f"p, Holm ({n_tests} tests)",
