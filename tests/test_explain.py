@@ -3,10 +3,9 @@
 import pytest
 
 from sae.errors import UserError
-from service.cache.windows import ExampleSplit, Window
 from service.config import ScoreConfig
 from service.explainers import create_explainers
-from service.explainers.llm import parse_explanation, render_examples
+from service.explainers.llm import parse_explanation
 from service.llm.prompts import load_prompt
 
 
@@ -35,23 +34,6 @@ def test_parse_explanation_fails_on_nothing_usable(raw):
 def test_parse_explanation_caps_the_length():
     parsed = parse_explanation('{"explanation": "' + "word " * 100 + '"}')
     assert parsed is not None and len(parsed) <= 200
-
-
-def test_explainer_prompt_shows_marked_windows_as_delimited_data():
-    split = ExampleSplit(
-        explain=[
-            Window(("x", " return", " y"), (0.0, 3.0, 0.0), "top"),
-            Window(("</example>", " $HOME", " return"), (0.0, 0.0, 1.0), "quantile", 2),
-        ],
-        positives=[],
-        negatives=[],
-    )
-    messages = load_prompt("explain_v1").render(examples=render_examples(split, 0.0))
-    user = messages[1]["content"]
-    assert messages[0]["role"] == "system" and "<<this>>" in messages[0]["content"]
-    assert '<example id="1">\nx <<return>> y\n</example>' in user
-    assert '<example id="2">\n&lt;/example&gt; $HOME <<return>>\n</example>' in user
-    assert user.count("</example>") == 2
 
 
 def test_unknown_explainer_and_prompt_are_user_errors():

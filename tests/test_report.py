@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from report_fixtures import GOOD_SPECIFIC, N_LATENTS, N_SHARED, SEEDS, populate
 from rich.console import Console
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from service.config import ReportConfig
 from service.report import ReportResult, write_html
@@ -25,7 +25,7 @@ from service.report.report import build_report
 from service.report.terminal import headline
 from service.scorers.embedder import Embedder, load_embedder
 from service.store.engine import Store
-from service.store.models import Run
+from service.store.models import Latent, Run
 from service.store.runs import register_run, register_sae
 
 AUTOINTERP = str(Path(sys.executable).with_name("autointerp"))
@@ -76,7 +76,8 @@ def test_report_numbers_match_the_study(store: Store, minilm: Embedder):
     assert comparison.seed_specific.n == (N_LATENTS - N_SHARED - 4) * len(SEEDS)
     assert comparison.shared.mean == pytest.approx(np.nanmean(own[shared_mask]))
     assert comparison.seed_specific.median == pytest.approx(np.nanmedian(own[~shared_mask]))
-    assert comparison.p_value is not None and comparison.p_value < 1e-6
+    # Latents of all seeds pooled get no test: a shared latent's copies are not independent.
+    assert comparison.p_value is None
     ci = comparison.shared
     assert ci.ci_low is not None and ci.ci_high is not None
     assert ci.ci_low < ci.mean < ci.ci_high  # type: ignore[operator]
@@ -92,6 +93,30 @@ def test_report_numbers_match_the_study(store: Store, minilm: Embedder):
     assert detection.by_presence is not None
     assert [s.n for s in detection.by_presence] == [16 * 3, 0, 20 * 3]
     assert detection.failed_answer_rate == pytest.approx(1 / 20)
+
+    # The test's unit is the match group: each shared latent with its partners in the other
+    # two seeds is one group (20), each scored seed-specific latent one of its own (16 x 3).
+    test = detection.by_match_group
+    assert test is not None and test.n_permutations == FAST.n_resamples
+    assert (test.n_shared, test.n_seed_specific, test.n_strata) == (N_SHARED, 16 * 3, 1)
+    by_group = np.nanmean(own[shared_mask].reshape(len(SEEDS), N_SHARED), axis=0)
+    assert test.difference == pytest.approx(by_group.mean() - np.nanmean(own[~shared_mask]))
+    assert test.ci_low is not None and test.ci_high is not None
+    assert test.ci_low < test.difference < test.ci_high
+    # Every permutation is less extreme: the smallest p-value that many permutations allow.
+    assert test.p_value == pytest.approx(1 / (FAST.n_resamples + 1))
+    # Holm over the four tests (two per scorer): the smallest p-value times four.
+    assert result.report.n_sharing_tests == 4
+    assert test.p_holm == pytest.approx(4 * test.p_value)
+    # Shared latents fire 400-1000 times, seed-specific ones 1-300: only the frequency bin
+    # that straddles the boundary holds both, and the adjusted difference rests on it alone.
+    adjusted = detection.frequency_adjusted
+    assert adjusted is not None and adjusted.n_strata == 1
+    assert 0 < adjusted.n_shared < N_SHARED and 0 < adjusted.n_seed_specific < 16 * 3
+    assert adjusted.p_holm is not None and adjusted.p_value is not None
+    assert adjusted.p_holm >= adjusted.p_value
+    assert [entry.seed for entry in detection.per_seed] == list(SEEDS)
+    assert all(entry.comparison.shared.n == N_SHARED for entry in detection.per_seed)
 
     # Explanations of shared latents are identical across seeds; seed-specific ones differ.
     assert len(group.agreement) == 3
@@ -114,6 +139,17 @@ def test_report_numbers_match_the_study(store: Store, minilm: Embedder):
     assert by_sharing.shared.mean == pytest.approx(np.mean(study.cross_seed))
 
 
+def test_without_firing_statistics_the_frequency_adjusted_test_is_absent(store: Store):
+    populate(store)
+    with store.session() as session, session.begin():
+        session.execute(update(Latent).values(firing_frequency=None, firing_count=None))
+    report = make(store, "study", None).report
+    detection = report.hookpoints[0].scorers[0]
+    assert detection.by_match_group is not None and detection.by_match_group.p_value is not None
+    assert detection.frequency_adjusted is None
+    assert report.n_sharing_tests == 2
+
+
 def test_dense_scores_keep_the_newest_per_latent():
     rows = ScoreData(
         "llm",
@@ -127,6 +163,7 @@ def test_dense_scores_keep_the_newest_per_latent():
         source_index=np.array([5, 6, 7]),
         n_examples=np.array([20, 20, 20]),
         n_failed=np.array([0, 0, 0]),
+        undefined_reason=np.array(["", "", ""], dtype=object),
     )
     np.testing.assert_array_equal(rows.dense(3), [0.5, np.nan, 0.9])
 
@@ -219,6 +256,14 @@ def test_html_report_renders_and_labels_every_number(
     assert comparison is not None and comparison.shared.mean is not None
     assert cells[("shared mean", "llm / detection")] == f"{comparison.shared.mean:.3f}"
     assert cells[("shared (decoder and encoder)", "seed 0 into seed 1")] == str(N_SHARED)
+    test = detection.by_match_group
+    assert test is not None and test.p_holm is not None
+    tested = "llm / detection, match groups"
+    assert cells[("shared groups (in strata with both)", tested)] == str(N_SHARED)
+    holm_column = "p-value, Holm-adjusted over the report's shared vs seed-specific tests"
+    assert cells[(holm_column, tested)] == f"{test.p_holm:.3g}"
+    assert ("p-value", "llm / detection, frequency-adjusted") in cells
+    assert cells[("shared latents", "llm / detection, seed 1")] == str(N_SHARED)
     assert cells[("mean latents", "present in exactly 3 of the SAEs")] == f"{N_SHARED:.1f}"
     # The uninformative scorer's comparison is a plain statement, not numbers.
     assert ("shared mean", "llm / fuzzing") not in cells
@@ -239,6 +284,8 @@ def test_json_and_terminal_headline(store: Store, minilm: Embedder):
     text = console.export_text()
     assert "UNINFORMATIVE" in text and "informative (gap" in text
     assert "not shown: scorer failed its control" in text
+    assert "match groups as the unit" in text and "p, Holm (4 tests)" in text
+    assert "frequency-adjusted, 1 bin" in text
     assert "0 -> 1" in text
     assert "the partner's explanation (other seed) scored on the latent" in text
 

@@ -10,9 +10,13 @@ from service.report.statistics import (
     bootstrap_ci,
     compare_groups,
     good_but_specific,
+    holm,
+    quantile_bins,
     spearman,
     specificity_gap,
+    stratified_difference,
     summarize,
+    unit_means,
 )
 
 
@@ -114,3 +118,100 @@ def test_specificity_gap_marks_informative_and_uninformative():
     assert few.n == 2 and few.informative is None
     with pytest.raises(ValueError):
         specificity_gap([0.1, 0.2], [0.1])
+
+
+def test_holm_by_hand():
+    # m = 4: sorted 0.01 * 4 = 0.04; 0.03 * 3 = 0.09; 0.04 * 2 = 0.08 -> raised to 0.09 (the
+    # adjusted values never decrease); 0.5 * 1 = 0.5. A missing test stays out of the family.
+    adjusted = holm([0.01, 0.04, None, 0.03, 0.5])
+    assert adjusted == pytest.approx([0.04, 0.09, None, 0.09, 0.5])
+    assert holm([0.3, 0.6]) == pytest.approx([0.6, 0.6])
+    assert holm([]) == []
+
+
+def test_match_groups_are_the_unit_not_each_seed_copy():
+    """Four shared features, each found in three seeds (three latents with one score), against
+    four seed-specific latents: four units a side, not twelve against four."""
+    shared_scores = [0.9, 0.8, 0.85, 0.75]
+    specific_scores = [0.7, 0.6, 0.65, 0.72]
+    scores = np.array(shared_scores * 3 + specific_scores)
+    groups = np.array([0, 1, 2, 3] * 3 + [4, 5, 6, 7])
+    ids, means, counts = unit_means(scores, groups)
+    assert ids.tolist() == list(range(8)) and counts.tolist() == [3] * 4 + [1] * 4
+    np.testing.assert_allclose(means, shared_scores + specific_scores)
+    labels = np.arange(8) < 4
+    result = stratified_difference(means, labels, bootstrap=Bootstrap(n_resamples=4000))
+    assert (result.n_units, result.n_strata) == (8, 1)
+    assert result.difference == pytest.approx(np.mean(shared_scores) - np.mean(specific_scores))
+    # Exact: the observed split is the most extreme of C(8, 4) = 70, on each side: p = 2 / 70.
+    assert result.p_value == pytest.approx(2 / 70, abs=0.012)
+    assert result.ci_low is not None and result.ci_high is not None
+    assert 0 < result.ci_low < result.difference < result.ci_high
+    # Pooling the three copies as independent latents claims far more certainty.
+    pooled = compare_groups(scores[:12], scores[12:])
+    assert pooled.p_value is not None and pooled.p_value < result.p_value / 5
+
+
+def test_frequency_adjusted_difference_removes_a_frequency_confound():
+    """Scores follow firing frequency only, and shared units fire more often: the plain
+    difference is large, the difference within frequency bins is none."""
+    rng = np.random.default_rng(1)
+    level = rng.integers(0, 5, 400)
+    shared = rng.random(400) < 0.15 + 0.17 * level
+    scores = 0.5 + 0.08 * level + rng.normal(0, 0.02, 400)
+    plain = stratified_difference(scores, shared)
+    adjusted = stratified_difference(scores, shared, quantile_bins(level, 5))
+    assert plain.difference is not None and plain.difference > 0.05
+    assert plain.p_value is not None and plain.p_value < 0.01
+    assert adjusted.n_strata == 5 and adjusted.n_units == 400
+    assert adjusted.difference == pytest.approx(0.0, abs=0.01)
+    assert adjusted.ci_low is not None and adjusted.ci_high is not None
+    assert adjusted.ci_low < 0 < adjusted.ci_high
+    assert adjusted.p_value is not None and adjusted.p_value > 0.05
+
+
+def test_strata_without_both_classes_carry_no_weight():
+    # Frequency separates the classes completely: nothing is left to compare.
+    none = stratified_difference([0.9, 0.8, 0.3, 0.2], [True, True, False, False], [1, 1, 0, 0])
+    assert none.n_strata == 0 and none.difference is None and none.p_value is None
+    assert (none.n_shared, none.n_seed_specific) == (0, 0)
+    # One mixed stratum: the difference is its own.
+    one = stratified_difference(
+        [0.9, 0.5, 0.8, 0.3, 0.2, math.nan],
+        [True, False, True, False, False, True],
+        [1] * 3 + [0] * 3,
+    )
+    assert (one.n_units, one.n_strata, one.n_shared, one.n_seed_specific) == (5, 1, 2, 1)
+    assert one.difference == pytest.approx(0.85 - 0.5)
+
+
+def test_quantile_bins_have_equal_counts_and_merge_ties():
+    bins = quantile_bins(np.arange(10.0), 5)
+    assert np.bincount(bins.astype(int)).tolist() == [2] * 5
+    tied = quantile_bins([1.0, 1.0, 1.0, 1.0, 2.0, math.nan], 4)
+    assert np.isnan(tied[-1]) and len(set(tied[:-1].tolist())) == 2
+
+
+def test_one_stratum_agrees_with_scipys_permutation_test_and_bootstrap():
+    """The reference: with one stratum, the test is scipy's two-sample permutation test of the
+    difference of means and the interval scipy's two-sample percentile bootstrap."""
+    from scipy import stats
+
+    rng = np.random.default_rng(5)
+    shared, specific = rng.normal(0.62, 0.1, 30), rng.normal(0.57, 0.1, 45)
+    values = np.concatenate([shared, specific])
+    labels = np.arange(values.size) < shared.size
+    ours = stratified_difference(values, labels, bootstrap=Bootstrap(n_resamples=20000))
+
+    def difference(x: np.ndarray, y: np.ndarray, axis: int = -1) -> np.ndarray:
+        return np.mean(x, axis=axis) - np.mean(y, axis=axis)
+
+    reference = stats.permutation_test(
+        (shared, specific), difference, n_resamples=20000, vectorized=True, rng=1
+    )
+    interval = stats.bootstrap(
+        (shared, specific), difference, n_resamples=20000, method="percentile", rng=1
+    ).confidence_interval
+    assert ours.difference == pytest.approx(difference(shared, specific))
+    assert ours.p_value == pytest.approx(reference.pvalue, abs=0.01)
+    assert (ours.ci_low, ours.ci_high) == pytest.approx((interval.low, interval.high), abs=0.005)

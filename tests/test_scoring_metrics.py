@@ -4,7 +4,7 @@ import pytest
 
 from service.cache.windows import Window
 from service.scorers.base import ScoreResult, Verdict
-from service.scorers.metrics import balanced_accuracy, f1, roc_auc
+from service.scorers.metrics import balanced_accuracy, f1, roc_auc, undefined_reason
 
 
 def test_balanced_accuracy_is_the_mean_of_per_class_recalls():
@@ -19,9 +19,24 @@ def test_balanced_accuracy_of_always_yes_is_one_half_whatever_the_class_balance(
     assert balanced_accuracy([True, False, True, False], [True, False, True, False]) == 1.0
 
 
-def test_balanced_accuracy_with_one_class_is_its_recall_and_empty_is_none():
-    assert balanced_accuracy([True, True, True, True], [True, False, True, True]) == 0.75
-    assert balanced_accuracy([], []) is None
+def test_metrics_with_one_class_are_undefined_not_the_one_recall():
+    """An "always yes" scorer on a latent that fires in every window used to get 1.0."""
+    assert balanced_accuracy([True] * 4, [True] * 4) is None
+    assert balanced_accuracy([True, True, True, True], [True, False, True, True]) is None
+    assert balanced_accuracy([False, False], [False, False]) is None
+    assert f1([True, True], [True, True]) is None
+    assert f1([False, False], [False, False]) is None
+    assert balanced_accuracy([], []) is None and f1([], []) is None
+
+
+def test_undefined_reasons_say_which_class_is_missing_and_why():
+    assert undefined_reason([True, True], [True, True]) == "no negatives"
+    assert undefined_reason([False], [True]) == "no positives"
+    assert undefined_reason([True, False], [True, False]) == "no negatives parsed"
+    assert undefined_reason([True, False], [False, False]) == "nothing parsed"
+    assert undefined_reason([], []) == "no examples"
+    assert undefined_reason([True, False], [True, True]) is None
+    assert undefined_reason([True, False], [True, False], "rated") == "no negatives rated"
 
 
 def test_f1_of_the_positive_class():
@@ -29,7 +44,8 @@ def test_f1_of_the_positive_class():
     predicted = [True, True, False, True, False, False]
     # tp 2, fp 1, fn 1 -> precision 2/3, recall 2/3
     assert f1(labels, predicted) == pytest.approx(2 / 3)
-    assert f1([False, False], [False, False]) == 0.0
+    # Defined with both classes even when nothing is predicted positive.
+    assert f1([True, False], [False, False]) == 0.0
 
 
 def test_auc_counts_ranked_pairs():
@@ -64,3 +80,19 @@ def test_score_result_scores_what_parsed_and_counts_failures():
     assert result.balanced_accuracy == pytest.approx((1.0 + 0.5) / 2)
     assert result.f1 == pytest.approx(2 / 3)
     assert result.auc == 1.0
+
+
+def test_score_result_with_all_negatives_unparsed_is_undefined_and_says_why():
+    window = Window(("a",), (1.0,), "quantile")
+    verdicts = [
+        Verdict(window, True, True, 0.9),
+        Verdict(window, True, True, 0.8),
+        Verdict(window, False, None, None, raw="garbage"),
+    ]
+    result = ScoreResult("detection", verdicts)
+    assert result.balanced_accuracy is None and result.f1 is None and result.auc is None
+    assert result.undefined_reason("balanced_accuracy") == "no negatives parsed"
+    assert result.undefined_reason("auc") == "no negatives rated"
+    whole = ScoreResult("detection", [*verdicts[:2], Verdict(window, False, False, 0.1)])
+    assert whole.undefined_reason("balanced_accuracy") is None
+    assert whole.balanced_accuracy == 1.0

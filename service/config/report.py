@@ -17,7 +17,15 @@ class ReportConfig(BaseModel):
     html: Path | None = Field(default=None, description="also write a self-contained HTML report")
     good_threshold: float = Field(default=0.8, description="a latent scores well above this")
     confidence: float = Field(default=0.95, gt=0, lt=1)
-    n_resamples: int = Field(default=2000, ge=100, description="bootstrap resamples")
+    n_resamples: int = Field(
+        default=2000, ge=100, description="bootstrap resamples, and permutations of each test"
+    )
+    frequency_bins: int = Field(
+        default=5,
+        ge=1,
+        description="bins of equal count of log firing frequency for the frequency-adjusted "
+        "shared vs seed-specific difference",
+    )
     seed: int = Field(default=0, description="seed of the bootstrap and of random pairs")
     min_control_latents: int = Field(
         default=5, ge=2, description="latents the specificity control needs for a verdict"

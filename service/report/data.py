@@ -27,10 +27,13 @@ import itertools
 from dataclasses import dataclass, field
 
 import numpy as np
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from service.scorers import primary_metric
+from service.scorers.metrics import metric_undefined_reason
 from service.store.campaigns import campaign_for_run, describe
 from service.store.engine import Store
 from service.store.matches import StoredPair, read_pair
@@ -39,6 +42,7 @@ from service.store.models import (
     Example,
     Explanation,
     Latent,
+    Prediction,
     Run,
     Sae,
     Score,
@@ -105,6 +109,29 @@ class HookpointData:
             mask |= self.pairs[(seed, other)].shared
         return mask
 
+    def match_groups(self) -> np.ndarray:
+        """A group id per latent, over the seeds' latents concatenated in seed order: the
+        connected components of "shared with" (both cosines above the threshold, with the
+        decoder partner), so a shared latent and its partners in every seed form one group
+        and a latent shared with no seed is a group of its own."""
+        offsets = dict(
+            zip(
+                self.seeds,
+                np.cumsum([0] + [self.saes[s].n_latents for s in self.seeds[:-1]]).tolist(),
+                strict=True,
+            )
+        )
+        total = sum(sae.n_latents for sae in self.saes.values())
+        rows, columns = [np.zeros(0, dtype=np.int64)], [np.zeros(0, dtype=np.int64)]
+        for (seed_a, seed_b), pair in self.pairs.items():
+            shared = pair.shared & (pair.partner_decoder >= 0)
+            rows.append(offsets[seed_a] + pair.indices[shared])
+            columns.append(offsets[seed_b] + pair.partner_decoder[shared])
+        row, column = np.concatenate(rows), np.concatenate(columns)
+        graph = coo_matrix((np.ones(row.size), (row, column)), shape=(total, total))
+        _, labels = connected_components(graph, directed=False)
+        return labels.astype(np.int64)
+
     def matched_similarity(self, seed: int) -> np.ndarray | None:
         """Per latent of `seed`: the best, over other seeds, of the smaller of its decoder and
         encoder matched cosines. A latent is shared exactly when this exceeds the threshold."""
@@ -134,6 +161,8 @@ class ScoreData:
     source_index: np.ndarray
     n_examples: np.ndarray
     n_failed: np.ndarray
+    # Why the metric is undefined where `value` is NaN ("no negatives", ...); "" elsewhere.
+    undefined_reason: np.ndarray
 
     def for_sae(self, sae_id: int) -> ScoreData:
         keep = self.sae_id == sae_id
@@ -152,9 +181,16 @@ class ScoreData:
                     self.source_index,
                     self.n_examples,
                     self.n_failed,
+                    self.undefined_reason,
                 )
             ),
         )
+
+    @staticmethod
+    def undefined_counts(reasons: np.ndarray) -> dict[str, int]:
+        """How many of `reasons` (an `undefined_reason` array) name a reason, by reason."""
+        named, counts = np.unique(reasons[reasons != ""].astype(str), return_counts=True)
+        return {str(reason): int(count) for reason, count in zip(named, counts, strict=True)}
 
     def dense(self, n_latents: int) -> np.ndarray:
         """Values indexed by latent index over one SAE (NaN where unscored); call on the
@@ -273,17 +309,48 @@ def _load_explanations(
     return explanations
 
 
+def _undefined_reasons(session: Session, undefined: dict[int, str]) -> dict[int, str]:
+    """Score id -> why its metric (`undefined`: score id -> metric name) is NULL, from the
+    score's stored verdicts."""
+    verdicts: dict[int, list[tuple[bool, bool | None, float | None]]] = {
+        score_id: [] for score_id in undefined
+    }
+    ids = list(undefined)
+    for start in range(0, len(ids), 1000):
+        rows = session.execute(
+            select(
+                Prediction.score_id, Prediction.label, Prediction.predicted, Prediction.probability
+            ).where(Prediction.score_id.in_(ids[start : start + 1000]))
+        )
+        for score_id, label, predicted, probability in rows:
+            verdicts[score_id].append((label, predicted, probability))
+    reasons = {}
+    for score_id, metric in undefined.items():
+        stored = verdicts[score_id]
+        reason = metric_undefined_reason(
+            metric, [v[0] for v in stored], [v[1] for v in stored], [v[2] for v in stored]
+        )
+        # Verdicts that support the metric although it is NULL: a score written before
+        # metrics were computed this way, or by hand; its reason is not on record.
+        reasons[score_id] = reason or "unknown"
+    return reasons
+
+
 def _load_scores(
     session: Session, campaign_id: int, sae_ids: list[int], keys: dict[int, tuple[int, int]]
 ) -> list[ScoreData]:
     of_run = Score.latent_id.in_(select(Latent.id).where(Latent.sae_id.in_(sae_ids)))
-    grouped: dict[tuple[str, str, str], list[tuple[int, int, int, int, float, int, int]]] = {}
+    grouped: dict[tuple[str, str, str], list[tuple[int, int, int, int, float, int, int, int]]]
+    grouped = {}
+    undefined: dict[int, str] = {}
     for row in latest_scores(session, campaign_id, of_run):
         score = row.score
         if score.latent_id not in keys:
             continue
         metric = primary_metric(score.scorer)
         value = {"balanced_accuracy": score.balanced_accuracy, "auc": score.auc, "f1": score.f1}
+        if value[metric] is None:
+            undefined[score.id] = metric
         sae_id, index = keys[score.latent_id]
         source_sae, source_index = keys.get(row.source_latent_id, (-1, -1))
         grouped.setdefault((row.explainer, score.scorer, score.control), []).append(
@@ -295,8 +362,10 @@ def _load_scores(
                 _float_or_nan(value[metric]),
                 score.n_examples,
                 score.n_failed,
+                score.id,
             )
         )
+    reasons = _undefined_reasons(session, undefined)
     scores = []
     for (explainer, scorer, control), entries in sorted(grouped.items()):
         columns = list(zip(*entries, strict=True))
@@ -313,6 +382,9 @@ def _load_scores(
                 value=np.array(columns[4], dtype=np.float64),
                 n_examples=np.array(columns[5], dtype=np.int64),
                 n_failed=np.array(columns[6], dtype=np.int64),
+                undefined_reason=np.array(
+                    [reasons.get(score_id, "") for score_id in columns[7]], dtype=object
+                ),
             )
         )
     return scores

@@ -172,6 +172,36 @@ def _presence_table(group: HookpointReport) -> str:
     )
 
 
+def _scored_table(group: HookpointReport) -> str:
+    rows: list[Row] = [
+        (
+            _label(section),
+            [
+                section.metric.replace("_", " "),
+                _number(section.scored.n + sum(section.undefined.values())),
+                _number(section.scored.n),
+                _number(sum(section.undefined.values())),
+                section.undefined_text() or DASH,
+                _percent(section.failed_answer_rate),
+            ],
+        )
+        for section in group.scorers
+    ]
+    return _table(
+        "Latents scored with their own explanation",
+        [
+            "explainer / scorer",
+            "metric",
+            "latents scored",
+            "metric defined",
+            "metric undefined (NULL, left out of every statistic)",
+            "undefined, by reason",
+            "unparsed answers",
+        ],
+        rows,
+    )
+
+
 def _control_table(group: HookpointReport) -> str:
     rows: list[Row] = []
     for section in group.scorers:
@@ -226,8 +256,6 @@ def _interpretability_table(group: HookpointReport) -> str:
                         *_summary_cells(comparison.shared),
                         *_summary_cells(comparison.seed_specific),
                         _number(comparison.difference),
-                        _number(comparison.mann_whitney_u, 1),
-                        _p_value(comparison.p_value),
                         _verdict(section),
                     ],
                 )
@@ -241,8 +269,107 @@ def _interpretability_table(group: HookpointReport) -> str:
             f"{group_name} mean CI low",
             f"{group_name} mean CI high",
         ]
-    columns += ["difference of means", "Mann-Whitney U", "p-value", "control"]
-    return _table("Interpretability of shared vs seed-specific latents", columns, rows)
+    columns += ["difference of means", "control"]
+    return _table(
+        "Interpretability of shared vs seed-specific latents (latents of every seed; the tests "
+        "follow)",
+        columns,
+        rows,
+    )
+
+
+def _tests_table(group: HookpointReport) -> str:
+    rows: list[Row] = []
+    tests: dict[str, str] = {}
+    for section in group.scorers:
+        for name, test in (
+            ("match groups", section.by_match_group),
+            ("frequency-adjusted", section.frequency_adjusted),
+        ):
+            if test is None:
+                continue
+            label = f"{_label(section)}, {name}"
+            tests[name] = test.test
+            if section.informative is False:
+                rows.append((label, [f"note:{UNINFORMATIVE}"]))
+                continue
+            if test.difference is None:
+                rows.append((label, ["note:no frequency bin holds both kinds of latent"]))
+                continue
+            rows.append(
+                (
+                    label,
+                    [
+                        _number(test.n_shared),
+                        _number(test.n_seed_specific),
+                        _number(test.n_strata),
+                        _number(test.difference),
+                        _number(test.ci_low),
+                        _number(test.ci_high),
+                        _number(test.n_permutations),
+                        _p_value(test.p_value),
+                        _p_value(test.p_holm),
+                    ],
+                )
+            )
+    if not rows:
+        return ""
+    legend = " ".join(f"{name.capitalize()}: {text}." for name, text in tests.items())
+    return _table(
+        "Shared vs seed-specific interpretability tested with match groups as the unit",
+        [
+            "explainer / scorer, test",
+            "shared groups (in strata with both)",
+            "seed-specific groups (in strata with both)",
+            "frequency bins with both (strata)",
+            "shared minus seed-specific",
+            "CI low",
+            "CI high",
+            "permutations",
+            "p-value",
+            "p-value, Holm-adjusted over the report's shared vs seed-specific tests",
+        ],
+        rows,
+        note=f"{legend} Holm's family is every shared vs seed-specific test of this report "
+        "(its size is in the run settings).",
+    )
+
+
+def _per_seed_table(group: HookpointReport) -> str:
+    rows: list[Row] = []
+    for section in group.scorers:
+        if section.informative is False:
+            continue
+        for entry in section.per_seed:
+            comparison = entry.comparison
+            rows.append(
+                (
+                    f"{_label(section)}, seed {entry.seed}",
+                    [
+                        _number(comparison.shared.n),
+                        _number(comparison.shared.mean),
+                        _number(comparison.seed_specific.n),
+                        _number(comparison.seed_specific.mean),
+                        _number(comparison.difference),
+                        _p_value(comparison.p_value),
+                    ],
+                )
+            )
+    if not rows:
+        return ""
+    return _table(
+        "Shared vs seed-specific within each base seed (latents of one SAE; not adjusted)",
+        [
+            "explainer / scorer, base seed",
+            "shared latents",
+            "shared mean",
+            "seed-specific latents",
+            "seed-specific mean",
+            "difference of means",
+            "p-value (Mann-Whitney U)",
+        ],
+        rows,
+    )
 
 
 def _correlation_table(group: HookpointReport, good_threshold: float) -> str:
@@ -468,6 +595,8 @@ def _run_table(report: Report) -> str:
         ("bootstrap resamples", [_number(config.n_resamples)]),
         ("random seed of bootstrap and pairs", [_number(config.seed)]),
         ("latents the control needs for a verdict", [_number(config.min_control_latents)]),
+        ("firing-frequency bins (frequency-adjusted test)", [_number(config.frequency_bins)]),
+        ("shared vs seed-specific tests (Holm's family)", [_number(report.n_sharing_tests)]),
         ("embedding model (agreement)", [config.embedding_model]),
     ]
     return _table("Run and report settings", ["what", "value"], rows)
@@ -479,8 +608,11 @@ def _hookpoint_section(group: HookpointReport, plots: Sequence[Plot], report: Re
         parts.append(_pairs_table(group))
     parts.append(_presence_table(group))
     if group.scorers:
+        parts.append(_scored_table(group))
         parts.append(_control_table(group))
         parts.append(_interpretability_table(group))
+        parts.append(_tests_table(group))
+        parts.append(_per_seed_table(group))
         parts.append(_correlation_table(group, report.config.good_threshold))
         parts.append(_by_presence_table(group))
     parts.append(_agreement_table(group))

@@ -14,6 +14,14 @@ A latent is *shared* here when it is shared with at least one other seed of its 
 seeds and is shared with none. Its *matched similarity* is the best, over other seeds, of the
 smaller of its two matched cosines, so shared means matched similarity > threshold.
 
+The test of shared against seed-specific scores never counts a shared latent and its
+partners as independent: its unit is the *match group* (the connected "shared with" latents
+across seeds, or a seed-specific latent alone), scored by the mean of its latents. It is
+made plainly and within bins of the group's log firing frequency (frequency drives both
+sharing and scores), each with a bootstrap CI and a permutation p-value; Holm's adjustment
+runs over every such test of the report (each explainer x scorer x hookpoint, both kinds).
+The comparison within each base seed's latents is shown beside, unadjusted.
+
 A scorer whose control fails (`informative` False) keeps its numbers in the JSON, flagged,
 but its comparison is stated as uninformative wherever a person reads the report.
 """
@@ -39,12 +47,18 @@ from service.report.statistics import (
     Correlation,
     GoodButSpecific,
     SpecificityGap,
+    StratifiedDifference,
     Summary,
     compare_groups,
+    finite,
     good_but_specific,
+    holm,
+    quantile_bins,
     spearman,
     specificity_gap,
+    stratified_difference,
     summarize,
+    unit_means,
 )
 from service.store.models import CONTROL_CROSS_SEED, CONTROL_OWN, CONTROL_SHUFFLED
 
@@ -80,6 +94,38 @@ class PresenceRow(BaseModel):
     )
 
 
+MATCH_GROUP_TEST = (
+    "match groups as units (a shared latent with its partners in every seed, or a "
+    "seed-specific latent alone), each scored by its latents' mean; difference of means, "
+    "bootstrap CI over groups, two-sided permutation test of the labels over groups"
+)
+FREQUENCY_ADJUSTED_TEST = (
+    "the same match groups within bins of equal count of the group's mean log firing "
+    "frequency; weighted mean of the per-bin differences (weights n_shared * n_specific / n), "
+    "bootstrap CI within bins, two-sided permutation test of the labels within bins"
+)
+PER_SEED_TEST = "latents of one base SAE (each a distinct latent), two-sided Mann-Whitney U"
+
+
+class SharingTest(StratifiedDifference):
+    """One test of shared against seed-specific interpretability, and how it was made."""
+
+    test: str
+    n_permutations: int
+    p_holm: float | None = Field(
+        default=None,
+        description="Holm-adjusted over every shared vs seed-specific test of the report",
+    )
+
+
+class SeedComparison(BaseModel):
+    """Shared against seed-specific latents of one base seed."""
+
+    seed: int
+    test: str = PER_SEED_TEST
+    comparison: Comparison
+
+
 class ScorerSection(BaseModel):
     """One explainer with one scorer, on the latents of one hookpoint."""
 
@@ -88,15 +134,36 @@ class ScorerSection(BaseModel):
     metric: str
     scored: Summary = Field(description="every latent with an own-explanation score")
     failed_answer_rate: float | None = Field(description="unparsed answers / answers asked")
+    undefined: dict[str, int] = Field(
+        default_factory=dict,
+        description="latents whose metric is undefined (NULL), by reason: 'no negatives', ...",
+    )
     control: SpecificityGap | None = Field(description="None: no shuffled-explanation scores")
     informative: bool | None
-    shared_vs_specific: Comparison | None = Field(description="None: no matchings stored")
+    shared_vs_specific: Comparison | None = Field(
+        description="latent-level summaries of both groups (no test: latents of all seeds "
+        "pooled are not independent; see by_match_group); None: no matchings stored"
+    )
+    by_match_group: SharingTest | None = Field(
+        default=None, description="the test, match groups as the unit; None: no matchings"
+    )
+    frequency_adjusted: SharingTest | None = Field(
+        default=None,
+        description="the same, within firing-frequency bins; None: no matchings or frequencies",
+    )
+    per_seed: list[SeedComparison] = Field(
+        default_factory=list, description="the comparison within each base seed's latents"
+    )
     vs_firing_frequency: Correlation
     vs_matched_similarity: Correlation | None
     good_but_specific: GoodButSpecific | None
     by_presence: list[Summary] | None = Field(
         description="[m-1]: scores of latents present in exactly m SAEs"
     )
+
+    def undefined_text(self) -> str:
+        """'no negatives: 3; nothing parsed: 1'; empty when every metric was defined."""
+        return "; ".join(f"{reason}: {count:,}" for reason, count in sorted(self.undefined.items()))
 
 
 class CrossSeedSection(BaseModel):
@@ -146,6 +213,9 @@ class Report(BaseModel):
     )
     comparison: CampaignComparison | None = Field(
         default=None, description="another campaign's scores beside these (--compare)"
+    )
+    n_sharing_tests: int = Field(
+        default=0, description="shared vs seed-specific tests with a p-value: Holm's family"
     )
 
 
@@ -218,6 +288,7 @@ class _Columns:
     def __init__(self, group: HookpointData):
         self.group = group
         self.seeds = group.seeds
+        self.match_groups = group.match_groups()
 
     def gather(self, per_seed: dict[int, np.ndarray | None], fill: float = np.nan) -> np.ndarray:
         parts = []
@@ -236,6 +307,50 @@ class _Columns:
                 for seed, sae in self.group.saes.items()
             }
         )
+
+
+def _group_values(values: np.ndarray, groups: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """Per group of `ids`: the mean of its latents' finite `values` (NaN: none)."""
+    present, means, _ = unit_means(values, groups)
+    result = np.full(ids.size, np.nan)
+    if not present.size:
+        return result
+    where = np.searchsorted(present, ids)
+    found = (where < present.size) & (present[np.minimum(where, present.size - 1)] == ids)
+    result[found] = means[where[found]]
+    return result
+
+
+def _sharing_tests(
+    values: np.ndarray,
+    known: np.ndarray,
+    shared: np.ndarray,
+    frequency: np.ndarray,
+    groups: np.ndarray,
+    config: ReportConfig,
+) -> tuple[SharingTest, SharingTest | None]:
+    """Shared vs seed-specific with match groups as units: plain, and within frequency bins
+    (None when no latent has a firing frequency)."""
+    bootstrap = bootstrap_of(config)
+    scored = known & np.isfinite(values)
+    ids, group_scores, _ = unit_means(values[scored], groups[scored])
+    # A group is shared when its latents are (all of them, but for matchings stored both ways
+    # that disagree: then any).
+    group_shared = _group_values(shared[scored].astype(np.float64), groups[scored], ids) > 0
+    plain = stratified_difference(group_scores, group_shared, None, bootstrap)
+    by_group = SharingTest(
+        **plain.model_dump(), test=MATCH_GROUP_TEST, n_permutations=config.n_resamples
+    )
+    with np.errstate(divide="ignore", invalid="ignore"):
+        log_frequency = np.where(frequency > 0, np.log10(frequency), np.nan)
+    group_frequency = _group_values(log_frequency, groups, ids)
+    if not np.isfinite(group_frequency).any():
+        return by_group, None
+    bins = quantile_bins(group_frequency, config.frequency_bins)
+    adjusted = stratified_difference(group_scores, group_shared, bins, bootstrap)
+    return by_group, SharingTest(
+        **adjusted.model_dump(), test=FREQUENCY_ADJUSTED_TEST, n_permutations=config.n_resamples
+    )
 
 
 def _scorer_section(
@@ -265,31 +380,64 @@ def _scorer_section(
     comparison = None
     good = None
     similarity = None
+    by_group = adjusted = None
+    per_seed = []
+    frequency = columns.gather({s: sae.firing_frequency for s, sae in group.saes.items()})
     if known.any():
-        comparison = compare_groups(values[known & shared], values[known & ~shared], bootstrap)
+        shared_values, specific_values = values[known & shared], values[known & ~shared]
+        comparison = Comparison(
+            shared=summarize(shared_values, bootstrap),
+            seed_specific=summarize(specific_values, bootstrap),
+        )
+        if comparison.shared.n and comparison.seed_specific.n:
+            comparison.difference = float(
+                finite(shared_values).mean() - finite(specific_values).mean()
+            )
         good = good_but_specific(values[known], ~shared[known], config.good_threshold)
         similarity = spearman(
             columns.gather({s: group.matched_similarity(s) for s in group.seeds}), values
         )
+        by_group, adjusted = _sharing_tests(
+            values, known, shared, frequency, columns.match_groups, config
+        )
+        seed_of = np.concatenate(
+            [np.full(group.saes[s].n_latents, s) for s in group.seeds] or [np.zeros(0)]
+        )
+        per_seed = [
+            SeedComparison(
+                seed=s,
+                comparison=compare_groups(
+                    values[known & shared & (seed_of == s)],
+                    values[known & ~shared & (seed_of == s)],
+                    bootstrap,
+                ),
+            )
+            for s in group.seeds
+            if shared_any[s] is not None
+        ]
     presence = columns.gather({s: presence_counts(group, s) for s in group.seeds})
     by_presence = None
     if np.isfinite(presence).any():
         by_presence = [
             summarize(values[presence == m], bootstrap) for m in range(1, len(group.seeds) + 1)
         ]
-    frequency = columns.gather({s: sae.firing_frequency for s, sae in group.saes.items()})
     in_group = np.isin(own.sae_id, [sae.id for sae in group.saes.values()])
     n_examples = int(own.n_examples[in_group].sum())
     n_failed = int(own.n_failed[in_group].sum())
+    undefined = ScoreData.undefined_counts(own.undefined_reason[in_group])
     return ScorerSection(
         explainer=own.explainer,
         scorer=own.scorer,
         metric=own.metric,
         scored=summarize(values, bootstrap),
         failed_answer_rate=n_failed / n_examples if n_examples else None,
+        undefined=undefined,
         control=control,
         informative=control.informative if control else None,
         shared_vs_specific=comparison,
+        by_match_group=by_group,
+        frequency_adjusted=adjusted,
+        per_seed=per_seed,
         vs_firing_frequency=spearman(frequency, values),
         vs_matched_similarity=similarity,
         good_but_specific=good,
@@ -461,4 +609,14 @@ def build_report(
         missing=[],
     )
     report.missing = missing_parts(data, report, config)
+    tests = [
+        test
+        for group in report.hookpoints
+        for section in group.scorers
+        for test in (section.by_match_group, section.frequency_adjusted)
+        if test is not None and test.p_value is not None
+    ]
+    for test, adjusted in zip(tests, holm([test.p_value for test in tests]), strict=True):
+        test.p_holm = adjusted
+    report.n_sharing_tests = len(tests)
     return report

@@ -1,7 +1,9 @@
 """The report's headline as rich tables for the terminal: pairs of seeds, the multi-seed
 presence table, each scorer's control verdict with shared vs seed-specific interpretability
-and the latents that score well yet are seed-specific, explanation agreement, cross-seed
-scoring (shared vs seed-specific), and what the run is missing."""
+and the latents that score well yet are seed-specific, the tests of the difference (match
+groups as the unit, plain and frequency-adjusted, p-values raw and Holm-adjusted),
+explanation agreement, cross-seed scoring (shared vs seed-specific), and what the run is
+missing."""
 
 from __future__ import annotations
 
@@ -69,7 +71,6 @@ def _scorers(group: HookpointReport, threshold: float) -> Table:
         "control",
         "shared: mean [95% CI]",
         "seed-specific: mean [95% CI]",
-        "p (Mann-Whitney)",
         f"scoring > {threshold:g}: seed-specific",
         title=f"{group.hookpoint}: interpretability, shared vs seed-specific",
     )
@@ -77,26 +78,79 @@ def _scorers(group: HookpointReport, threshold: float) -> Table:
         label = f"{section.explainer} / {section.scorer} ({section.metric})"
         comparison = section.shared_vs_specific
         if section.informative is False:
-            table.add_row(
-                label, _verdict(section), "not shown: scorer failed its control", "", "", ""
-            )
+            table.add_row(label, _verdict(section), "not shown: scorer failed its control", "", "")
         elif comparison is None:
-            table.add_row(label, _verdict(section), "no matchings", "", "", "")
+            table.add_row(label, _verdict(section), "no matchings", "", "")
         else:
-            p_value = comparison.p_value
             good = section.good_but_specific
             table.add_row(
                 label,
                 _verdict(section),
                 _with_ci(comparison.shared),
                 _with_ci(comparison.seed_specific),
-                DASH if p_value is None else f"{p_value:.3g}",
                 DASH
                 if good is None or good.fraction_of_good is None
                 else f"{good.n_good_seed_specific} of {good.n_good} "
                 f"({100 * good.fraction_of_good:.1f}%)",
             )
     return table
+
+
+def _p(value: float | None) -> str:
+    return DASH if value is None else f"{value:.3g}"
+
+
+def _tests(group: HookpointReport, n_tests: int) -> Table:
+    table = Table(
+        "explainer / scorer",
+        "test",
+        "groups compared: shared / seed-specific",
+        "shared - seed-specific [95% CI]",
+        "p",
+        f"p, Holm ({n_tests} tests)",
+        title=f"{group.hookpoint}: shared vs seed-specific, match groups as the unit",
+    )
+    for section in group.scorers:
+        label = f"{section.explainer} / {section.scorer}"
+        if section.informative is False:
+            table.add_row(label, "not shown: scorer failed its control", "", "", "", "")
+            continue
+        for name, test in (
+            ("match groups", section.by_match_group),
+            ("frequency-adjusted", section.frequency_adjusted),
+        ):
+            if test is None:
+                continue
+            if test.difference is None:
+                detail = "no frequency bin holds both" if test.n_units else "no scored groups"
+                table.add_row(label, name, f"{test.n_shared} / {test.n_seed_specific}", detail)
+                continue
+            plural = "" if test.n_strata == 1 else "s"
+            strata = f", {test.n_strata} bin{plural}" if test is section.frequency_adjusted else ""
+            table.add_row(
+                label,
+                name + strata,
+                f"{test.n_shared} / {test.n_seed_specific}",
+                f"{test.difference:.3f} [{_number(test.ci_low)}, {_number(test.ci_high)}]",
+                _p(test.p_value),
+                _p(test.p_holm),
+            )
+    return table
+
+
+def _test_legend(group: HookpointReport) -> list[Text]:
+    """What each test of the tests table is, in words."""
+    section = next((s for s in group.scorers if s.by_match_group is not None), None)
+    if section is None or section.by_match_group is None:
+        return []
+    lines = [f"match groups: {section.by_match_group.test}"]
+    if section.frequency_adjusted is not None:
+        lines.append(f"frequency-adjusted: {section.frequency_adjusted.test}")
+    lines.append(
+        f"permutations and bootstrap resamples: {section.by_match_group.n_permutations}; "
+        "Holm adjusts over every shared vs seed-specific test of this report"
+    )
+    return [Text(line, style="dim") for line in lines]
 
 
 def _presence(group: HookpointReport) -> Table:
@@ -203,6 +257,18 @@ def headline(report: Report) -> list[RenderableType]:
             parts.append(_presence(group))
         if group.scorers:
             parts.append(_scorers(group, report.config.good_threshold))
+            parts.extend(
+                Text(
+                    f"{section.explainer} / {section.scorer}: {section.metric} undefined "
+                    f"(NULL, left out) for {section.undefined_text()}",
+                    style="yellow",
+                )
+                for section in group.scorers
+                if section.undefined
+            )
+        if any(section.by_match_group for section in group.scorers):
+            parts.append(_tests(group, report.n_sharing_tests))
+            parts.extend(_test_legend(group))
         if group.agreement:
             parts.append(_agreement(group))
         if group.cross_seed:

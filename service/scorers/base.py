@@ -18,7 +18,7 @@ from sae.errors import UserError
 from service.cache.windows import ExampleSplit, Window
 from service.config import ScoreConfig
 from service.llm.base import CallRecord, LLMClient
-from service.scorers.metrics import balanced_accuracy, f1, roc_auc
+from service.scorers.metrics import balanced_accuracy, f1, metric_undefined_reason, roc_auc
 from service.store.models import CONTROL_OWN
 
 DEFAULT_METRIC = "balanced_accuracy"
@@ -75,6 +75,15 @@ class ScoreResult:
     def auc(self) -> float | None:
         rated = [v for v in self.verdicts if v.probability is not None]
         return roc_auc([v.label for v in rated], [float(v.probability or 0.0) for v in rated])
+
+    def undefined_reason(self, metric: str) -> str | None:
+        """Why `metric` is undefined on these verdicts ("no negatives", ...), None if defined."""
+        return metric_undefined_reason(
+            metric,
+            [v.label for v in self.verdicts],
+            [v.predicted for v in self.verdicts],
+            [v.probability for v in self.verdicts],
+        )
 
 
 class Scorer(ABC):

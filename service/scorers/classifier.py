@@ -3,7 +3,7 @@ windows in one request.
 
 Items (window, label, marks) are shuffled with a seed so positives and negatives mix, then
 sent `examples_per_request` at a time, all requests of a latent at once. The items' order and
-batches depend only on the latent and the seed, and the prompts (v2) put the windows before
+batches depend only on the latent and the seed, and the prompts (v2 on) put the windows before
 the explanation: the requests that score one batch of windows under several explanations
 (the latent's own, the token baseline's, the controls') share all but their last lines, which
 a server's prefix cache computes once.
@@ -25,8 +25,15 @@ from dataclasses import dataclass
 
 from service.cache.windows import ExampleSplit, Window
 from service.concurrency import gather_or_cancel
-from service.llm.base import CallRecord, LLMClient, LLMError, SamplingParams, TokenLogprob
-from service.llm.prompts import escape, load_prompt, render_window
+from service.llm.base import (
+    CallRecord,
+    LLMClient,
+    LLMError,
+    Message,
+    SamplingParams,
+    TokenLogprob,
+)
+from service.llm.prompts import windows_prompt
 from service.scorers.base import Scorer, ScoreResult, Verdict
 
 TRUE_WORDS = {"1", "true", "yes"}
@@ -147,13 +154,6 @@ def answer_probability(
     return None
 
 
-def render_items(items: Sequence[Item]) -> str:
-    return "\n\n".join(
-        f'<example id="{number}">\n{render_window(item.window.tokens, item.marks)}\n</example>'
-        for number, item in enumerate(items, 1)
-    )
-
-
 class ClassifierScorer(Scorer):
     """A scorer whose LLM labels windows 1/0; subclasses choose the items and the prompt."""
 
@@ -180,12 +180,19 @@ class ClassifierScorer(Scorer):
             result.calls.extend(calls)
         return result
 
+    def messages(self, explanation: str, batch: Sequence[Item]) -> list[Message]:
+        """The prompt asking for one answer per item of `batch` under `explanation`."""
+        return windows_prompt(
+            self.config.prompt(self.name),
+            [(item.window.tokens, item.marks) for item in batch],
+            explanation,
+            n=len(batch),
+        )
+
     async def _ask(
         self, explanation: str, batch: list[Item], llm: LLMClient
     ) -> tuple[list[Verdict], list[CallRecord]]:
-        messages = load_prompt(self.config.prompt(self.name)).render(
-            explanation=escape(explanation), examples=render_items(batch), n=len(batch)
-        )
+        messages = self.messages(explanation, batch)
         params = SamplingParams(
             max_tokens=8 + self.config.answer_tokens_per_example * len(batch),
             temperature=self.config.temperature,
