@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from planted_store import LLM_FREE_JOB, add_planted_windows, plant_small
+from planted_store import LLM_FREE_JOB, add_planted_windows, plant_small, queue_jobs
 from rich.console import Console
 from sqlalchemy import select
 
@@ -21,7 +21,6 @@ from service.report.terminal import headline
 from service.scoring.worker import ScoreWorkers
 from service.store.engine import Store
 from service.store.models import Latent, Score
-from service.store.queue import enqueue
 from service.store.runs import register_run, register_sae
 
 
@@ -45,7 +44,7 @@ def test_a_latent_without_negatives_stores_null_and_the_report_counts_it(
         whole, always_firing = session.scalars(select(Latent.id).order_by(Latent.index)).all()
         add_planted_windows(session, whole, planted)
         add_planted_windows(session, always_firing, [w for w in planted if w.kind != "random"])
-        assert enqueue(session, [whole, always_firing], "explain", LLM_FREE_JOB) == 2
+        assert queue_jobs(session, [whole, always_firing], "explain", LLM_FREE_JOB) == 2
     # No LLM takes part: the token baseline explains, MiniLM scores.
     llm = OpenAIClient(LLMConfig(urls=[f"http://127.0.0.1:{free_port()}"]))
     stats = asyncio.run(ScoreWorkers(store, llm, home, workers=2, poll_seconds=0.05).run())
