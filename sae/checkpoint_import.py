@@ -33,7 +33,9 @@ from sae.subject_model import hookpoint_width
 SEED_FOLDER = re.compile(r"seed(\d+)$")
 # Architectures whose per-token selection is a fixed number of latents.
 K_ARCHITECTURES = ("topk", "batchtopk", "groupmax")
-# SAELens settings under which the saved tensors alone do not give the latents.
+# Settings (key: allowed values) under which the saved tensors alone do not give the latents
+# of this hookpoint's output: SAELens's decoder-norm rescaling and reshaped inputs, and
+# sparsify's transcoders (which read one module and reconstruct another).
 UNSUPPORTED_SETTINGS = {
     "rescale_acts_by_decoder_norm": (False, None),
     "reshape_activations": ("none", None),
