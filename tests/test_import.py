@@ -141,6 +141,13 @@ def _unknown_architecture(root: Path) -> list[str]:
     return [str(root / "seed0"), str(root / "seed1")]
 
 
+def _rescaled(root: Path) -> list[str]:
+    cfg = {"architecture": "topk", "k": 4, "rescale_acts_by_decoder_norm": True}
+    save_saelens(root / "seed0", random_weights(0, cfg))
+    save_saelens(root / "seed1", random_weights(1, cfg))
+    return [str(root)]
+
+
 @pytest.mark.parametrize(
     ("make", "message"),
     [
@@ -148,6 +155,7 @@ def _unknown_architecture(root: Path) -> list[str]:
         (_half_written, "is half written: it has cfg.json but neither"),
         (_truncated, "is corrupt or truncated"),
         (_unknown_architecture, "unknown SAE architecture 'gated'"),
+        (_rescaled, "sets rescale_acts_by_decoder_norm=True, which this tool cannot encode"),
     ],
 )
 def test_unusable_checkpoints_are_refused_in_one_line(
