@@ -246,7 +246,7 @@ def match_command(
 
     given = [a is not None and b is not None, all_seeds is not None, run is not None]
     if sum(given) != 1 or (not given[0] and (a or b)):
-        raise UserError("give two checkpoint folders A B, --all DIR or --run RUN (one of them)")
+        raise UserError("give two checkpoint folders A B, --all DIR or --run RUN (one, not both)")
     if not given[0] and assignment_out is not None:
         raise UserError("--assignment-out works with two SAEs A B, not with --all or --run")
     config = config_from(
