@@ -1,4 +1,4 @@
-"""Prompt templates: one file per template in `prompts/`, versioned by its name.
+"""Prompt templates: one file per template in `service/prompts/`, versioned by its name.
 
 A template file holds a system part and a user part, introduced by the lines
 `<!-- system -->` and `<!-- user -->`, with `$name` placeholders (string.Template). Values are
@@ -20,8 +20,8 @@ from pathlib import Path
 from sae.errors import UserError
 from service.llm.base import Message
 
-# The repository root holds prompts/ beside service/; an editable install runs from it.
-PROMPTS_DIR = Path(__file__).resolve().parents[2] / "prompts"
+# Package data: service/prompts/ in the source tree and in an installed wheel alike.
+PROMPTS_DIR = Path(__file__).resolve().parents[1] / "prompts"
 MARK_OPEN = "<<"
 MARK_CLOSE = ">>"
 SYSTEM_MARKER = "<!-- system -->"
@@ -45,7 +45,7 @@ class PromptTemplate:
 
 @functools.cache
 def load_prompt(name: str) -> PromptTemplate:
-    """The template `prompts/<name>.md`."""
+    """The template `service/prompts/<name>.md`."""
     path = PROMPTS_DIR / f"{name}.md"
     if not path.is_file():
         known = ", ".join(sorted(p.stem for p in PROMPTS_DIR.glob("*.md"))) or "none"
