@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv vllm demo test lint clean
+.PHONY: venv vllm interop demo test lint clean
 
 venv: $(STAMP)
 
@@ -36,6 +36,22 @@ $(VLLM_STAMP):
 	$(VLLM_VENV)/bin/pip uninstall --quiet -y torchvision torchaudio torchcodec
 	touch $(VLLM_STAMP)
 
+# The interop tests write checkpoints with the real sparsify and SAELens libraries. They
+# would keep .venv's torch and transformers, but bring some forty packages of their own
+# (wandb, transformer-lens, plotly, ...), so they get their own environment; only
+# tests/interop_checkpoints.py runs in it. torch first, for the same reason as above.
+INTEROP_VENV := .venv-interop
+INTEROP_STAMP := $(INTEROP_VENV)/.installed
+
+interop: $(INTEROP_STAMP)
+
+$(INTEROP_STAMP):
+	$(PYTHON) -m venv $(INTEROP_VENV)
+	$(INTEROP_VENV)/bin/pip install --quiet --upgrade pip
+	$(INTEROP_VENV)/bin/pip install --quiet torch==2.13.0
+	$(INTEROP_VENV)/bin/pip install --quiet eai-sparsify==1.3.3 sae-lens==6.54.12
+	touch $(INTEROP_STAMP)
+
 demo: venv
 	$(BIN)/autointerp run examples/demo.toml
 
@@ -44,8 +60,8 @@ lint: venv
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-test: lint vllm
+test: lint vllm interop
 	$(BIN)/pytest -q
 
 clean:
-	rm -rf $(VENV) $(VLLM_VENV)
+	rm -rf $(VENV) $(VLLM_VENV) $(INTEROP_VENV)

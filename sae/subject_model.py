@@ -226,6 +226,13 @@ def capture_activations(
     return captured
 
 
+def hookpoint_width(model: nn.Module, hookpoint: str) -> int:
+    """Width of the hookpoint's output (its last dimension), from a two-token forward pass
+    stopped at the hookpoint: the one way that holds for every module of every model."""
+    probe = torch.zeros((1, 2), dtype=torch.long)
+    return int(capture_activations(model, probe, [hookpoint])[hookpoint].shape[-1])
+
+
 def hooks_attached(model: nn.Module) -> int:
     """How many forward hooks are registered on the model's modules (0 when clean)."""
     return sum(len(module._forward_hooks) for module in model.modules())

@@ -17,7 +17,7 @@ from sae.architectures.sparse import (
     selected_pre_activations,
     sparse_decode,
 )
-from sae.checkpoint import load_sae, save_saelens, save_sparsify
+from sae.checkpoint import SaeWeights, load_sae, save_saelens, save_sparsify
 from sae.errors import UserError
 from sae.train import config_from_cache, train
 
@@ -71,8 +71,8 @@ def test_sparse_kernels_match_dense_autograd(kind: str):
         torch.testing.assert_close(fast_grad, dense_grad, rtol=1e-4, atol=1e-3)
 
 
-def test_registry_has_the_four_architectures():
-    assert {"topk", "relu", "batchtopk", "jumprelu"} <= set(REGISTRY)
+def test_registry_has_the_five_architectures():
+    assert {"topk", "relu", "batchtopk", "jumprelu", "groupmax"} <= set(REGISTRY)
     with pytest.raises(UserError, match="unknown SAE architecture 'gated'"):
         get_architecture("gated")
 
@@ -108,7 +108,7 @@ def trained(smollm2_activation_cache: Path, tmp_path_factory: pytest.TempPathFac
     return runs
 
 
-@pytest.mark.parametrize("name", ["topk", "relu", "batchtopk", "jumprelu"])
+@pytest.mark.parametrize("name", ["topk", "relu", "batchtopk", "jumprelu", "groupmax"])
 def test_each_architecture_learns_real_activations(trained: dict, name: str):
     result, _ = trained[name]
     (sae,) = result.saes
@@ -119,7 +119,7 @@ def test_each_architecture_learns_real_activations(trained: dict, name: str):
     assert 0 < sae.l0 < 768 / 2, sae
 
 
-@pytest.mark.parametrize("name", ["topk", "relu", "batchtopk", "jumprelu"])
+@pytest.mark.parametrize("name", ["topk", "relu", "batchtopk", "jumprelu", "groupmax"])
 def test_saved_checkpoint_encodes_like_training(
     trained: dict, name: str, smollm2_activation_cache: Path, tmp_path: Path
 ):
@@ -138,6 +138,9 @@ def test_saved_checkpoint_encodes_like_training(
     l0 = float((latents > 0).sum(dim=1).float().mean())
     if name == "topk":
         assert l0 <= 16
+    if name == "groupmax":
+        # At most one active latent in each of the k = 16 groups of 48 latents.
+        assert int((latents.unflatten(1, (16, 48)) > 0).sum(dim=2).max()) == 1
     error = x - decode(weights, latents)
     fvu = float(error.pow(2).sum() / total_variance(x))
     assert fvu < 0.7, (name, fvu, l0)
@@ -193,3 +196,27 @@ def test_encode_follows_saelens_conventions(tmp_path: Path):
     write_saelens(tmp_path / "scaled", scaled, tensors)
     with pytest.raises(UserError, match="normalisation"):
         encode(load_sae(tmp_path / "scaled"), x)
+
+
+def test_groupmax_reads_sparsify_activation_key(tmp_path: Path):
+    """sparsify's cfg.json names no architecture; `activation: groupmax` selects it."""
+    generator = torch.Generator().manual_seed(0)
+    weights = SaeWeights(
+        encoder_weight=torch.randn(12, 5, generator=generator),
+        encoder_bias=torch.zeros(12),
+        W_dec=torch.randn(12, 5, generator=generator),
+        b_dec=torch.zeros(5),
+        cfg={"activation": "groupmax", "k": 3, "num_latents": 0, "expansion_factor": 2},
+    )
+    save_sparsify(tmp_path, weights)
+    x = torch.randn(7, 5, generator=generator)
+    latents = encode(load_sae(tmp_path), x)
+    pre = torch.relu(x @ weights.encoder_weight.T)
+    expected = torch.zeros_like(pre)
+    for group in range(3):
+        block = pre[:, group * 4 : (group + 1) * 4]
+        index = block.argmax(dim=1, keepdim=True)
+        expected[:, group * 4 : (group + 1) * 4].scatter_(1, index, block.gather(1, index))
+    torch.testing.assert_close(latents, expected)
+    with pytest.raises(UserError, match="unknown SAE architecture 'softmax'"):
+        encode(SaeWeights(**{**weights.__dict__, "cfg": {"activation": "softmax", "k": 3}}), x)

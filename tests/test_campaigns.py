@@ -119,6 +119,12 @@ def test_queue_stores_the_resolved_config_once_per_campaign(store_url: str, tmp_
         cli(store_url, "queue", "--run", "demo", "--scorers", "simulation"),
         "unknown scorer 'simulation'",
     )
+    one_line_error(
+        cli(store_url, "queue", "--run", "demo", "--retry-failed", "--scorers", "fuzzing"),
+        "no campaign of this score config and LLM",
+    )
+    retried = cli(store_url, "queue", "--run", "demo", "--retry-failed", "--campaign", "1")
+    assert "0 failed explain jobs queued again in campaign 1" in retried.stdout, retried.stderr
 
 
 def test_a_campaign_explains_each_latent_once(

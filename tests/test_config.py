@@ -14,6 +14,7 @@ import typer.main
 from pydantic import BaseModel
 
 from sae.architectures import SaeConfig
+from sae.checkpoint_import import ImportConfig
 from sae.latent_stats import CacheConfig
 from sae.matching import MatchConfig
 from sae.train import TrainConfig
@@ -35,10 +36,11 @@ ROOT = Path(__file__).resolve().parents[1]
 COMMANDS: dict[str, tuple[list[type[BaseModel]], set[str]]] = {
     "train": (
         [TrainConfig, SaeConfig],
-        {"out", "cache_activations", "from_cache", "cache_dtype", "checkpoint_minutes"},
+        {"out", "cache_activations", "from_cache", "cache_dtype", "checkpoint_minutes", "run"},
     ),
+    "import-saes": ([ImportConfig], {"run", "folders"}),
     "cache-activations": ([TrainConfig], {"out", "dtype"}),
-    "match": ([MatchConfig], {"a", "b", "all_seeds", "json_output", "assignment_out"}),
+    "match": ([MatchConfig], {"a", "b", "all_seeds", "run", "json_output", "assignment_out"}),
     "cache": ([CacheConfig], {"run"}),
     "queue": (
         [QueueConfig, ScoreConfig, LLMConfig],
@@ -86,6 +88,7 @@ def test_study_sections_are_the_stage_configs():
         "name": str,
         "out": Path,
         "train": TrainConfig,
+        "import_saes": ImportConfig | None,
         "match": MatchConfig,
         "cache": CacheConfig,
         "queue": QueueConfig,

@@ -108,7 +108,7 @@ def downgrade() -> None:
 def test_older_schema_is_refused_then_upgraded_keeping_rows(
     store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):
-    """A later migration (written to a copy of migrations/) makes the store one revision
+    """A later migration (written to a copy of service/migrations/) makes the store one revision
     behind; upgrading applies it, on SQLite as a table rebuild, without losing child rows."""
     add_run(store)
     migrations = tmp_path / "migrations"

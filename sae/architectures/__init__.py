@@ -1,8 +1,8 @@
 """SAE architectures behind a registry keyed by name (`topk`, `relu`, `batchtopk`,
-`jumprelu`), one module each. Later stages use `encode(weights, x)` / `decode(weights, f)`
-on checkpoints loaded with `sae.checkpoint.load_sae`."""
+`jumprelu`, `groupmax`), one module each. Later stages use `encode(weights, x)` /
+`decode(weights, f)` on checkpoints loaded with `sae.checkpoint.load_sae`."""
 
-from sae.architectures import batchtopk, jumprelu, relu, topk
+from sae.architectures import batchtopk, groupmax, jumprelu, relu, topk
 from sae.architectures.base import (
     REGISTRY,
     SaeConfig,
@@ -27,6 +27,7 @@ __all__ = [
     "decode",
     "encode",
     "get_architecture",
+    "groupmax",
     "jumprelu",
     "register",
     "relu",

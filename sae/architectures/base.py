@@ -33,7 +33,8 @@ class SaeConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     architecture: str = Field(
-        default="topk", description="SAE architecture: topk, batchtopk, relu, jumprelu"
+        default="topk",
+        description="SAE architecture: topk, batchtopk, relu, jumprelu, groupmax",
     )
     n_latents: int = Field(default=4608, description="latents per SAE")
     k: int = Field(default=32, description="active latents per token (topk, batchtopk)")
@@ -197,15 +198,19 @@ def pre_activations(weights: SaeWeights, x: torch.Tensor) -> torch.Tensor:
 
 
 def architecture_of(cfg: dict[str, Any]) -> str:
-    """Architecture name of a checkpoint config; sparsify's own configs (no name) are TopK."""
+    """Architecture name of a checkpoint config; sparsify's own configs name none and give
+    their `activation` (topk or groupmax) instead."""
     name = cfg.get("architecture")
     if name is None:
-        if "k" in cfg:
+        if "activation" in cfg:
+            name = cfg["activation"]
+        elif "k" in cfg:
             return "topk"
-        raise UserError(
-            "checkpoint cfg.json names no architecture and has no k: add "
-            f'"architecture" (one of {", ".join(sorted(REGISTRY))})'
-        )
+        else:
+            raise UserError(
+                "checkpoint cfg.json names no architecture and has no k: add "
+                f'"architecture" (one of {", ".join(sorted(REGISTRY))})'
+            )
     if name not in REGISTRY:
         raise _architecture_error(str(name))
     return str(name)

@@ -13,6 +13,7 @@ from rich.table import Table
 
 from sae.activation_cache import ActivationCache
 from sae.architectures import SaeConfig
+from sae.checkpoint_import import ImportConfig
 from sae.errors import UserError
 from sae.latent_stats import CacheConfig
 from sae.matching import MatchConfig
@@ -163,7 +164,7 @@ def queue_command(
     """Queue a run's latents in a scoring campaign (the score config and the LLM); latents
     already queued in that campaign are left as they are."""
     from service.config import get_settings
-    from service.scoring.campaign import open_campaign
+    from service.scoring.campaign import existing_campaign, open_campaign
     from service.store.campaigns import describe, get_campaign
     from service.store.engine import open_store
     from service.store.queue import retry_failed as requeue_failed
@@ -179,8 +180,13 @@ def queue_command(
             chosen = (
                 get_campaign(session, campaign)
                 if campaign is not None
-                else open_campaign(session, job, llm)
+                else existing_campaign(session, job, llm)
             )
+            if chosen is None:
+                raise UserError(
+                    "no campaign of this score config and LLM; pick one with --campaign N "
+                    "(`autointerp campaigns` lists them)"
+                )
             n = requeue_failed(session, chosen.id, stage)
             console.print(f"{n} failed {stage} jobs queued again in {describe(chosen)}")
         return
@@ -325,6 +331,10 @@ def match_command(
     solver: str = option(MatchConfig, "solver"),
     candidates: int = option(MatchConfig, "candidates"),
     into_larger: bool = option(MatchConfig, "into_larger"),
+    run: Annotated[
+        str | None,
+        typer.Option(help="match every pair of seeds of this stored run and store the result"),
+    ] = None,
     json_output: bool = typer.Option(False, "--json", help="print one JSON object"),
     assignment_out: Annotated[
         Path | None,
@@ -338,15 +348,19 @@ def match_command(
     from sae.matching.multiseed import analyse_folder
     from service.report.matching import block_progress, multiseed_tables, pair_table
 
-    if (all_seeds is None) == (a is None or b is None) or (all_seeds and (a or b)):
-        raise UserError("give two checkpoint folders A B, or --all DIR (not both)")
-    if all_seeds is not None and assignment_out is not None:
-        raise UserError("--assignment-out works with two SAEs A B, not with --all")
+    given = [a is not None and b is not None, all_seeds is not None, run is not None]
+    if sum(given) != 1 or (not given[0] and (a or b)):
+        raise UserError("give two checkpoint folders A B, --all DIR or --run RUN (one, not both)")
+    if not given[0] and assignment_out is not None:
+        raise UserError("--assignment-out works with two SAEs A B, not with --all or --run")
     config = config_from(
         MatchConfig,
         {"threshold": threshold, "solver": solver, "candidates": candidates}
         | {"into_larger": into_larger},
     )
+    if run is not None:
+        _match_run(run, config, json_output)
+        return
     if all_seeds is not None:
         with block_progress(err_console) as progress:
             results = analyse_folder(all_seeds, config, progress)
@@ -366,6 +380,29 @@ def match_command(
         print(match.summary.model_dump_json(indent=2))
     else:
         console.print(pair_table(match.summary, f"{a} -> {b}"))
+
+
+def _match_run(run: str, config: MatchConfig, json_output: bool) -> None:
+    """`match --run`: every pair of seeds of a stored run, matched and stored."""
+    import json
+
+    from service.config import get_settings
+    from service.report.matching import block_progress, pair_table
+    from service.store.engine import open_store
+    from service.store.matches import record_matching
+
+    with block_progress(err_console) as progress:
+        results = record_matching(open_store(get_settings().db), run, config, progress)
+    if json_output:
+        summaries = {
+            hookpoint: {f"{a}->{b}": m.summary.model_dump() for (a, b), m in pairs.items()}
+            for hookpoint, pairs in results.items()
+        }
+        print(json.dumps(summaries, indent=2))
+        return
+    for hookpoint, pairs in results.items():
+        for (a, b), match in sorted(pairs.items()):
+            console.print(pair_table(match.summary, f"{run} {hookpoint}: seed {a} -> seed {b}"))
 
 
 llm_app = typer.Typer(help="Serve an LLM that explains and scores latents.", no_args_is_help=True)
@@ -600,6 +637,10 @@ def train_command(
     ] = None,
     cache_dtype: str = typer.Option("float16", help="--cache-activations dtype: float16, bfloat16"),
     checkpoint_minutes: float = typer.Option(5.0, help="minutes between periodic checkpoints"),
+    run: Annotated[
+        str | None,
+        typer.Option(help="also record the trained SAEs in the store as this run"),
+    ] = None,
 ) -> None:
     """Train SAEs of several seeds in one pass; Ctrl-C checkpoints, rerunning resumes."""
     from sae.train import TrainProgress, config_from_cache, train
@@ -678,6 +719,52 @@ def train_command(
             soft_wrap=True,
         )
         raise typer.Exit(130)
+    if run is not None:
+        from service.store.engine import open_store
+        from service.store.runs import record_training
+
+        record_training(open_store(get_settings().db), run, config, out, result.saes)
+        console.print(f"recorded {len(result.saes)} SAEs as run {run!r}", highlight=False)
+
+
+@app.command("import-saes")
+def import_saes_command(
+    run: str = typer.Option(..., help="name of the run to record the SAEs as"),
+    folders: Annotated[
+        list[str] | None,
+        typer.Argument(help="one checkpoint folder per seed, or one folder of seed<N>/ folders"),
+    ] = None,
+    model: str = option(ImportConfig, "model"),
+    hookpoint: str = option(ImportConfig, "hookpoint"),
+    dataset: str = option(ImportConfig, "dataset"),
+    seeds: list[str] | None = option(ImportConfig, "seeds"),
+) -> None:
+    """Record SAEs trained elsewhere (sparsify, SAELens or this tool) as a run, after checking
+    every checkpoint against the model's hookpoint; then match, cache, queue, score, report."""
+    from service.config import get_settings
+    from service.store.engine import open_store
+    from service.store.imported import record_import
+
+    settings = get_settings()
+    config = config_from(
+        ImportConfig,
+        {"model": model, "hookpoint": hookpoint, "dataset": dataset, "folders": folders}
+        | {"seeds": comma_integers(seeds, "--seeds")},
+    )
+    saes = record_import(open_store(settings.db), run, config, settings.home)
+    table = Table("seed", "layout", "architecture", "latents", "d_in", "k", "checkpoint")
+    for sae in saes:
+        table.add_row(
+            str(sae.seed),
+            sae.layout,
+            sae.architecture,
+            f"{sae.n_latents:,}",
+            str(sae.d_in),
+            "-" if sae.k is None else str(sae.k),
+            str(sae.folder),
+        )
+    console.print(table)
+    console.print(f"recorded {len(saes)} SAEs as run {run!r}", highlight=False)
 
 
 @app.command("report")

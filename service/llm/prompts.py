@@ -1,5 +1,6 @@
 """Prompt templates, and how corpus text enters a prompt: as text, set apart by delimiters it
-cannot contain.
+cannot contain. One file per template in `service/prompts/` (package data), versioned by its
+name.
 
 A template file holds a system part and a user part, introduced by the lines
 `<!-- system -->` and `<!-- user -->`, with `$name` placeholders (string.Template). Values are
@@ -29,8 +30,8 @@ from pathlib import Path
 from sae.errors import UserError
 from service.llm.base import Message
 
-# The repository root holds prompts/ beside service/; an editable install runs from it.
-PROMPTS_DIR = Path(__file__).resolve().parents[2] / "prompts"
+# Package data: service/prompts/ in the source tree and in an installed wheel alike.
+PROMPTS_DIR = Path(__file__).resolve().parents[1] / "prompts"
 # Marks for firing tokens, most readable first; the characters of the chosen pair occur in
 # none of the request's windows.
 MARK_CANDIDATES = (
@@ -67,7 +68,7 @@ class PromptTemplate:
 
 @functools.cache
 def load_prompt(name: str) -> PromptTemplate:
-    """The template `prompts/<name>.md`."""
+    """The template `service/prompts/<name>.md`."""
     path = PROMPTS_DIR / f"{name}.md"
     if not path.is_file():
         known = ", ".join(sorted(p.stem for p in PROMPTS_DIR.glob("*.md"))) or "none"

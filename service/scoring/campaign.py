@@ -6,11 +6,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from service.config import LLMConfig, ScoreConfig
 from service.scoring.pipeline import needs_llm
-from service.store.campaigns import CampaignLLM, get_or_create_campaign
+from service.store.campaigns import CampaignLLM, campaign_key, get_or_create_campaign
 from service.store.models import Campaign
 
 
@@ -29,3 +30,9 @@ def resolved(job: ScoreConfig) -> dict[str, Any]:
 def open_campaign(session: Session, job: ScoreConfig, llm: LLMConfig) -> Campaign:
     """The campaign of `job` run by `llm`, created in `session` if new."""
     return get_or_create_campaign(session, resolved(job), campaign_llm(job, llm))
+
+
+def existing_campaign(session: Session, job: ScoreConfig, llm: LLMConfig) -> Campaign | None:
+    """The campaign of `job` run by `llm` if one was ever queued; creates nothing."""
+    key = campaign_key(resolved(job), campaign_llm(job, llm))
+    return session.scalar(select(Campaign).where(Campaign.key == key))

@@ -33,8 +33,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from sae.errors import UserError
 from service.store.models import Base, utcnow
 
-# The repository root holds migrations/ beside service/; an editable install runs from it.
-MIGRATIONS_DIR = Path(__file__).resolve().parents[2] / "migrations"
+# Package data: service/migrations/ in the source tree and in an installed wheel alike.
+MIGRATIONS_DIR = Path(__file__).resolve().parents[1] / "migrations"
 SQLITE_BUSY_TIMEOUT_MS = 60_000
 POSTGRES_CONNECT_TIMEOUT_S = 5
 # Execution option read by the SQLite `begin` hook: which BEGIN to issue.
@@ -178,8 +178,8 @@ def alembic_config(connection: Connection | None = None) -> Config:
     connection handed to migrations/env.py through `attributes`."""
     if not (MIGRATIONS_DIR / "env.py").exists():
         raise UserError(
-            f"migrations folder not found at {MIGRATIONS_DIR}; install autointerp from its "
-            "source tree with `pip install -e .`"
+            f"migrations folder not found at {MIGRATIONS_DIR}; reinstall autointerp, whose "
+            "wheel ships it"
         )
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS_DIR))

@@ -4,6 +4,8 @@
 `sae.latent_stats.CacheConfig`, `[queue]` `QueueConfig`, `[score]` `ScoringConfig` and
 `[report]` `ReportConfig` (both from `service.config`), key for key: a key the stage's
 config does not know is an error, and a key left out takes that config's default.
+`[import_saes]` (`sae.checkpoint_import.ImportConfig`) takes the place of `[train]` for SAEs
+trained elsewhere; a study has one or the other.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from sae.checkpoint_import import ImportConfig
 from sae.errors import UserError
 from sae.latent_stats import CacheConfig
 from sae.matching import MatchConfig
@@ -29,6 +32,9 @@ class StudyConfig(BaseModel):
     name: str = Field(description="run name in the store")
     out: Path = Field(description="folder for checkpoints, matchings and the activation cache")
     train: TrainConfig = Field(default_factory=TrainConfig)
+    import_saes: ImportConfig | None = Field(
+        default=None, description="SAEs trained elsewhere, recorded instead of training"
+    )
     match: MatchConfig = Field(default_factory=MatchConfig)
     cache: CacheConfig = Field(default_factory=CacheConfig)
     queue: QueueConfig = Field(default_factory=QueueConfig)
@@ -53,8 +59,15 @@ def load_study(path: Path) -> StudyConfig:
             kind = "unknown key" if item["type"] == "extra_forbidden" else item["msg"]
             problems.append(f"{where}: {kind}")
         raise UserError(f"{path}: {'; '.join(problems)}") from None
+    if study.import_saes is not None and "train" in study.model_fields_set:
+        raise UserError(
+            f"{path}: [train] and [import_saes] both given; a study trains its SAEs or imports "
+            "them, keep one"
+        )
     base = path.parent
     study.out = base / study.out
+    if study.import_saes is not None:
+        study.import_saes.folders = [str(base / folder) for folder in study.import_saes.folders]
     if study.report.html is not None:
         study.report.html = base / study.report.html
     return study

@@ -1,7 +1,8 @@
 """`autointerp run study.toml`: the whole study from one config file.
 
-train -> record in the store -> match -> cache -> queue -> score -> report. Each stage is
-skipped when its outputs are already there, so rerunning an interrupted study resumes it.
+train (or import SAEs trained elsewhere) -> record in the store -> match -> cache -> queue ->
+score -> report. Each stage is skipped when its outputs are already there, so rerunning an
+interrupted study resumes it.
 The resolved study config is written to `OUT/study_config.json` before any stage runs.
 """
 
@@ -18,6 +19,7 @@ from service.report import ReportResult, make_report, write_html
 from service.scoring.campaign import open_campaign
 from service.scoring.worker import run_score
 from service.store.engine import Store, open_store, upgrade
+from service.store.imported import record_import
 from service.store.matches import matching_recorded, record_matching
 from service.store.models import Example, Latent, Sae
 from service.store.runs import get_run, record_training
@@ -38,7 +40,12 @@ def run_study(study: StudyConfig, db_url: str, home: Path, console: Console) -> 
     upgrade(db_url)
     store = open_store(db_url)
     try:
-        _train(study, store, home, console, announce)
+        if study.import_saes is not None:
+            saes = record_import(store, study.name, study.import_saes, home, path=study.out)
+            kinds = ", ".join(f"seed {s.seed}: {s.layout} {s.architecture}" for s in saes)
+            announce("import", f"recorded {len(saes)} SAEs ({kinds})")
+        else:
+            _train(study, store, home, console, announce)
         _match(study, store, announce)
         _cache(study, store, home, announce)
         queued = queue_run(
