@@ -27,7 +27,7 @@ import itertools
 from dataclasses import dataclass, field
 
 import numpy as np
-from sqlalchemy import func, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from service.scorers import primary_metric
@@ -35,7 +35,6 @@ from service.store.engine import Store
 from service.store.matches import StoredPair, read_pair
 from service.store.models import (
     CONTROL_OWN,
-    Example,
     Explanation,
     Latent,
     Run,
@@ -44,6 +43,7 @@ from service.store.models import (
 )
 from service.store.runs import get_run
 from service.store.scores import latest_explanations, latest_scores
+from service.store.windows import count_windows, latest_cache_version
 
 
 @dataclass
@@ -327,19 +327,8 @@ def load_run_data(store: Store, run_name: str) -> RunData:
         hookpoints = _group_hookpoints(session, saes)
         explanations = _load_explanations(session, sae_ids, keys) if sae_ids else {}
         scores = _load_scores(session, sae_ids, keys) if sae_ids else []
-        n_examples = (
-            int(
-                session.scalar(
-                    select(func.count())
-                    .select_from(Example)
-                    .join(Latent, Latent.id == Example.latent_id)
-                    .where(Latent.sae_id.in_(sae_ids))
-                )
-                or 0
-            )
-            if sae_ids
-            else 0
-        )
+        cache_version = latest_cache_version(session, run.id)
+        n_examples = count_windows(session, cache_version.id) if cache_version else 0
         info = RunInfo(
             run.name,
             run.subject_model,
