@@ -20,6 +20,7 @@ from sae.latent_stats import CacheConfig, SaeLatentStats, collect_latent_stats
 from sae.subject_model import capture_activations, load_model
 from service.cache.writer import (
     BATCH_ROWS,
+    batch_decoder,
     check_free_disk,
     estimated_bytes,
     human_bytes,
@@ -175,7 +176,7 @@ def _write(
     """Write each SAE's windows into the version in committed batches, then the latents'
     statistics and the version's completion in one transaction. An SAE whose windows a
     former, interrupted call wrote completely is kept; one it left half written is redone."""
-    decode = getattr(tokenizer, "batch_decode")  # noqa: B009 - tokenizers are untyped here
+    decode = batch_decoder(tokenizer)
     total = sum(len(stats.examples) for stats in results)
     with token_progress("writing windows", unit="windows", show=show_progress) as update:
         done = 0
