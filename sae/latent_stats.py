@@ -13,7 +13,7 @@ resumed from its last saved state gives exactly the result of one uninterrupted 
 """
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -67,6 +67,22 @@ class SaeWindows:
     rank: np.ndarray  # (M,) int64, order within (latent, kind, bin)
     token_ids: np.ndarray  # (M, W) int32
     activations: np.ndarray  # (M, W) float32
+
+    def __len__(self) -> int:
+        return len(self.kind)
+
+    def batches(self, size: int) -> Iterator["SaeWindows"]:
+        """The rows in consecutive slices of at most `size` rows (views, not copies)."""
+        for first in range(0, len(self), size):
+            last = first + size
+            yield SaeWindows(
+                latent=self.latent[first:last],
+                kind=self.kind[first:last],
+                quantile_bin=self.quantile_bin[first:last],
+                rank=self.rank[first:last],
+                token_ids=self.token_ids[first:last],
+                activations=self.activations[first:last],
+            )
 
 
 @dataclass

@@ -13,7 +13,7 @@ from service.store.engine import Store
 from service.store.models import Example
 from service.store.queue import DEFAULT_MAX_ATTEMPTS, enqueue
 from service.store.runs import latent_ids, register_run, register_sae
-from service.store.windows import encode_window
+from service.store.windows import encode_window, version_for_added_windows
 
 # A score job no LLM takes part in: the token baseline explains from activation statistics,
 # the embedding scorer ranks held-out windows with MiniLM on the CPU.
@@ -45,12 +45,15 @@ def plant_small(rule: str, windows: Any, tokenizer: Any, seed: int = 0) -> list[
 
 
 def add_planted_windows(session: Session, latent_id: int, windows: Iterable[Any]) -> None:
-    """One `example` row per planted window of latent `latent_id`."""
+    """One `example` row per planted window of latent `latent_id`, in its run's newest cache
+    version (a new one, config unknown, if it has none)."""
+    version_id = version_for_added_windows(session, latent_id)
     for window in windows:
         token_bytes, activation_bytes = encode_window(window.token_ids, window.activations)
         session.add(
             Example(
                 latent_id=latent_id,
+                cache_version_id=version_id,
                 kind=window.kind,
                 quantile_bin=window.quantile_bin,
                 rank=window.rank,

@@ -1,20 +1,30 @@
 """The `cache` stage end to end: real SmolLM2, SAE checkpoints on disk, both store backends."""
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
-from sqlalchemy import func, select
+from sqlalchemy import delete, func, select
 
 from sae.checkpoint import SaeWeights, save_sparsify
 from sae.errors import UserError
 from sae.latent_stats import CacheConfig
 from service.cache.stage import cache_run
+from service.cache.windows import load_latent_examples
 from service.store.engine import Store
-from service.store.models import Example, Latent, Sae
+from service.store.models import (
+    CacheVersion,
+    Example,
+    Explanation,
+    Latent,
+    Prediction,
+    Sae,
+    Score,
+)
 from service.store.runs import register_run, register_sae
-from service.store.windows import decode_window
+from service.store.windows import count_windows, decode_window, latent_windows, latest_cache_version
 
 HOOKPOINT = "model.layers.6.mlp"
 N_LATENTS = 24
@@ -85,13 +95,127 @@ def test_cache_writes_statistics_and_examples(store: Store, tmp_path: Path, home
     assert not list(tmp_path.glob("latent-cache-*.pt"))
 
 
-def test_rerun_replaces_rather_than_duplicates(store: Store, tmp_path: Path, home: Path):
-    make_run(store, tmp_path, seeds=(3,))
-    first = cache_run(store, "cache-test", home, sized(2048), show_progress=False)
-    again = cache_run(store, "cache-test", home, sized(2048), show_progress=False)
+def example_ids(store: Store) -> list[int]:
     with store.read_session() as session:
-        stored = session.scalar(select(func.count()).select_from(Example))
-    assert stored == first.saes[0].n_examples == again.saes[0].n_examples
+        return list(session.scalars(select(Example.id).order_by(Example.id)))
+
+
+def test_rerun_with_the_same_config_is_a_no_op(store: Store, tmp_path: Path, home: Path):
+    make_run(store, tmp_path, seeds=(3,))
+    lines: list[str] = []
+    first = cache_run(store, "cache-test", home, sized(2048), False, lines.append)
+    assert first.written and first.version == 1
+    (line,) = lines
+    assert "cache version 1 of run cache-test: up to 720 windows" in line
+    stored = example_ids(store)
+    assert len(stored) == first.saes[0].n_examples
+    again = cache_run(store, "cache-test", home, sized(2048), False, lines.append)
+    assert not again.written and again.saes == [] and again.n_tokens is None
+    assert (again.version, again.newest_version) == (1, 1)
+    assert len(lines) == 1
+    assert example_ids(store) == stored
+
+
+def score_with_predictions(store: Store, example_ids: list[int]) -> int:
+    """A score whose predictions judged these windows; returns the score's id."""
+    with store.session() as session, session.begin():
+        latent_id = session.scalar(select(Example.latent_id).where(Example.id == example_ids[0]))
+        assert latent_id is not None
+        explanation = Explanation(
+            latent_id=latent_id, explainer="e", model="m", config_hash="h", text="t"
+        )
+        session.add(explanation)
+        session.flush()
+        score = Score(
+            latent_id=latent_id,
+            explanation_id=explanation.id,
+            scorer="detection",
+            n_examples=len(example_ids),
+            n_parsed=len(example_ids),
+            n_failed=0,
+        )
+        session.add(score)
+        session.flush()
+        for example_id in example_ids:
+            session.add(Prediction(score_id=score.id, example_id=example_id, label=True))
+        return score.id
+
+
+def test_another_config_adds_a_version_and_predictions_keep_their_windows(
+    store: Store, tmp_path: Path, home: Path, tokenizer: Any
+):
+    make_run(store, tmp_path, seeds=(3,))
+    cache_run(store, "cache-test", home, sized(2048), show_progress=False)
+    with store.read_session() as session:
+        latent_id = session.scalar(select(Example.latent_id).where(Example.kind == "top").limit(1))
+        assert latent_id is not None
+        first = load_latent_examples(session, latent_id, tokenizer)
+    judged = [window.example_id for window in first.windows if window.example_id is not None]
+    score_id = score_with_predictions(store, judged)
+    before = example_ids(store)
+
+    second = cache_run(store, "cache-test", home, sized(3072), show_progress=False)
+    assert second.written and (second.version, second.newest_version) == (2, 2)
+    after = example_ids(store)
+    assert set(before) < set(after)
+    assert len(after) == len(before) + second.saes[0].n_examples
+    with store.read_session() as session:
+        kept = session.scalars(
+            select(Prediction.example_id).where(Prediction.score_id == score_id)
+        ).all()
+        assert sorted(kept) == sorted(judged)
+        versions = session.scalars(select(CacheVersion).order_by(CacheVersion.version)).all()
+        assert [v.version for v in versions] == [1, 2]
+        assert [v.config["tokens"] for v in versions if v.config] == [2048, 3072]
+        assert versions[0].config_hash != versions[1].config_hash
+        # Readers use the newest version; the older one stays readable by its id.
+        newest = load_latent_examples(session, latent_id, tokenizer)
+        ids = {w.example_id for w in newest.windows}
+        assert ids and ids.isdisjoint(before)
+        older = load_latent_examples(session, latent_id, tokenizer, versions[0].id)
+        assert [w.example_id for w in older.windows] == [w.example_id for w in first.windows]
+    # The first config again: already stored, nothing written, version 2 stays the newest.
+    again = cache_run(store, "cache-test", home, sized(2048), show_progress=False)
+    assert not again.written and (again.version, again.newest_version) == (1, 2)
+    assert example_ids(store) == after
+
+
+def test_interrupted_write_is_resumed_without_duplicates(store: Store, tmp_path: Path, home: Path):
+    """A version left incomplete with one SAE's windows half written (as a killed `cache`
+    leaves it) is invisible to readers; the same call again completes that same version,
+    keeping the finished SAE's windows and redoing the other's."""
+    make_run(store, tmp_path)
+    done = cache_run(store, "cache-test", home, sized(2048), show_progress=False)
+    with store.session() as session, session.begin():
+        version = session.scalars(select(CacheVersion)).one()
+        version.completed_at = None
+        half = session.scalars(
+            select(Example.id)
+            .join(Latent, Latent.id == Example.latent_id)
+            .join(Sae, Sae.id == Latent.sae_id)
+            .where(Sae.seed == 1)
+            .order_by(Example.id.desc())
+            .limit(done.saes[1].n_examples // 2)
+        ).all()
+        session.execute(delete(Example).where(Example.id.in_(half)))
+    seed0 = example_ids(store)[: done.saes[0].n_examples]
+    with store.read_session() as session:
+        assert latest_cache_version(session, version.run_id) is None
+        assert session.scalars(latent_windows(seed0[0])).all() == []
+
+    resumed = cache_run(store, "cache-test", home, sized(2048), show_progress=False)
+    assert resumed.written and resumed.version == 1
+    assert [s.n_examples for s in resumed.saes] == [s.n_examples for s in done.saes]
+    with store.read_session() as session:
+        assert session.scalar(select(func.count()).select_from(CacheVersion)) == 1
+        latest = latest_cache_version(session, version.run_id)
+        assert latest is not None and latest.id == version.id
+        assert count_windows(session, version.id) == sum(s.n_examples for s in done.saes)
+        keys = session.execute(
+            select(Example.latent_id, Example.kind, Example.quantile_bin, Example.rank)
+        ).all()
+        assert len(keys) == len(set(keys))
+    assert example_ids(store)[: done.saes[0].n_examples] == seed0
 
 
 def test_bad_input_changes_nothing(store: Store, tmp_path: Path, home: Path):

@@ -24,7 +24,8 @@ from service.report import make_report
 from service.report.show import show_latent
 from service.scoring.worker import ScoreWorkers
 from service.store.engine import Store, open_store, upgrade
-from service.store.models import Campaign, Explanation, Job, LlmCall, Score
+from service.store.models import Campaign, Explanation, Job, Latent, LlmCall, Score
+from service.store.runs import register_run, register_sae
 
 
 def test_a_report_reads_one_campaign_and_names_it(store: Store, home: Path):
@@ -301,3 +302,51 @@ def test_a_worker_of_an_llm_free_study_needs_no_server(store_url: str):
     one_line_error(
         cli(store_url, "score", "--llm-url", dead), "campaign of another LLM (another-model"
     )
+
+
+def test_campaigns_downgrade_to_config_hashes_and_back(store: Store):
+    """Downgrading gives each campaign's jobs its config and a hash of their own (two LLMs
+    of one config stay two jobs per latent); upgrading again labels them as recorded before
+    campaigns."""
+    import sqlite3
+
+    from alembic import command
+    from sqlalchemy import text
+
+    from service.store.engine import alembic_config
+
+    job = {"explainers": ["llm"], "scorers": ["embedding"]}
+    with store.session() as session, session.begin():
+        run = register_run(
+            session,
+            "r",
+            subject_model="smollm2",
+            hookpoint="h",
+            dataset="embedded",
+            architecture="topk",
+            n_latents=2,
+            k=4,
+            seeds=[0],
+        )
+        register_sae(session, run, 0, n_latents=2, d_in=8)
+        ids = list(session.scalars(select(Latent.id)))
+        for model in ("a", "b"):
+            queue_jobs(session, ids, "explain", job, llm=LLMConfig(model=model))
+    with store.engine.connect() as connection:
+        if store.backend == "sqlite":
+            driver = connection.connection.driver_connection
+            assert isinstance(driver, sqlite3.Connection)
+            driver.execute("PRAGMA foreign_keys = OFF")
+        with connection.begin():
+            command.downgrade(alembic_config(connection), "0004")
+    with store.engine.connect() as connection:
+        rows = connection.execute(text("SELECT latent_id, config_hash, config FROM job")).all()
+    assert len(rows) == 4 and len({row.config_hash for row in rows}) == 2
+    store.dispose()
+    upgrade(store.url)
+    reopened = open_store(store.url)
+    with reopened.read_session() as session:
+        campaigns = session.scalars(select(Campaign)).all()
+        assert len(campaigns) == 2 and all(c.llm and "legacy" in c.llm for c in campaigns)
+        assert session.scalar(select(func.count()).select_from(Job)) == 4
+    reopened.dispose()

@@ -32,7 +32,7 @@ from service.store.engine import Store
 from service.store.matches import read_pair, store_match_pair
 from service.store.models import Example, Explanation, Job, Run, Sae, Score
 from service.store.runs import latent_ids, register_run, register_sae
-from service.store.windows import encode_window
+from service.store.windows import encode_window, version_for_added_windows
 
 HOOKPOINT = "model.layers.6.mlp"
 
@@ -80,6 +80,7 @@ def test_partners_follow_the_decoder_matching_in_cyclic_seed_order(store: Store)
                 session.add(
                     Example(
                         latent_id=latent_id,
+                        cache_version_id=version_for_added_windows(session, latent_id),
                         kind="top",
                         rank=0,
                         token_ids=tokens,

@@ -38,6 +38,7 @@ from service.store.queue import (
 )
 from service.store.runs import register_run, register_sae
 from service.store.sampling import queue_run
+from service.store.windows import version_for_added_windows
 
 
 def make_run(store: Store, n_latents: int = 20, name: str = "r") -> list[int]:
@@ -359,6 +360,7 @@ def add_corrupt_window(session: Session, latent_id: int) -> None:
     session.add(
         Example(
             latent_id=latent_id,
+            cache_version_id=version_for_added_windows(session, latent_id),
             kind="top",
             rank=99,
             token_ids=b"\x01\x02\x03",

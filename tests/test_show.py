@@ -18,7 +18,7 @@ from service.report.show import highlight, render_latent, show_latent
 from service.store.engine import Store, open_store, upgrade
 from service.store.models import Example, Latent, Run, Sae
 from service.store.runs import register_sae
-from service.store.windows import encode_window
+from service.store.windows import encode_window, version_for_added_windows
 
 AUTOINTERP = str(Path(sys.executable).with_name("autointerp"))
 CONTEXT = "def area(radius):\n    return 3.14 * radius ** 2"
@@ -41,6 +41,7 @@ def add_context(store: Store, tokenizer: Any, seed: int, index: int) -> list[str
         session.add(
             Example(
                 latent_id=latent_id,
+                cache_version_id=version_for_added_windows(session, latent_id),
                 kind="top",
                 rank=0,
                 token_ids=token_bytes,

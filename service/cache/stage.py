@@ -1,5 +1,6 @@
 """The `cache` stage: one model pass over a run's dataset with all its SAEs attached, then
-firing statistics and example windows for every latent written to the store at once."""
+firing statistics and example windows for every latent written to the store as a new cache
+version of the run (see `service.store.windows`), in bounded batches."""
 
 import hashlib
 import json
@@ -8,10 +9,8 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
-import numpy as np
 import torch
-from sqlalchemy import delete, insert, select
-from sqlalchemy.orm import Session
+from sqlalchemy import select
 
 from sae.architectures.base import encode
 from sae.checkpoint import load_sae
@@ -19,11 +18,28 @@ from sae.data import load_chunks
 from sae.errors import UserError
 from sae.latent_stats import CacheConfig, SaeLatentStats, collect_latent_stats
 from sae.subject_model import capture_activations, load_model
+from service.cache.writer import (
+    BATCH_ROWS,
+    batch_decoder,
+    check_free_disk,
+    estimated_bytes,
+    human_bytes,
+    windows_per_latent,
+    write_windows,
+)
 from service.progress import token_progress
 from service.store.engine import Store
-from service.store.models import Example, Latent, Sae
+from service.store.models import CacheVersion, Sae
 from service.store.runs import get_run, latent_ids, store_latent_stats
-from service.store.windows import encode_window
+from service.store.windows import (
+    cache_config_hash,
+    complete_cache_version,
+    count_windows,
+    delete_sae_windows,
+    find_cache_version,
+    latest_cache_version,
+    start_cache_version,
+)
 
 DENSE_FREQUENCY = 0.1
 
@@ -40,10 +56,19 @@ class SaeCacheSummary:
 
 @dataclass(frozen=True)
 class CacheSummary:
+    """What `cache_run` did. `written` False: a complete version of the same config was
+    already stored (`version`), nothing was read or written and `n_tokens` is None."""
+
     run: str
-    n_tokens: int
+    n_tokens: int | None
     tokens_asked: int
     saes: list[SaeCacheSummary]
+    version: int
+    newest_version: int
+
+    @property
+    def written(self) -> bool:
+        return self.n_tokens is not None
 
 
 def cache_run(
@@ -52,12 +77,20 @@ def cache_run(
     home: Path,
     config: CacheConfig,
     show_progress: bool = True,
+    announce: Callable[[str], None] | None = None,
 ) -> CacheSummary:
-    """Cache latent statistics and windows for every SAE of the run, resumably."""
+    """Cache latent statistics and windows for every SAE of the run as a new cache version,
+    resumably; a no-op when a complete version of the same config exists.
+
+    `announce` receives one line before the windows are written: their number, estimated
+    size and the room the store has."""
+    resolved = config.model_dump(mode="json")
     with store.read_session() as session:
         run = get_run(session, run_name)
         saes = list(session.scalars(select(Sae).where(Sae.run_id == run.id).order_by(Sae.seed)))
-        model_name, dataset, run_path = run.subject_model, run.dataset, run.path
+        model_name, dataset, run_path, run_id = run.subject_model, run.dataset, run.path, run.id
+        existing = find_cache_version(session, run_id, cache_config_hash(resolved))
+        newest = latest_cache_version(session, run_id)
     if not saes:
         raise UserError(f"run {run_name!r} has no trained SAEs: run `autointerp train` first")
     if config.window > config.chunk_len:
@@ -65,6 +98,21 @@ def cache_run(
             f"window of {config.window} tokens is longer than the chunk length "
             f"{config.chunk_len}: "
             "use a shorter --window or a longer --chunk-len"
+        )
+    if existing is not None and existing.completed_at is not None:
+        assert newest is not None
+        return CacheSummary(run_name, None, config.tokens, [], existing.version, newest.version)
+    n_windows = sum(sae.n_latents for sae in saes) * windows_per_latent(config)
+    room = check_free_disk(store, estimated_bytes(n_windows, config.window))
+    if existing is None:
+        with store.session() as session:
+            existing = start_cache_version(session, run_id, resolved)
+            session.commit()
+    version = existing
+    if announce is not None:
+        announce(
+            f"cache version {version.version} of run {run_name}: up to {n_windows:,} windows, "
+            f"about {human_bytes(estimated_bytes(n_windows, config.window))} ({room})"
         )
     hookpoints = {sae.hookpoint for sae in saes}
     weights = [load_sae(Path(str(sae.path))) for sae in saes]
@@ -92,13 +140,17 @@ def cache_run(
                 on_progress=update,
             )
         results.update(zip(members, stats, strict=True))
-    summaries = _write(store, saes, [results[i] for i in range(len(saes))], tokenizer)
+    ordered = [results[i] for i in range(len(saes))]
+    summaries = _write(store, version, saes, ordered, tokenizer, show_progress)
     for state_path in work_dir.glob(f"latent-cache-{state_key}-*.pt"):
         state_path.unlink()
     # The config it ran with, and the tokens the dataset really gave.
-    resolved = {**config.model_dump(), "tokens_read": int(chunks.numel())}
-    (work_dir / "cache_config.json").write_text(json.dumps(resolved, indent=2))
-    return CacheSummary(run_name, int(chunks.numel()), config.tokens, summaries)
+    (work_dir / "cache_config.json").write_text(
+        json.dumps({**resolved, "tokens_read": int(chunks.numel())}, indent=2)
+    )
+    return CacheSummary(
+        run_name, int(chunks.numel()), config.tokens, summaries, version.version, version.version
+    )
 
 
 def _hookpoint_activations(
@@ -114,9 +166,40 @@ def _state_key(saes: list[Sae], chunks: torch.Tensor, config: CacheConfig) -> st
 
 
 def _write(
-    store: Store, saes: list[Sae], results: list[SaeLatentStats], tokenizer: object
+    store: Store,
+    version: CacheVersion,
+    saes: list[Sae],
+    results: list[SaeLatentStats],
+    tokenizer: object,
+    show_progress: bool,
 ) -> list[SaeCacheSummary]:
-    """Replace every SAE's statistics and examples in one transaction."""
+    """Write each SAE's windows into the version in committed batches, then the latents'
+    statistics and the version's completion in one transaction. An SAE whose windows a
+    former, interrupted call wrote completely is kept; one it left half written is redone."""
+    decode = batch_decoder(tokenizer)
+    total = sum(len(stats.examples) for stats in results)
+    with token_progress("writing windows", unit="windows", show=show_progress) as update:
+        done = 0
+
+        def advance(rows: int) -> None:
+            nonlocal done
+            done += rows
+            update(done, total)
+
+        advance(0)
+        for sae_row, stats in zip(saes, results, strict=True):
+            expected = len(stats.examples)
+            with store.session() as session:
+                stored = count_windows(session, version.id, sae_row.id)
+                if stored not in (0, expected):
+                    delete_sae_windows(session, version.id, sae_row.id)
+                    session.commit()
+                ids = latent_ids(session, sae_row)
+            if stored == expected:
+                advance(expected)
+            else:
+                batches = stats.examples.batches(BATCH_ROWS)
+                write_windows(store, version.id, ids, batches, decode, on_rows=advance)
     summaries = []
     with store.session() as session:
         for sae_row, stats in zip(saes, results, strict=True):
@@ -125,7 +208,6 @@ def _write(
             store_latent_stats(
                 session, sae, stats.firing_count, stats.n_tokens, stats.max_activation
             )
-            n_examples = _write_examples(session, sae, stats, tokenizer)
             frequency = stats.firing_frequency
             summaries.append(
                 SaeCacheSummary(
@@ -134,41 +216,9 @@ def _write(
                     n_tokens=stats.n_tokens,
                     dead=int((stats.firing_count == 0).sum()),
                     dense=int((frequency > DENSE_FREQUENCY).sum()),
-                    n_examples=n_examples,
+                    n_examples=len(stats.examples),
                 )
             )
+        complete_cache_version(session, session.merge(version))
         session.commit()
     return summaries
-
-
-def _write_examples(session: Session, sae: Sae, stats: SaeLatentStats, tokenizer: object) -> int:
-    ids = latent_ids(session, sae)
-    session.execute(
-        delete(Example).where(
-            Example.latent_id.in_(select(Latent.id).where(Latent.sae_id == sae.id))
-        )
-    )
-    examples = stats.examples
-    decode = getattr(tokenizer, "decode")  # noqa: B009 - tokenizers are untyped here
-    rows = []
-    for row in range(len(examples.kind)):
-        token_bytes, activation_bytes = encode_window(
-            examples.token_ids[row], examples.activations[row]
-        )
-        rows.append(
-            {
-                "latent_id": int(ids[examples.latent[row]]),
-                "kind": examples.kind[row],
-                "quantile_bin": int(examples.quantile_bin[row])
-                if examples.quantile_bin[row] >= 0
-                else None,
-                "rank": int(examples.rank[row]),
-                "token_ids": token_bytes,
-                "activations": activation_bytes,
-                "max_activation": float(np.max(examples.activations[row])),
-                "text": str(decode(examples.token_ids[row].tolist())),
-            }
-        )
-    for start in range(0, len(rows), 5000):
-        session.execute(insert(Example), rows[start : start + 5000])
-    return len(rows)

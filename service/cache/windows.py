@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session
 
 from sae.subject_model import token_strings
 from service.store.models import Example, Latent, Run, Sae
-from service.store.windows import decode_window
+from service.store.windows import decode_window, latent_windows
 
 
 @dataclass(frozen=True)
@@ -128,12 +128,15 @@ def split_examples(
     return ExampleSplit(explain, positives, negatives)
 
 
-def load_latent_examples(session: Session, latent_id: int, tokenizer: Any) -> LatentExamples:
-    """A latent's stored windows, decoded with the subject model's tokenizer."""
+def load_latent_examples(
+    session: Session, latent_id: int, tokenizer: Any, cache_version_id: int | None = None
+) -> LatentExamples:
+    """A latent's stored windows of one cache version (by default its run's newest complete
+    one), decoded with the subject model's tokenizer."""
     rows = session.scalars(
-        select(Example)
-        .where(Example.latent_id == latent_id)
-        .order_by(Example.kind, Example.quantile_bin, Example.rank)
+        latent_windows(latent_id, cache_version_id).order_by(
+            Example.kind, Example.quantile_bin, Example.rank
+        )
     ).all()
     windows = []
     for row in rows:

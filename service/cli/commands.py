@@ -545,7 +545,20 @@ def cache_command(
         | {"quantile_bins": quantile_bins, "per_quantile_bin": per_quantile_bin}
         | {"negatives": negatives, "seed": seed},
     )
-    summary = cache_run(open_store(settings.db), run, settings.home, config)
+    summary = cache_run(
+        open_store(settings.db),
+        run,
+        settings.home,
+        config,
+        announce=lambda line: console.print(escape(line), highlight=False),
+    )
+    if summary.n_tokens is None:
+        console.print(
+            f"run {run} is already cached with this config as version {summary.version} "
+            f"(newest: {summary.newest_version}); nothing written",
+            highlight=False,
+        )
+        return
     if summary.n_tokens < summary.tokens_asked:
         console.print(
             f"[yellow]the dataset has only {summary.n_tokens:,} tokens in whole chunks; "

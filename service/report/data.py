@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
-from sqlalchemy import func, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from service.scorers import primary_metric
@@ -39,7 +39,6 @@ from service.store.engine import Store
 from service.store.matches import StoredPair, read_pair
 from service.store.models import (
     CONTROL_OWN,
-    Example,
     Explanation,
     Latent,
     Prediction,
@@ -49,6 +48,7 @@ from service.store.models import (
 )
 from service.store.runs import get_run
 from service.store.scores import latest_explanations, latest_scores
+from service.store.windows import count_windows, latest_cache_version
 
 
 @dataclass
@@ -408,19 +408,8 @@ def load_run_data(store: Store, run_name: str, campaign_id: int | None = None) -
         if campaign is not None and sae_ids:
             explanations = _load_explanations(session, campaign.id, sae_ids, keys)
             scores = _load_scores(session, campaign.id, sae_ids, keys)
-        n_examples = (
-            int(
-                session.scalar(
-                    select(func.count())
-                    .select_from(Example)
-                    .join(Latent, Latent.id == Example.latent_id)
-                    .where(Latent.sae_id.in_(sae_ids))
-                )
-                or 0
-            )
-            if sae_ids
-            else 0
-        )
+        cache_version = latest_cache_version(session, run.id)
+        n_examples = count_windows(session, cache_version.id) if cache_version else 0
         info = RunInfo(
             run.name,
             run.subject_model,

@@ -31,7 +31,7 @@ from service.store.matches import read_pair
 from service.store.models import Example, Explanation, Latent, Run, Sae
 from service.store.runs import get_run
 from service.store.scores import LatestScore, latest_explanations, latest_scores
-from service.store.windows import decode_window
+from service.store.windows import decode_window, latent_windows
 
 DEFAULT_CONTEXTS = 5
 # Background colours from weak to strong activation (fraction of the latent's maximum).
@@ -189,8 +189,8 @@ def _contexts(
     session: Session, latent_id: int, tokenizer: Callable[[], Any], n_contexts: int
 ) -> list[Context]:
     rows = session.scalars(
-        select(Example)
-        .where(Example.latent_id == latent_id, Example.kind == "top")
+        latent_windows(latent_id)
+        .where(Example.kind == "top")
         .order_by(Example.rank)
         .limit(n_contexts)
     ).all()

@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session
 
 from service.store.matches import read_pair
 from service.store.models import Example, Latent, Sae
+from service.store.windows import latent_windows
 
 # Draws of a random other latent before the control gives up (dead latents have no windows).
 CONTROL_DRAWS = 20
@@ -24,8 +25,9 @@ CONTROL_DRAWS = 20
 def _fires(session: Session, latent_id: int) -> bool:
     """Whether the latent has an activating top window to be explained from."""
     firing = session.scalar(
-        select(Example.id)
-        .where(Example.latent_id == latent_id, Example.kind == "top", Example.max_activation > 0)
+        latent_windows(latent_id)
+        .with_only_columns(Example.id)
+        .where(Example.kind == "top", Example.max_activation > 0)
         .limit(1)
     )
     return firing is not None

@@ -153,14 +153,42 @@ class Match(Base):
     agree: Mapped[bool] = mapped_column(Boolean)
 
 
+class CacheVersion(Base):
+    """One `cache` of a run under one resolved cache config: the windows it wrote point to it.
+
+    `version` counts 1, 2, ... per run. `config` and `config_hash` are NULL for windows
+    written before versions were recorded (migration 0004) or added by hand: their config
+    is unknown. `completed_at` is NULL while the windows are still being written; readers
+    only see complete versions."""
+
+    __tablename__ = "cache_version"
+    __table_args__ = (UniqueConstraint("run_id", "version"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("run.id", ondelete="CASCADE"), index=True)
+    version: Mapped[int]
+    config: Mapped[dict[str, Any] | None] = mapped_column(
+        JSON(none_as_null=True).with_variant(JSONB(none_as_null=True), "postgresql")
+    )
+    config_hash: Mapped[str | None] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    completed_at: Mapped[datetime | None] = mapped_column(DateTime)
+
+
 class Example(Base):
     """A window of tokens with the latent's activation on each (see `results.encode_window`)."""
 
     __tablename__ = "example"
-    __table_args__ = (Index("ix_example_latent_id_kind", "latent_id", "kind"),)
+    __table_args__ = (
+        Index("ix_example_latent_id_kind", "latent_id", "kind"),
+        Index("ix_example_cache_version_id", "cache_version_id"),
+    )
 
     id: Mapped[int] = mapped_column(primary_key=True)
     latent_id: Mapped[int] = mapped_column(ForeignKey("latent.id", ondelete="CASCADE"))
+    cache_version_id: Mapped[int] = mapped_column(
+        ForeignKey("cache_version.id", ondelete="CASCADE")
+    )
     kind: Mapped[str] = mapped_column(String(20))
     quantile_bin: Mapped[int | None]
     rank: Mapped[int]

@@ -10,7 +10,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 from rich.console import Console
-from sqlalchemy import func, select
 
 from sae.train import TrainProgress, cache_activations, train
 from service.cache.stage import cache_run
@@ -21,8 +20,7 @@ from service.scoring.worker import run_score
 from service.store.engine import Store, open_store, upgrade
 from service.store.imported import record_import
 from service.store.matches import matching_recorded, record_matching
-from service.store.models import Example, Latent, Sae
-from service.store.runs import get_run, record_training
+from service.store.runs import record_training
 from service.store.sampling import queue_run
 from service.study.config import StudyConfig
 
@@ -108,24 +106,12 @@ def _match(study: StudyConfig, store: Store, announce: Announce) -> None:
 
 
 def _cache(study: StudyConfig, store: Store, home: Path, announce: Announce) -> None:
-    with store.read_session() as session:
-        run = get_run(session, study.name)
-        sae_ids = select(Sae.id).where(Sae.run_id == run.id)
-        missing = session.scalar(
-            select(func.count())
-            .select_from(Latent)
-            .where(Latent.sae_id.in_(sae_ids), Latent.firing_count.is_(None))
-        )
-        examples = session.scalar(
-            select(func.count())
-            .select_from(Example)
-            .join(Latent, Latent.id == Example.latent_id)
-            .where(Latent.sae_id.in_(sae_ids))
-        )
-    if not missing and examples:
-        announce("cache", f"already stored ({examples:,} example windows)")
+    summary = cache_run(
+        store, study.name, home, study.cache, announce=lambda line: announce("cache", line)
+    )
+    if not summary.written:
+        announce("cache", f"already stored (cache version {summary.version})")
         return
-    summary = cache_run(store, study.name, home, study.cache)
     dead = sum(s.dead for s in summary.saes)
     announce(
         "cache",

@@ -10,7 +10,7 @@ explanations by one explainer in one of those campaigns, the newest keeps the ca
 the older ones keep no campaign; nothing is deleted.
 
 Revision ID: 0005
-Revises: 0003
+Revises: 0004
 Create Date: 2026-12-01
 """
 
@@ -22,7 +22,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0005"
-down_revision: str | None = "0003"
+down_revision: str | None = "0004"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
@@ -145,4 +145,49 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    raise NotImplementedError("campaigns cannot be folded back into config hashes")
+    """Back to jobs keyed by a config hash: each campaign's key stands in for it (so two
+    campaigns of one config and two LLMs stay two jobs), its config goes back on the jobs."""
+    for table in ("job", "explanation"):
+        with op.batch_alter_table(table) as batch:
+            batch.add_column(sa.Column("config_hash", sa.String(64), nullable=True))
+    with op.batch_alter_table("job") as batch:
+        batch.add_column(sa.Column("config", JSON_TYPE, nullable=True))
+    connection = op.get_bind()
+    connection.execute(
+        sa.text(
+            "UPDATE job SET "
+            "config_hash = (SELECT substr(c.key, 1, 16) FROM campaign c "
+            "WHERE c.id = job.campaign_id), "
+            "config = (SELECT c.config FROM campaign c WHERE c.id = job.campaign_id)"
+        )
+    )
+    connection.execute(
+        sa.text(
+            "UPDATE explanation SET config_hash = COALESCE("
+            "(SELECT substr(c.key, 1, 16) FROM campaign c "
+            "WHERE c.id = explanation.campaign_id), "
+            "(SELECT j.config_hash FROM job j WHERE j.id = explanation.job_id), 'unknown')"
+        )
+    )
+    with op.batch_alter_table("job") as batch:
+        batch.drop_constraint("uq_job_latent_id_stage_campaign_id", type_="unique")
+        batch.drop_index("ix_job_campaign_id")
+        batch.drop_constraint("fk_job_campaign_id_campaign", type_="foreignkey")
+        batch.drop_column("campaign_id")
+        batch.alter_column("config_hash", existing_type=sa.String(64), nullable=False)
+        batch.alter_column("config", existing_type=JSON_TYPE, nullable=False)
+        batch.create_unique_constraint(
+            "uq_job_latent_id_stage_config_hash", ["latent_id", "stage", "config_hash"]
+        )
+    with op.batch_alter_table("explanation") as batch:
+        batch.drop_constraint("uq_explanation_campaign_id_latent_id_explainer", type_="unique")
+        batch.drop_index("ix_explanation_campaign_id")
+        batch.drop_constraint("fk_explanation_campaign_id_campaign", type_="foreignkey")
+        batch.drop_column("campaign_id")
+        batch.alter_column("config_hash", existing_type=sa.String(64), nullable=False)
+    for table in ("score", "llm_call"):
+        with op.batch_alter_table(table) as batch:
+            batch.drop_index(f"ix_{table}_campaign_id")
+            batch.drop_constraint(f"fk_{table}_campaign_id_campaign", type_="foreignkey")
+            batch.drop_column("campaign_id")
+    op.drop_table("campaign")
