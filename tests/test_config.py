@@ -100,10 +100,9 @@ def test_study_sections_are_the_stage_configs():
 # --- the layout --------------------------------------------------------------------------
 
 # What every stage may use: the configs, the store, the progress bar and the cancel-on-failure
-# gather. The explainer and
-# scorer registries are the score stage's plugins, so they count as that stage; every other
-# package under service/ (cache, llm, report, ...) is a stage of its own. Only `study` and
-# the CLI see them all.
+# gather. The explainer and scorer registries are the score stage's plugins, so they count as
+# that stage; every other package under service/ (cache, llm, report, ...) is a stage of its
+# own. Only `study` and the CLI see them all.
 INFRASTRUCTURE = {"config", "store", "progress", "concurrency"}
 STAGE_OF = {"explainers": "scoring", "scorers": "scoring"}
 
