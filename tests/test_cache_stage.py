@@ -121,9 +121,7 @@ def score_with_predictions(store: Store, example_ids: list[int]) -> int:
     with store.session() as session, session.begin():
         latent_id = session.scalar(select(Example.latent_id).where(Example.id == example_ids[0]))
         assert latent_id is not None
-        explanation = Explanation(
-            latent_id=latent_id, explainer="e", model="m", config_hash="h", text="t"
-        )
+        explanation = Explanation(latent_id=latent_id, explainer="e", model="m", text="t")
         session.add(explanation)
         session.flush()
         score = Score(
