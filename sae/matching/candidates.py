@@ -1,17 +1,17 @@
 """Candidate search for the sparse solver: each row's and each column's k most similar partners.
 
-One pass over the cosine matrix `a @ b.T`, `block_rows` rows of `a` at a time. The first block
-is computed in float32. The others are scanned at lower precision where that is faster (bfloat16
-on CPU, whose AMX / AVX-512 BF16 units run it several times faster than float32; float32 on
-CUDA, where float32 is fast already): a scanned value differs from the float32 cosine by at
-most `err` (`scan_error`, from the rounding of the inputs, of the sums and of the result), so
-every entry that could be among a row's or a column's float32 top-k is kept with that margin
-and rescored in float32. The candidates and their cosines are therefore those of a float32
-scan: the margin can add work, never drop a true candidate.
+Rows' candidates come from one pass over the cosine matrix `a @ b.T`, `block_rows` rows at a
+time; columns' from the same pass over `b @ a.T`. The blocks are scanned at lower precision
+where that is faster: bfloat16 on CPU, whose AMX / AVX-512 BF16 units run it several times
+faster than float32; float32 on CUDA, where float32 is fast already. A scanned value differs
+from the float32 cosine by a proven amount (`scan_error`: the rounding of the inputs, of the
+sums and of the result). Each row's 2k best scanned entries are rescored in float32; a row
+whose k best cosines might lie off that list, by that bound, is redone from every entry that
+could reach them. The candidates and their cosines are therefore those of a float32 scan: the
+margin can add work, never drop a true candidate.
 
-Only a few passes touch a whole block: the matrix product, and one maximum over groups of
-columns (for the rows) and one over groups of rows (for the columns). Everything after that
-works on the groups that can hold a candidate.
+Only two passes touch a whole block: the matrix product and a maximum over groups of columns;
+everything after works on the few groups that can hold a row's best entries.
 """
 
 from __future__ import annotations
@@ -25,10 +25,10 @@ import torch
 Progress = Callable[[str, int, int], None]
 """Called as progress(stage, done, total) while work is done."""
 
-# Columns (for a row's top-k) and rows (for a column's) are grouped by this many for the
-# maxima that decide which entries are looked at one by one.
+# Columns are grouped by this many for the maxima that decide which entries of a row are
+# looked at one by one.
 GROUP = 8
-# Scanned lists of LIST_FACTOR * k entries per row and column are rescored in float32.
+# Scanned lists of LIST_FACTOR * k entries per row are rescored in float32.
 LIST_FACTOR = 2
 RESCORE_CHUNK = 1 << 16
 # Rows (or columns) redone from the scan at a time when their list may miss a top-k entry.
@@ -166,158 +166,91 @@ def _line_top(
     return ids, best, members[first[:, None] + index]
 
 
-class CandidateSearch:
-    """The running state of one pass: each row's top-k as its block finishes, each column's
-    scanned top list so far (rescored, and its top-k kept, at the end)."""
+class RowSearch:
+    """One pass over `a @ b.T` keeping each row's k best columns; rows are final as soon as
+    their block is done."""
 
     def __init__(
-        self,
-        a: torch.Tensor,
-        b: torch.Tensor,
-        k: int,
-        device: torch.device,
-        dtype: torch.dtype,
-        columns: bool = True,
+        self, a: torch.Tensor, b: torch.Tensor, k: int, device: torch.device, dtype: torch.dtype
     ):
         self.a, self.b = a.to(device), b.to(device)
         p, q = a.shape[0], b.shape[0]
-        self.k_row, self.k_col = min(k, q), min(k, p) if columns else 0
-        # Scanned lists longer than k, so that a line's k best float32 cosines are almost
-        # always among them (checked per line; a line where they may not be is redone).
-        self.row_list = min(q, LIST_FACTOR * k)
-        self.col_list = min(p, LIST_FACTOR * k) if columns else 0
+        self.k = min(k, q)
+        # A scanned list longer than k, so that a row's k best float32 cosines are almost
+        # always in it (checked per row; a row where they may not be is redone).
+        self.list = min(q, LIST_FACTOR * k)
         self.scan_a, self.scan_b = self.a.to(dtype), self.b.to(dtype)
         self.err = scan_error(self.a, self.b, self.scan_a, self.scan_b)
-        self.row_cols = torch.empty((p, self.k_row), dtype=torch.int64)
-        self.row_vals = torch.empty((p, self.k_row))
-        self.col_rows = torch.full((self.col_list, q), -1, dtype=torch.int64, device=device)
-        self.col_scanned = torch.full((self.col_list, q), -torch.inf, device=device)
-        self.rows_seen = 0
-        self.col_group = GROUP if q % GROUP == 0 and q // GROUP >= self.row_list else 1
-        self.redone_rows = 0
-        self.redone_cols = 0
+        self.cols = torch.empty((p, self.k), dtype=torch.int64)
+        self.vals = torch.empty((p, self.k))
+        self.group = GROUP if q % GROUP == 0 and q // GROUP >= self.list else 1
+        self.redone = 0
 
     def block(self, start: int, block: torch.Tensor) -> None:
-        self._rows(start, block)
-        if self.col_list:
-            self._columns(start, block)
-        self.rows_seen += block.shape[0]
-
-    def _rows(self, start: int, block: torch.Tensor) -> None:
         count, q = block.shape
-        # The best `row_list` groups of columns hold the row's `row_list` best scanned entries.
-        width = q // self.col_group
-        group_max = block.view(count, self.col_group, width).amax(dim=1)
-        _, groups = group_max.float().topk(self.row_list, dim=1)
-        spread = torch.arange(self.col_group, device=block.device) * width
+        # The best `list` groups of columns hold the row's `list` best scanned entries.
+        width = q // self.group
+        group_max = block.view(count, self.group, width).amax(dim=1)
+        _, groups = group_max.float().topk(self.list, dim=1)
+        spread = torch.arange(self.group, device=block.device) * width
         cols = (groups[:, :, None] + spread).reshape(count, -1)
-        scanned, position = block.gather(1, cols).float().topk(self.row_list, dim=1)
+        scanned, position = block.gather(1, cols).float().topk(self.list, dim=1)
         cols = cols.gather(1, position)
         true = _pair_dots(self.b, cols, self.a[start : start + count])
-        vals, index = true.topk(self.k_row, dim=1)
+        vals, index = true.topk(self.k, dim=1)
         kept = cols.gather(1, index)
-        if self.row_list < q:
+        if self.list < q:
             # An entry off the list was scanned <= the list's last; if that can still reach
             # the k-th best rescored cosine, the row is redone from every entry that can.
             cut = self.err.lower(vals[:, -1])
             unsure = torch.nonzero(scanned[:, -1] >= cut).flatten()
             if unsure.numel():
-                self.redone_rows += unsure.numel()
-                lines, hit = self._entries_at_least(block, unsure, cut[unsure])
+                self.redone += unsure.numel()
+                lines, hit = _entries_at_least(block, unsure, cut[unsure])
                 values = _dots(self.a, self.b, lines + start, hit)
-                ids, best, members = _line_top(lines, hit, values, self.k_row)
+                ids, best, members = _line_top(lines, hit, values, self.k)
                 vals[ids], kept[ids] = best, members
-        self.row_vals[start : start + count] = vals.cpu()
-        self.row_cols[start : start + count] = kept.cpu()
+        self.vals[start : start + count] = vals.cpu()
+        self.cols[start : start + count] = kept.cpu()
 
-    @staticmethod
-    def _entries_at_least(
-        block: torch.Tensor, rows: torch.Tensor, cut: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(row, column) of the entries of the given block rows at or above each row's cut,
-        in row order, a few rows at a time (a float copy of many whole rows would be large)."""
-        found_rows, found_cols = [], []
-        for start in range(0, rows.shape[0], REDO_CHUNK):
-            part = rows[start : start + REDO_CHUNK]
-            lines = block.index_select(0, part).float()
-            hit_row, hit_col = torch.nonzero(lines >= cut[start : start + REDO_CHUNK, None]).T
-            found_rows.append(part[hit_row])
-            found_cols.append(hit_col)
-        return torch.cat(found_rows), torch.cat(found_cols)
 
-    def _columns(self, start: int, block: torch.Tensor) -> None:
-        count, q = block.shape
-        if self.rows_seen < self.col_list:
-            # Until every column's list is full, everything may enter: merge densely.
-            top = min(self.col_list, count)
-            new_vals, new_rows = block.float().topk(top, dim=0)
-            all_vals = torch.cat([self.col_scanned, new_vals])
-            all_rows = torch.cat([self.col_rows, new_rows + start])
-            self.col_scanned, position = all_vals.topk(self.col_list, dim=0)
-            self.col_rows = all_rows.gather(0, position)
-            return
-        # Only entries above a column's current last can enter; rows are grouped by their
-        # maximum first, so the entries looked at one by one are few. Hits come out in column
-        # order (the transposed mask), as the merge needs them.
-        group = GROUP if count % GROUP == 0 else 1
-        height = count // group
-        group_max = block.view(group, height, q).amax(dim=0)
-        floor = self.col_scanned[-1]
-        hit_col, hit_group = torch.nonzero((group_max.float() > floor).T).T
-        if hit_col.numel() == 0:
-            return
-        local = (hit_group[:, None] + torch.arange(group, device=block.device) * height).reshape(-1)
-        cols = hit_col.repeat_interleave(group)
-        values = block[local, cols].float()
-        enter = values > floor[cols]
-        self._merge_columns(local[enter] + start, cols[enter], values[enter])
+def _entries_at_least(
+    block: torch.Tensor, rows: torch.Tensor, cut: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row, column) of the entries of the given block rows at or above each row's cut, in
+    row order, a few rows at a time (a float copy of many whole rows would be large)."""
+    found_rows, found_cols = [], []
+    for start in range(0, rows.shape[0], REDO_CHUNK):
+        part = rows[start : start + REDO_CHUNK]
+        lines = block.index_select(0, part).float()
+        hit_row, hit_col = torch.nonzero(lines >= cut[start : start + REDO_CHUNK, None]).T
+        found_rows.append(part[hit_row])
+        found_cols.append(hit_col)
+    return torch.cat(found_rows), torch.cat(found_cols)
 
-    def _merge_columns(self, rows: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor) -> None:
-        """Fold scanned entries (rows, cols, vals), sorted by column, into each column's list:
-        one line per touched column, its list followed by its new entries (-inf padded), and
-        a top-k of each line."""
-        size = self.col_list
-        touched, counts = torch.unique_consecutive(cols, return_counts=True)
-        first = torch.cumsum(counts, 0) - counts
-        slot = torch.repeat_interleave(torch.arange(touched.shape[0], device=cols.device), counts)
-        position = size + torch.arange(cols.shape[0], device=cols.device) - first[slot]
-        width = size + int(counts.max())
-        line_vals = torch.full((touched.shape[0], width), -torch.inf, device=vals.device)
-        line_rows = torch.full_like(line_vals, -1, dtype=torch.int64)
-        line_vals[:, :size] = self.col_scanned[:, touched].T
-        line_rows[:, :size] = self.col_rows[:, touched].T
-        line_vals[slot, position] = vals
-        line_rows[slot, position] = rows
-        best, index = line_vals.topk(size, dim=1)
-        self.col_scanned[:, touched] = best.T
-        self.col_rows[:, touched] = line_rows.gather(1, index).T
 
-    def result(self) -> Candidates:
-        """Rescore the columns' lists and keep each column's k best; redo the columns whose
-        k best may lie off their list."""
-        p, q = self.a.shape[0], self.b.shape[0]
-        col_vals = torch.empty((self.k_col, q), device=self.a.device)
-        col_rows = torch.empty((self.k_col, q), dtype=torch.int64, device=self.a.device)
-        step = max(1, RESCORE_CHUNK // max(self.col_list, 1))
-        for start in range(0, q if self.col_list else 0, step):
-            members = self.col_rows[:, start : start + step].T
-            true = _pair_dots(self.a, members, self.b[start : start + step])
-            vals, index = true.topk(self.k_col, dim=1)
-            col_vals[:, start : start + step] = vals.T
-            col_rows[:, start : start + step] = members.gather(1, index).T
-        if 0 < self.col_list < p:
-            cut = self.err.lower(col_vals[-1])
-            unsure = torch.nonzero(self.col_scanned[-1] >= cut).flatten()
-            self.redone_cols = unsure.numel()
-            for start in range(0, unsure.shape[0], REDO_CHUNK):
-                part = unsure[start : start + REDO_CHUNK]
-                lines = (self.scan_b.index_select(0, part) @ self.scan_a.T).float()
-                hit_line, hit_row = torch.nonzero(lines >= cut[part, None]).T
-                values = _dots(self.a, self.b, hit_row, part[hit_line])
-                ids, best, members = _line_top(hit_line, hit_row, values, self.k_col)
-                col_vals[:, part[ids]], col_rows[:, part[ids]] = best.T, members.T
-        cpu = torch.device("cpu")
-        return Candidates(self.row_cols, self.row_vals, col_rows.to(cpu), col_vals.to(cpu))
+def row_candidates(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    k: int,
+    block_rows: int = 1024,
+    progress: Progress | None = None,
+    stage: str = "candidates",
+    device: torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    done_before: int = 0,
+    total: int | None = None,
+) -> RowSearch:
+    """Each row's k best partners by float32 cosine, in one pass over `a @ b.T`. `device`
+    and the scan's `dtype` default to the GPU if any and `scan_dtype`; the answer is the
+    same for any."""
+    device = device or scan_device()
+    search = RowSearch(a, b, k, device, dtype or scan_dtype(device))
+    total = total or a.shape[0]
+    for start, block in cosine_blocks(search.scan_a, search.scan_b, block_rows):
+        search.block(start, block)
+        report(progress, stage, done_before + start + block.shape[0], total)
+    return search
 
 
 def top_candidates(
@@ -329,15 +262,11 @@ def top_candidates(
     stage: str = "candidates",
     device: torch.device | None = None,
     dtype: torch.dtype | None = None,
-    columns: bool = True,
 ) -> Candidates:
-    """One pass over the cosine matrix, block by block, keeping each row's and (unless not
-    `columns`) each column's k best partners by float32 cosine. `device` and the scan's
-    `dtype` default to the GPU if any and `scan_dtype`; the answer is the same for any."""
-    device = device or scan_device()
-    search = CandidateSearch(a, b, k, device, dtype or scan_dtype(device), columns)
-    p = a.shape[0]
-    for start, block in cosine_blocks(search.scan_a, search.scan_b, block_rows):
-        search.block(start, block)
-        report(progress, stage, start + block.shape[0], p)
-    return search.result()
+    """Each row's and each column's k best partners by float32 cosine: a pass over the rows
+    of `a @ b.T`, then one over the rows of `b @ a.T` (a second product costs less than
+    merging every block into the columns' lists)."""
+    total = a.shape[0] + b.shape[0]
+    rows = row_candidates(a, b, k, block_rows, progress, stage, device, dtype, 0, total)
+    cols = row_candidates(b, a, k, block_rows, progress, stage, device, dtype, a.shape[0], total)
+    return Candidates(rows.cols, rows.vals, cols.cols.T.contiguous(), cols.vals.T.contiguous())

@@ -32,7 +32,14 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from scipy.sparse.csgraph import min_weight_full_bipartite_matching
 
-from sae.matching.candidates import Candidates, Progress, cosine_blocks, report, top_candidates
+from sae.matching.candidates import (
+    Candidates,
+    Progress,
+    cosine_blocks,
+    report,
+    row_candidates,
+    top_candidates,
+)
 
 try:
     import lap
@@ -322,16 +329,15 @@ def _widen(
 ) -> tuple[Edges, np.ndarray]:
     """The `size` best partners in `b` of the given rows of `a`, as edges (row of `a`,
     partner in `b`), and each line's new cutoff (the size-th best; -inf when all were kept)."""
-    found = top_candidates(
-        a[torch.from_numpy(lines)], b, size, block_rows, dtype=dtype, columns=False
-    )
-    width = found.row_cols.shape[1]
+    found = row_candidates(a[torch.from_numpy(lines)], b, size, block_rows, dtype=dtype)
+    width = found.cols.shape[1]
     edges = Edges(
         np.repeat(lines, width),
-        found.row_cols.reshape(-1).numpy(),
-        found.row_vals.reshape(-1).double().numpy(),
+        found.cols.reshape(-1).numpy(),
+        found.vals.reshape(-1).double().numpy(),
     )
-    return edges, found.row_cutoff(b.shape[0])
+    cut = found.vals[:, -1].double().numpy() if width < b.shape[0] else np.full(lines.size, -np.inf)
+    return edges, cut
 
 
 def assign_sparse(
@@ -342,13 +348,16 @@ def assign_sparse(
     progress: Progress | None = None,
     stage: str = "sparse",
     dtype: torch.dtype | None = None,
-    widen_rounds: int = WIDEN_ROUNDS,
+    widen_rounds: int | None = None,
 ) -> Assignment:
     """Optimal assignment within a candidate graph, with a bound on the gap to the dense
     optimum. The graph starts as every row's and column's top-k; where the bound cannot
     prove the answer, the lists of the rows and columns in the way are made WIDEN_FACTOR
-    times longer and the graph solved again, up to `widen_rounds` times. `dtype` is the
-    candidate scan's (`sae.matching.candidates`); the graph is the same for any."""
+    times longer and the graph solved again, up to `widen_rounds` (WIDEN_ROUNDS) times.
+    `dtype` is the candidate scan's (`sae.matching.candidates`); the graph is the same for
+    any."""
+    if widen_rounds is None:
+        widen_rounds = WIDEN_ROUNDS
     started = time.perf_counter()
     p, q = a.shape[0], b.shape[0]
     cand = top_candidates(a, b, k, block_rows, progress, f"{stage} candidates", dtype=dtype)
