@@ -29,7 +29,6 @@ from typing import Any
 import torch
 import typer
 from rich.console import Console
-from rich.table import Table
 
 from sae.checkpoint import SaeWeights
 from sae.matching import MatchConfig, match_saes, shared_mask
@@ -84,6 +83,7 @@ def run_match(n: int, shared: float, solver: str, candidates: int) -> dict[str, 
         "peak_rss_gib": peak_rss_gib(),
         "rss_before_gib": before,
         "summary": result.summary.model_dump(),
+        "decoder_partner": result.decoder.partner.tolist(),
     }
 
 
@@ -143,55 +143,56 @@ def main(
     shared: float = typer.Option(0.5, help="fraction of B's directions taken from A"),
     candidates: int = typer.Option(32, help="sparse solver top-k"),
     solver: str = typer.Option("auto", help="solver of the timed matching"),
+    float32_check: bool = typer.Option(
+        True, help="also solve on candidates from a float32 scan (slow: 4 float32 passes)"
+    ),
 ) -> None:
-    """Print match's time per phase, peak RSS and agreement, with same-run baselines."""
+    """Print match's time per phase, peak RSS and agreement, with same-run baselines; each
+    line as soon as it is measured, quickest first."""
     console.print(
         f"synthetic SAEs, d={D_IN}: B = A's decoder directions permuted with noise for "
         f"{shared:.0%} of latents, fresh random directions for the rest; "
         f"{torch.get_num_threads()} torch threads, {os.cpu_count()} CPUs"
     )
-    console.print(f"uptime at the start: {uptime()}")
-    table = Table("measure", "value", title="matching")
-    main_run = in_process(run_match, size, shared, solver, candidates)
-    summary = main_run["summary"]
-    table.add_row(
-        f"{size:,} latents: match --solver {solver} (decoder + encoder)",
-        f"{main_run['seconds']:.1f} s ({main_run['cpu_seconds']:.0f} CPU s), "
-        f"peak RSS {main_run['peak_rss_gib']:.2f} GiB (inputs {main_run['rss_before_gib']:.2f})",
-    )
-    for phase, seconds in summary["phase_seconds"].items():
-        table.add_row(f"  {phase}", f"{seconds:.1f} s")
-    table.add_row("  solver / shared", f"{summary['solver']} / {_percent(summary)}")
-    table.add_row(
-        "  proven gap bound (decoder / encoder)",
-        f"{summary['gap_bound_decoder']:.3g} / {summary['gap_bound_encoder']:.3g} of "
-        f"{summary['objective_decoder']:,.1f} / {summary['objective_encoder']:,.1f}",
-    )
-    console.print(f"uptime after {size:,}: {uptime()}")
+    console.print(f"start: {uptime()}")
     bare = in_process(run_row_maxima, baseline_size, shared)
     fast = in_process(run_match, baseline_size, shared, solver, candidates)
-    table.add_row(
-        f"{baseline_size:,}: bare float32 row maxima, both matrices", f"{bare['seconds']:.1f} s"
-    )
-    table.add_row(
-        f"{baseline_size:,}: match --solver {solver}",
-        f"{fast['seconds']:.1f} s = {fast['seconds'] / bare['seconds']:.2f}x the bare pass",
-    )
-    reference = in_process(run_float32_candidates, baseline_size, shared, candidates)
-    table.add_row(
-        f"{baseline_size:,}: shared, match / sparse on float32-scan candidates",
-        f"{_percent(fast['summary'])} / {100 * reference['shared_fraction']:.3f}% "
-        f"({reference['seconds']:.1f} s)",
+    console.print(
+        f"{baseline_size:,} latents: bare float32 row maxima of both matrices "
+        f"{bare['seconds']:.1f} s; match --solver {solver} {fast['seconds']:.1f} s = "
+        f"{fast['seconds'] / bare['seconds']:.2f}x the bare pass; {_phases(fast)}; {uptime()}"
     )
     exact = in_process(run_match, exact_size, shared, "exact", candidates)
     auto = in_process(run_match, exact_size, shared, solver, candidates)
-    table.add_row(
-        f"{exact_size:,}: shared, match --solver {solver} / exact",
-        f"{_percent(auto['summary'])} / {_percent(exact['summary'])} "
-        f"({auto['seconds']:.1f} s / {exact['seconds']:.1f} s)",
+    console.print(
+        f"{exact_size:,} latents: match --solver {solver} {auto['seconds']:.1f} s "
+        f"({auto['summary']['solver']}), exact {exact['seconds']:.1f} s; shared "
+        f"{_percent(auto['summary'])} / {_percent(exact['summary'])}, decoder partners equal: "
+        f"{auto['decoder_partner'] == exact['decoder_partner']}; {uptime()}"
     )
-    console.print(table)
-    console.print(f"uptime at the end: {uptime()}")
+    main_run = in_process(run_match, size, shared, solver, candidates)
+    console.print(
+        f"{size:,} latents: match --solver {solver} {main_run['seconds']:.1f} s "
+        f"({main_run['cpu_seconds']:.0f} CPU s), peak RSS {main_run['peak_rss_gib']:.2f} GiB "
+        f"(inputs {main_run['rss_before_gib']:.2f}); {_phases(main_run)}; {uptime()}"
+    )
+    if float32_check:
+        reference = in_process(run_float32_candidates, baseline_size, shared, candidates)
+        console.print(
+            f"{baseline_size:,} latents: shared {_percent(fast['summary'])} (match) / "
+            f"{100 * reference['shared_fraction']:.3f}% (sparse on float32-scan candidates, "
+            f"{reference['seconds']:.1f} s); {uptime()}"
+        )
+
+
+def _phases(run: dict[str, Any]) -> str:
+    summary = run["summary"]
+    phases = ", ".join(f"{name} {t:.1f} s" for name, t in summary["phase_seconds"].items())
+    return (
+        f"{phases}; solver {summary['solver']}, shared {_percent(summary)}, gap bound "
+        f"{summary['gap_bound_decoder']:.3g} / {summary['gap_bound_encoder']:.3g} of "
+        f"{summary['objective_decoder']:,.1f} / {summary['objective_encoder']:,.1f}"
+    )
 
 
 def _percent(summary: dict[str, Any]) -> str:
