@@ -1,7 +1,7 @@
 """Benchmark of latent matching, every number against a baseline measured in the same run.
 
-    python bench/match.py                       # 131,072 latents; baselines at 32,768 and 8,192
-    python bench/match.py --size 32768 --baseline-size 8192 --exact-size 4096   # quicker
+    python -m bench.match                       # 131,072 latents; baselines at 32,768 and 8,192
+    python -m bench.match --size 32768 --baseline-size 8192 --exact-size 4096   # quicker
 
 Printed: the wall time of each phase of `match` (decoder + encoder; candidates, solve, bound)
 and its peak RSS at `--size`; at `--baseline-size`, a bare float32 pass that computes only the
