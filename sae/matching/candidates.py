@@ -80,7 +80,9 @@ class ScanError:
         rounded = torch.where(
             least_sum >= 0, least_sum * (1 - self.unit), least_sum * (1 + self.unit)
         )
-        return rounded.to(cosine.dtype).nextafter(torch.tensor(-torch.inf, dtype=cosine.dtype))
+        narrowed = rounded.to(cosine.dtype)
+        # One step further down covers the rounding of the float64 result to float32.
+        return narrowed.nextafter(torch.full_like(narrowed, -torch.inf))
 
 
 def scan_error(
