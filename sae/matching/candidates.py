@@ -84,6 +84,12 @@ class ScanError:
         # One step further down covers the rounding of the float64 result to float32.
         return narrowed.nextafter(torch.full_like(narrowed, -torch.inf))
 
+    def greatest_cosine(self, scanned: torch.Tensor) -> torch.Tensor:
+        """The greatest float32 cosine of an entry scanned at <= `scanned` (float64)."""
+        value = scanned.double()
+        greatest_sum = torch.where(value >= 0, value / (1 - self.unit), value / (1 + self.unit))
+        return (greatest_sum + self.base).nextafter(torch.full_like(value, torch.inf))
+
 
 def scan_error(
     a: torch.Tensor, b: torch.Tensor, scan_a: torch.Tensor, scan_b: torch.Tensor
@@ -195,7 +201,8 @@ class RowSearch:
         self.group = GROUP if q % GROUP == 0 and q // GROUP >= self.list else 1
         self.redone = 0
 
-    def block(self, start: int, block: torch.Tensor) -> None:
+    def scanned_list(self, block: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each row's `list` best scanned values (descending) and their columns."""
         count, q = block.shape
         # The best `list` groups of columns hold the row's `list` best scanned entries.
         width = q // self.group
@@ -204,7 +211,11 @@ class RowSearch:
         spread = torch.arange(self.group, device=block.device) * width
         cols = (groups[:, :, None] + spread).reshape(count, -1)
         scanned, position = block.gather(1, cols).float().topk(self.list, dim=1)
-        cols = cols.gather(1, position)
+        return scanned, cols.gather(1, position)
+
+    def block(self, start: int, block: torch.Tensor) -> None:
+        count, q = block.shape
+        scanned, cols = self.scanned_list(block)
         true = _pair_dots(self.b, cols, self.a[start : start + count])
         vals, index = true.topk(self.k, dim=1)
         kept = cols.gather(1, index)
@@ -260,6 +271,37 @@ def row_candidates(
         search.block(start, block)
         report(progress, stage, done_before + start + block.shape[0], total)
     return search
+
+
+def scanned_lists(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    size: int,
+    block_rows: int = 1024,
+    device: torch.device | None = None,
+    dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+    """Each row's `size` best entries by scanned value, rescored in float32: columns and
+    cosines (p, size), and per row a bound on the cosine of every entry left out (-inf when
+    none is). Cheaper than the exact top `size`, and as good a list to widen a row with."""
+    device = device or scan_device()
+    search = RowSearch(a, b, size, device, dtype or scan_dtype(device))
+    p, q = a.shape[0], b.shape[0]
+    search.list = min(q, size)
+    search.group = GROUP if q % GROUP == 0 and q // GROUP >= search.list else 1
+    cols = torch.empty((p, search.list), dtype=torch.int64)
+    values = torch.empty((p, search.list))
+    cutoff = np.full(p, -np.inf)
+    for start, block in cosine_blocks(search.scan_a, search.scan_b, block_rows):
+        scanned, found = search.scanned_list(block)
+        count = block.shape[0]
+        values[start : start + count] = _pair_dots(
+            search.b, found, search.a[start : start + count]
+        ).cpu()
+        cols[start : start + count] = found.cpu()
+        if search.list < q:
+            cutoff[start : start + count] = search.err.greatest_cosine(scanned[:, -1]).cpu()
+    return cols, values, cutoff
 
 
 def top_candidates(

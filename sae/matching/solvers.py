@@ -37,7 +37,7 @@ from sae.matching.candidates import (
     Progress,
     cosine_blocks,
     report,
-    row_candidates,
+    scanned_lists,
     top_candidates,
 )
 
@@ -327,16 +327,14 @@ def _widen(
     block_rows: int,
     dtype: torch.dtype | None,
 ) -> tuple[Edges, np.ndarray]:
-    """The `size` best partners in `b` of the given rows of `a`, as edges (row of `a`,
-    partner in `b`), and each line's new cutoff (the size-th best; -inf when all were kept)."""
-    found = row_candidates(a[torch.from_numpy(lines)], b, size, block_rows, dtype=dtype)
-    width = found.cols.shape[1]
+    """About the `size` best partners in `b` of the given rows of `a` (by scanned value), as
+    edges (row of `a`, partner in `b`), and each line's new cutoff."""
+    cols, values, cut = scanned_lists(a[torch.from_numpy(lines)], b, size, block_rows, dtype=dtype)
     edges = Edges(
-        np.repeat(lines, width),
-        found.cols.reshape(-1).numpy(),
-        found.vals.reshape(-1).double().numpy(),
+        np.repeat(lines, cols.shape[1]),
+        cols.reshape(-1).numpy(),
+        values.reshape(-1).double().numpy(),
     )
-    cut = found.vals[:, -1].double().numpy() if width < b.shape[0] else np.full(lines.size, -np.inf)
     return edges, cut
 
 
@@ -377,11 +375,14 @@ def assign_sparse(
         if rows.size + cols.size > WIDEN_MAX_SHARE * (p + q):
             break
         size *= WIDEN_FACTOR
+        # Every cutoff a line has had stays valid for the edges still left out: keep the least.
         if rows.size:
-            edges, row_cut[rows] = _widen(a, b, rows, size, block_rows, dtype)
+            edges, cut = _widen(a, b, rows, size, block_rows, dtype)
+            row_cut[rows] = np.minimum(row_cut[rows], cut)
             extra = extra.plus(edges)
         if cols.size:
-            edges, col_cut[cols] = _widen(b, a, cols, size, block_rows, dtype)
+            edges, cut = _widen(b, a, cols, size, block_rows, dtype)
+            col_cut[cols] = np.minimum(col_cut[cols], cut)
             extra = extra.plus(Edges(edges.cols, edges.rows, edges.cosine))
     report(progress, f"{stage} solve", widen_rounds + 1, widen_rounds + 1)
     objective = float(cosine.sum())
