@@ -126,15 +126,10 @@ def test_gap_bound_holds_where_it_proves_nothing(monkeypatch: pytest.MonkeyPatch
     assert widened.gap_bound < narrow.gap_bound
 
 
-def test_auto_falls_back_to_exact_where_the_bound_proves_nothing(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    import sae.matching.solvers
-
-    monkeypatch.setattr(sae.matching.solvers, "WIDEN_ROUNDS", 0)
+def test_auto_falls_back_to_exact_where_the_bound_proves_nothing() -> None:
     gen = torch.Generator().manual_seed(8)
     a, b = unit(torch.randn(300, 8, generator=gen)), unit(torch.randn(300, 8, generator=gen))
-    config = MatchConfig(candidates=2)
+    config = MatchConfig(candidates=2, widen_rounds=0)
     auto = match_saes(sae_of(a, a), sae_of(b, b), config)
     assert auto.summary.solver.startswith("exact")
     assert auto.summary.gap_bound_decoder == 0.0

@@ -27,6 +27,7 @@ from sae.checkpoint import SaeWeights, load_sae, write_atomically
 from sae.errors import UserError
 from sae.matching.solvers import (
     PROVEN_GAP,
+    WIDEN_ROUNDS,
     Assignment,
     Progress,
     assign_exact,
@@ -54,6 +55,12 @@ class MatchConfig(BaseModel):
     )
     candidates: int = Field(
         default=32, ge=1, description="sparse solver: partners kept per row and column"
+    )
+    widen_rounds: int = Field(
+        default=WIDEN_ROUNDS,
+        ge=0,
+        description="sparse solver: times the lists of the rows and columns in the way of a "
+        "proof are made longer and the graph solved again (0: solve the top-k graph once)",
     )
     block_rows: int = Field(default=1024, ge=1, description="rows of the cosine matrix per block")
     into_larger: bool = Field(
@@ -236,7 +243,13 @@ def match_directions(
             result = assign_exact(rows, cols, config.block_rows, progress, stage)
         else:
             result = assign_sparse(
-                rows, cols, config.candidates, config.block_rows, progress, stage
+                rows,
+                cols,
+                config.candidates,
+                config.block_rows,
+                progress,
+                stage,
+                widen_rounds=config.widen_rounds,
             )
             # auto: a sparse answer the bound does not prove optimal is solved densely when
             # that is allowed and fits.
