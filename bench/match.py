@@ -1,7 +1,14 @@
-"""Benchmark of latent matching: our exact and sparse solvers against SciPy, in one run.
+"""Benchmark of latent matching, every number against a baseline measured in the same run.
 
-    python bench/match.py                              # 8,192 and 32,768 latents
-    python bench/match.py --sizes 131072 --no-exact    # the sparse solver alone at 131,072
+    python -m bench.match                       # 131,072 latents; baselines at 32,768 and 8,192
+    python -m bench.match --size 32768 --baseline-size 8192 --exact-size 4096   # quicker
+
+Printed: the wall time of each phase of `match` (decoder + encoder; candidates, solve, bound)
+and its peak RSS at `--size`; at `--baseline-size`, a bare float32 pass that computes only the
+row maxima of both cosine matrices, and `match` against it (the ratio is what to compare
+across machines and loads); the shared fraction of `match` against the same solver on
+candidates found by a float32 scan (the exact candidate graph), and at `--exact-size` against
+the dense exact solver.
 
 Synthetic SAEs, d = 576: SAE B holds a permutation of SAE A's decoder directions, each
 perturbed by noise of a random size (matched cosines spread over ~0.5-0.99, across the 0.7
@@ -19,15 +26,14 @@ import time
 from queue import Empty
 from typing import Any
 
-import numpy as np
 import torch
 import typer
 from rich.console import Console
-from rich.table import Table
 
 from sae.checkpoint import SaeWeights
-from sae.matching import MatchConfig, match_saes
-from sae.matching.solvers import COST_SHIFT, cosine_blocks, lap
+from sae.matching import MatchConfig, match_saes, shared_mask
+from sae.matching.candidates import cosine_blocks
+from sae.matching.solvers import assign_sparse
 
 D_IN = 576
 console = Console()
@@ -77,29 +83,37 @@ def run_match(n: int, shared: float, solver: str, candidates: int) -> dict[str, 
         "peak_rss_gib": peak_rss_gib(),
         "rss_before_gib": before,
         "summary": result.summary.model_dump(),
+        "decoder_partner": result.decoder.partner.tolist(),
     }
 
 
-def run_solver_only(n: int, shared: float) -> dict[str, Any]:
-    """Our dense LAP and SciPy's on the same decoder cost matrix."""
-    from scipy.optimize import linear_sum_assignment
-
+def run_row_maxima(n: int, shared: float) -> dict[str, Any]:
+    """The floor any matching pays: both float32 cosine matrices, only their row maxima."""
     a, b = synthetic_pair(n, shared)
-    dec_a, dec_b = unit(a.W_dec), unit(b.W_dec)
-    cost = np.empty((n, n))
-    for start, block in cosine_blocks(dec_a, dec_b, 1024):
-        cost[start : start + block.shape[0]] = COST_SHIFT - block.numpy()
-    out: dict[str, Any] = {}
-    if lap is not None:
-        started = time.perf_counter()
-        x = np.asarray(lap.lapjv(cost, extend_cost=False, return_cost=False)[0])
-        out["ours_seconds"] = time.perf_counter() - started
-        out["ours_objective"] = float((COST_SHIFT - cost[np.arange(n), x]).sum())
+    started, cpu_started = time.perf_counter(), time.process_time()
+    for left, right in ((a.W_dec, b.W_dec), (a.encoder_weight, b.encoder_weight)):
+        for _, block in cosine_blocks(unit(left), unit(right), 1024):
+            block.max(dim=1)
+    return {
+        "seconds": time.perf_counter() - started,
+        "cpu_seconds": time.process_time() - cpu_started,
+    }
+
+
+def run_float32_candidates(n: int, shared: float, candidates: int) -> dict[str, Any]:
+    """The sparse solver on candidates found by a float32 scan: the exact candidate graph."""
+    a, b = synthetic_pair(n, shared)
     started = time.perf_counter()
-    rows, cols = linear_sum_assignment(cost)
-    out["scipy_seconds"] = time.perf_counter() - started
-    out["scipy_objective"] = float((COST_SHIFT - cost[rows, cols]).sum())
-    return out
+    sides = [
+        assign_sparse(unit(left), unit(right), candidates, dtype=torch.float32)
+        for left, right in ((a.W_dec, b.W_dec), (a.encoder_weight, b.encoder_weight))
+    ]
+    shared_fraction = float(shared_mask(sides[0].cosine, sides[1].cosine, 0.7).mean())
+    return {
+        "seconds": time.perf_counter() - started,
+        "shared_fraction": shared_fraction,
+        "objectives": [side.objective for side in sides],
+    }
 
 
 def _child(queue: Any, target: Any, args: tuple[Any, ...]) -> None:
@@ -124,77 +138,77 @@ def in_process(target: Any, *args: Any) -> dict[str, Any]:
 
 
 def main(
-    sizes: str = typer.Option("8192,32768", help="latent counts, comma-separated"),
+    size: int = typer.Option(131072, help="latents of the timed matching"),
+    baseline_size: int = typer.Option(
+        32768, help="latents of the float32 row-maxima baseline and the float32-scan check"
+    ),
+    exact_size: int = typer.Option(8192, help="latents of the check against the exact solver"),
     shared: float = typer.Option(0.5, help="fraction of B's directions taken from A"),
     candidates: int = typer.Option(32, help="sparse solver top-k"),
-    exact: bool = typer.Option(True, help="run the exact solver (dense; 8 n^2 bytes)"),
-    scipy_max: int = typer.Option(8192, help="compare against SciPy up to this size"),
+    solver: str = typer.Option("auto", help="solver of the timed matching"),
+    float32_check: bool = typer.Option(
+        True, help="also solve on candidates from a float32 scan (slow: 4 float32 passes)"
+    ),
 ) -> None:
-    """Print solver times, memory and agreement for each size."""
+    """Print match's time per phase, peak RSS and agreement, with same-run baselines; each
+    line as soon as it is measured, quickest first."""
     console.print(
         f"synthetic SAEs, d={D_IN}: B = A's decoder directions permuted with noise for "
         f"{shared:.0%} of latents, fresh random directions for the rest; "
         f"{torch.get_num_threads()} torch threads, {os.cpu_count()} CPUs"
     )
-    for n in [int(size) for size in sizes.split(",")]:
-        table = Table("measure", "value", title=f"{n:,} latents")
-        table.add_row("load average at the start (1 / 5 / 15 min)", load_average())
-        if n <= scipy_max:
-            solo = in_process(run_solver_only, n, shared)
-            table.add_row("SciPy linear_sum_assignment (decoder)", f"{solo['scipy_seconds']:.2f} s")
-            if "ours_seconds" in solo:
-                table.add_row("our exact LAP, same matrix", f"{solo['ours_seconds']:.2f} s")
-                table.add_row(
-                    "speed-up over SciPy", f"{solo['scipy_seconds'] / solo['ours_seconds']:.2f}x"
-                )
-                table.add_row(
-                    "objective, ours - SciPy",
-                    f"{solo['ours_objective'] - solo['scipy_objective']:.3g} "
-                    f"(of {solo['scipy_objective']:,.3f})",
-                )
-        dense = in_process(run_match, n, shared, "exact", candidates) if exact else None
-        sparse = in_process(run_match, n, shared, "sparse", candidates)
-        for name, run in (("exact", dense), ("sparse", sparse)):
-            if run is None:
-                continue
-            summary = run["summary"]
-            table.add_row(
-                f"{name}: decoder + encoder matching",
-                f"{run['seconds']:.1f} s ({run['cpu_seconds']:.0f} CPU s), "
-                f"peak RSS {run['peak_rss_gib']:.2f} GiB "
-                f"(inputs {run['rss_before_gib']:.2f} GiB)",
-            )
-            table.add_row(
-                f"{name}: shared / decoder-only",
-                f"{100 * summary['shared_fraction']:.3f}% / "
-                f"{100 * summary['shared_fraction_decoder_only']:.3f}%",
-            )
-        summary = sparse["summary"]
-        table.add_row(
-            "sparse: proven gap bound (decoder / encoder)",
-            f"{summary['gap_bound_decoder']:.3g} / {summary['gap_bound_encoder']:.3g} of "
-            f"{summary['objective_decoder']:,.1f} / {summary['objective_encoder']:,.1f}",
+    console.print(f"start: {uptime()}")
+    bare = in_process(run_row_maxima, baseline_size, shared)
+    fast = in_process(run_match, baseline_size, shared, solver, candidates)
+    console.print(
+        f"{baseline_size:,} latents: bare float32 row maxima of both matrices "
+        f"{bare['seconds']:.1f} s ({bare['cpu_seconds']:.0f} CPU s); match --solver {solver} "
+        f"{fast['seconds']:.1f} s ({fast['cpu_seconds']:.0f} CPU s) = "
+        f"{fast['seconds'] / bare['seconds']:.2f}x the bare pass "
+        f"({fast['cpu_seconds'] / bare['cpu_seconds']:.2f}x in CPU time, which other work on "
+        f"the machine disturbs less); {_phases(fast)}; {uptime()}"
+    )
+    exact = in_process(run_match, exact_size, shared, "exact", candidates)
+    auto = in_process(run_match, exact_size, shared, solver, candidates)
+    console.print(
+        f"{exact_size:,} latents: match --solver {solver} {auto['seconds']:.1f} s "
+        f"({auto['summary']['solver']}), exact {exact['seconds']:.1f} s; shared "
+        f"{_percent(auto['summary'])} / {_percent(exact['summary'])}, decoder partners equal: "
+        f"{auto['decoder_partner'] == exact['decoder_partner']}; {uptime()}"
+    )
+    main_run = in_process(run_match, size, shared, solver, candidates)
+    console.print(
+        f"{size:,} latents: match --solver {solver} {main_run['seconds']:.1f} s "
+        f"({main_run['cpu_seconds']:.0f} CPU s), peak RSS {main_run['peak_rss_gib']:.2f} GiB "
+        f"(inputs {main_run['rss_before_gib']:.2f}); {_phases(main_run)}; {uptime()}"
+    )
+    if float32_check:
+        reference = in_process(run_float32_candidates, baseline_size, shared, candidates)
+        console.print(
+            f"{baseline_size:,} latents: shared {_percent(fast['summary'])} (match) / "
+            f"{100 * reference['shared_fraction']:.3f}% (sparse on float32-scan candidates, "
+            f"{reference['seconds']:.1f} s); {uptime()}"
         )
-        table.add_row("sparse: candidate edges", f"{summary['candidate_edges']:,}")
-        if dense is not None:
-            exact_summary = dense["summary"]
-            table.add_row(
-                "sparse - exact objective (decoder / encoder)",
-                f"{summary['objective_decoder'] - exact_summary['objective_decoder']:.4g} / "
-                f"{summary['objective_encoder'] - exact_summary['objective_encoder']:.4g}",
-            )
-            table.add_row(
-                "sparse - exact shared fraction",
-                f"{100 * (summary['shared_fraction'] - exact_summary['shared_fraction']):+.3f} pp",
-            )
-            table.add_row("exact / sparse time", f"{dense['seconds'] / sparse['seconds']:.2f}x")
-        table.add_row("load average at the end (1 / 5 / 15 min)", load_average())
-        console.print(table)
 
 
-def load_average() -> str:
+def _phases(run: dict[str, Any]) -> str:
+    summary = run["summary"]
+    phases = ", ".join(f"{name} {t:.1f} s" for name, t in summary["phase_seconds"].items())
+    return (
+        f"{phases}; solver {summary['solver']}, shared {_percent(summary)}, gap bound "
+        f"{summary['gap_bound_decoder']:.3g} / {summary['gap_bound_encoder']:.3g} of "
+        f"{summary['objective_decoder']:,.1f} / {summary['objective_encoder']:,.1f}"
+    )
+
+
+def _percent(summary: dict[str, Any]) -> str:
+    return f"{100 * summary['shared_fraction']:.3f}%"
+
+
+def uptime() -> str:
     # Other work on the machine slows every number here; the load says how much there was.
-    return " / ".join(f"{value:.1f}" for value in os.getloadavg())
+    loads = " / ".join(f"{value:.1f}" for value in os.getloadavg())
+    return f"load average (1 / 5 / 15 min) {loads}"
 
 
 if __name__ == "__main__":

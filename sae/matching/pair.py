@@ -15,7 +15,7 @@ from __future__ import annotations
 import csv
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -25,7 +25,14 @@ from pydantic import BaseModel, Field, ValidationError
 
 from sae.checkpoint import SaeWeights, load_sae, write_atomically
 from sae.errors import UserError
-from sae.matching.solvers import Assignment, Progress, assign_exact, assign_sparse
+from sae.matching.solvers import (
+    PROVEN_GAP,
+    WIDEN_ROUNDS,
+    Assignment,
+    Progress,
+    assign_exact,
+    assign_sparse,
+)
 
 Solver = Literal["auto", "exact", "sparse"]
 
@@ -37,13 +44,23 @@ class MatchConfig(BaseModel):
         default=0.7, ge=-1.0, le=1.0, description="a latent is shared when both cosines are > this"
     )
     solver: Solver = Field(
-        default="auto", description="auto, exact (dense) or sparse (top-k candidate graph)"
+        default="auto",
+        description="auto (sparse where its bound proves the optimum, else exact if it fits), "
+        "exact (dense) or sparse (candidate graph with a proven gap bound)",
     )
     exact_max_latents: int = Field(
-        default=16384, ge=1, description="auto uses the exact solver up to this many latents"
+        default=16384,
+        ge=1,
+        description="auto falls back to the exact solver up to this many latents",
     )
     candidates: int = Field(
         default=32, ge=1, description="sparse solver: partners kept per row and column"
+    )
+    widen_rounds: int = Field(
+        default=WIDEN_ROUNDS,
+        ge=0,
+        description="sparse solver: times the lists of the rows and columns in the way of a "
+        "proof are made longer and the graph solved again (0: solve the top-k graph once)",
     )
     block_rows: int = Field(default=1024, ge=1, description="rows of the cosine matrix per block")
     into_larger: bool = Field(
@@ -79,6 +96,7 @@ class SideAssignment:
     candidate_edges: int
     invalid_a: int  # rows of A that could not be normalised
     invalid_b: int
+    phase_seconds: dict[str, float] = field(default_factory=dict)
 
     def reversed(self, n_b: int) -> SideAssignment:
         """The same matching seen from B."""
@@ -92,6 +110,7 @@ class SideAssignment:
             self.candidate_edges,
             self.invalid_b,
             self.invalid_a,
+            self.phase_seconds,
         )
 
 
@@ -121,6 +140,9 @@ class MatchSummary(BaseModel):
     gap_bound_decoder: float = Field(description="proven: exact optimum - objective <= this")
     gap_bound_encoder: float
     candidate_edges: int
+    phase_seconds: dict[str, float] = Field(
+        default_factory=dict, description="seconds per side and phase, e.g. 'decoder solve'"
+    )
 
 
 @dataclass
@@ -182,10 +204,14 @@ def available_memory() -> int | None:
     return None
 
 
-def _check_dense_fits(p: int, q: int) -> None:
-    needed = 8 * p * q
+def _dense_fits(p: int, q: int) -> bool:
     available = available_memory()
-    if available is not None and needed > available:
+    return available is None or 8 * p * q <= available
+
+
+def _check_dense_fits(p: int, q: int) -> None:
+    if not _dense_fits(p, q):
+        needed, available = 8 * p * q, available_memory() or 0
         raise UserError(
             f"exact matching of {p:,} x {q:,} latents needs a {needed / 2**30:.1f} GiB dense "
             f"matrix but {available / 2**30:.1f} GiB is available; use --solver sparse"
@@ -212,17 +238,30 @@ def match_directions(
         flipped = rows.shape[0] > cols.shape[0]
         if flipped:
             rows, cols = cols, rows
-        largest = max(a.shape[0], b.shape[0])
-        use_exact = config.solver == "exact" or (
-            config.solver == "auto" and largest <= config.exact_max_latents
-        )
-        if use_exact:
+        if config.solver == "exact":
             _check_dense_fits(rows.shape[0], cols.shape[0])
             result = assign_exact(rows, cols, config.block_rows, progress, stage)
         else:
             result = assign_sparse(
-                rows, cols, config.candidates, config.block_rows, progress, stage
+                rows,
+                cols,
+                config.candidates,
+                config.block_rows,
+                progress,
+                stage,
+                widen_rounds=config.widen_rounds,
             )
+            # auto: a sparse answer the bound does not prove optimal is solved densely when
+            # that is allowed and fits.
+            if (
+                config.solver == "auto"
+                and result.gap_bound > PROVEN_GAP
+                and max(a.shape[0], b.shape[0]) <= config.exact_max_latents
+                and _dense_fits(rows.shape[0], cols.shape[0])
+            ):
+                spent = result.phase_seconds
+                result = assign_exact(rows, cols, config.block_rows, progress, stage)
+                result.phase_seconds |= {f"sparse {name}": t for name, t in spent.items()}
         if flipped:
             partner[index_a[result.partner]] = index_b
             cosine[index_a[result.partner]] = result.cosine
@@ -238,6 +277,7 @@ def match_directions(
         candidate_edges=result.candidate_edges if result else 0,
         invalid_a=int((~valid_a).sum()),
         invalid_b=int((~valid_b).sum()),
+        phase_seconds=result.phase_seconds if result else {},
     )
 
 
@@ -289,6 +329,11 @@ def summarise(
         gap_bound_decoder=decoder.gap_bound,
         gap_bound_encoder=encoder.gap_bound,
         candidate_edges=decoder.candidate_edges + encoder.candidate_edges,
+        phase_seconds={
+            f"{name} {phase}": seconds
+            for name, side in (("decoder", decoder), ("encoder", encoder))
+            for phase, seconds in side.phase_seconds.items()
+        },
     )
 
 
@@ -411,6 +456,7 @@ def _side_record(side: SideAssignment) -> dict[str, Any]:
         "candidate_edges": side.candidate_edges,
         "invalid_a": side.invalid_a,
         "invalid_b": side.invalid_b,
+        "phase_seconds": side.phase_seconds,
     }
 
 

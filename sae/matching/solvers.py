@@ -24,8 +24,7 @@ bound is valid for any prices, their quality only makes it tighter.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import scipy.sparse as sp
@@ -33,13 +32,19 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from scipy.sparse.csgraph import min_weight_full_bipartite_matching
 
+from sae.matching.candidates import (
+    Candidates,
+    Progress,
+    cosine_blocks,
+    report,
+    scanned_lists,
+    top_candidates,
+)
+
 try:
     import lap
 except ImportError:  # pragma: no cover - lap is a declared dependency; SciPy is the fallback
     lap = None
-
-Progress = Callable[[str, int, int], None]
-"""Called as progress(stage, done, total) while blocks are processed."""
 
 # Costs are 2 - cosine so every edge weight is >= 1 (cosines lie in [-1, 1]): no weight is
 # ever zero, which sparse graph routines could confuse with a missing edge, and LAPJV is
@@ -50,6 +55,14 @@ COST_SHIFT = 2.0
 # the sweeps stop early, only looser.
 MAX_PRICE_SWEEPS = 3000
 DESCENT_SWEEPS = 20
+# A bound this small (float64 rounding of sums of float32 cosines) proves the sparse answer
+# is the dense optimum.
+PROVEN_GAP = 1e-6
+# Rounds of widening the lists that stand in the bound's way, each WIDEN_FACTOR times longer;
+# not tried when more than WIDEN_MAX_SHARE of all rows and columns would need it.
+WIDEN_ROUNDS = 2
+WIDEN_FACTOR = 4
+WIDEN_MAX_SHARE = 0.5
 
 
 @dataclass
@@ -63,27 +76,7 @@ class Assignment:
     seconds: float
     gap_bound: float  # proven: optimum - objective <= gap_bound (0 for exact solvers)
     candidate_edges: int = 0  # edges in the sparse graph (0 for exact solvers)
-
-
-def cosine_blocks(
-    a: torch.Tensor, b: torch.Tensor, block_rows: int
-) -> Iterator[tuple[int, torch.Tensor]]:
-    """Yield (start, a[start:start+block_rows] @ b.T) in float32, one block at a time.
-
-    Every block is written into the same buffer (a fresh 0.5 GiB block per step would cost
-    page faults on each): a block is only valid until the next one is requested."""
-    bt = b.T
-    buffer = torch.empty((min(block_rows, a.shape[0]), b.shape[0]), dtype=torch.float32)
-    for start in range(0, a.shape[0], block_rows):
-        rows = a[start : start + block_rows]
-        block = buffer[: rows.shape[0]]
-        torch.matmul(rows, bt, out=block)
-        yield start, block
-
-
-def _report(progress: Progress | None, stage: str, done: int, total: int) -> None:
-    if progress is not None:
-        progress(stage, done, total)
+    phase_seconds: dict[str, float] = field(default_factory=dict)
 
 
 def assign_exact(
@@ -101,7 +94,9 @@ def assign_exact(
         rows = cost[start : start + block.shape[0]]
         rows[:] = block.numpy()
         np.subtract(COST_SHIFT, rows, out=rows)
-        _report(progress, stage, start + block.shape[0], p)
+        report(progress, f"{stage} cosines", start + block.shape[0], p)
+    cosines_done = time.perf_counter()
+    report(progress, f"{stage} solve", 0, 1)
     if p == q and lap is not None:
         partner = np.asarray(lap.lapjv(cost, extend_cost=False, return_cost=False)[0], np.int64)
         solver = "exact-lap"
@@ -111,110 +106,17 @@ def assign_exact(
         partner[rows_idx] = cols_idx
         solver = "exact-scipy"
     cosine = COST_SHIFT - cost[np.arange(p), partner]
+    report(progress, f"{stage} solve", 1, 1)
+    finished = time.perf_counter()
     return Assignment(
         partner=partner,
         cosine=cosine,
         objective=float(cosine.sum()),
         solver=solver,
-        seconds=time.perf_counter() - started,
+        seconds=finished - started,
         gap_bound=0.0,
+        phase_seconds={"cosines": cosines_done - started, "solve": finished - cosines_done},
     )
-
-
-@dataclass
-class Candidates:
-    """Each row's top-k columns and each column's top-k rows, with their cosines."""
-
-    row_cols: torch.Tensor  # int64 (p, k_row)
-    row_vals: torch.Tensor  # float32 (p, k_row), descending
-    col_rows: torch.Tensor  # int64 (k_col, q)
-    col_vals: torch.Tensor  # float32 (k_col, q)
-
-    def row_cutoff(self, q: int) -> np.ndarray:
-        """Upper bound on the cosine of any edge of a row outside its top-k (-inf if none)."""
-        if self.row_vals.shape[1] >= q:
-            return np.full(self.row_vals.shape[0], -np.inf)
-        return self.row_vals[:, -1].double().numpy()
-
-    def col_cutoff(self, p: int) -> np.ndarray:
-        if self.col_vals.shape[0] >= p:
-            return np.full(self.col_vals.shape[1], -np.inf)
-        return self.col_vals.min(dim=0).values.double().numpy()
-
-
-def _merge_columns(
-    cand: Candidates, block: torch.Tensor, start: int, threshold: torch.Tensor
-) -> None:
-    """Fold the block's entries above each column's current k-th best into its top-k.
-
-    After the first blocks few entries pass, so the work is one comparison over the block
-    plus a top-k over short lines: each touched column's current top-k followed by its new
-    entries (padded with -inf)."""
-    k_col = cand.col_vals.shape[0]
-    q = block.shape[1]
-    flat = np.flatnonzero((block > threshold).numpy())
-    if flat.size == 0:
-        return
-    order = np.argsort(flat % q, kind="stable")
-    flat = flat[order]
-    cols = flat % q
-    first = np.flatnonzero(np.r_[True, cols[1:] != cols[:-1]])
-    touched = cols[first]
-    counts = np.diff(np.r_[first, cols.size])
-    slot = np.repeat(np.arange(touched.size), counts)
-    position = k_col + np.arange(cols.size) - first[slot]
-    width = k_col + int(counts.max())
-    col_vals, col_rows = cand.col_vals.numpy(), cand.col_rows.numpy()
-    line_vals = np.full((touched.size, width), -np.inf, dtype=np.float32)
-    line_rows = np.full((touched.size, width), -1, dtype=np.int64)
-    line_vals[:, :k_col] = col_vals[:, touched].T
-    line_rows[:, :k_col] = col_rows[:, touched].T
-    line_vals[slot, position] = block.numpy().ravel()[flat]
-    line_rows[slot, position] = flat // q + start
-    best_vals, best_pos = torch.from_numpy(line_vals).topk(k_col, dim=1)
-    col_vals[:, touched] = best_vals.numpy().T
-    col_rows[:, touched] = np.take_along_axis(line_rows, best_pos.numpy(), axis=1).T
-    threshold[torch.from_numpy(touched)] = best_vals[:, -1]
-
-
-def top_candidates(
-    a: torch.Tensor,
-    b: torch.Tensor,
-    k: int,
-    block_rows: int = 1024,
-    progress: Progress | None = None,
-    stage: str = "candidates",
-) -> Candidates:
-    """One pass over the cosine matrix, block by block, keeping row and column top-k."""
-    p, q = a.shape[0], b.shape[0]
-    k_row, k_col = min(k, q), min(k, p)
-    cand = Candidates(
-        row_cols=torch.empty((p, k_row), dtype=torch.int64),
-        row_vals=torch.empty((p, k_row)),
-        col_rows=torch.full((k_col, q), -1, dtype=torch.int64),
-        col_vals=torch.full((k_col, q), -torch.inf),
-    )
-    # The k-th best cosine seen so far in each column; only entries above it can enter.
-    threshold = torch.full((q,), -torch.inf)
-    rows_seen = 0
-    for start, block in cosine_blocks(a, b, block_rows):
-        vals, cols = block.topk(k_row, dim=1)
-        cand.row_vals[start : start + block.shape[0]] = vals
-        cand.row_cols[start : start + block.shape[0]] = cols
-        if rows_seen < k_col:
-            # Until every column has seen k rows, everything enters: merge densely.
-            top = min(k_col, block.shape[0])
-            new_vals, new_rows = block.topk(top, dim=0)
-            all_vals = torch.cat([cand.col_vals, new_vals])
-            all_rows = torch.cat([cand.col_rows, new_rows + start])
-            cand.col_vals, pos = all_vals.topk(k_col, dim=0)
-            cand.col_rows = all_rows.gather(0, pos)
-            threshold = cand.col_vals[-1].clone()
-        else:
-            _merge_columns(cand, block, start, threshold)
-        rows_seen += block.shape[0]
-        _report(progress, stage, rows_seen, p)
-    return cand
 
 
 @dataclass
@@ -230,23 +132,47 @@ class CandidateGraph:
         return sp.csr_matrix((values, (self.rows, self.cols)), shape=self.shape)
 
 
-def candidate_graph(a: torch.Tensor, b: torch.Tensor, cand: Candidates) -> CandidateGraph:
-    """Union of row top-k, column top-k and identity edges (the fallback that makes a full
-    matching always exist: row i can always take column i, as p <= q)."""
+@dataclass
+class Edges:
+    """Candidate edges beyond the top-k lists (from widening), with their float32 cosines."""
+
+    rows: np.ndarray
+    cols: np.ndarray
+    cosine: np.ndarray
+
+    @staticmethod
+    def none() -> Edges:
+        return Edges(np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0))
+
+    def plus(self, other: Edges) -> Edges:
+        return Edges(
+            np.concatenate([self.rows, other.rows]),
+            np.concatenate([self.cols, other.cols]),
+            np.concatenate([self.cosine, other.cosine]),
+        )
+
+
+def candidate_graph(
+    a: torch.Tensor, b: torch.Tensor, cand: Candidates, extra: Edges | None = None
+) -> CandidateGraph:
+    """Union of row top-k, column top-k, `extra` and identity edges (the fallback that makes a
+    full matching always exist: row i can always take column i, as p <= q)."""
     p, q = a.shape[0], b.shape[0]
+    extra = extra or Edges.none()
     k_row, k_col = cand.row_cols.shape[1], cand.col_rows.shape[0]
     identity = np.arange(p)
     identity_cos = (a * b[:p]).sum(dim=1).double().numpy()
     rows = np.concatenate(
-        [np.repeat(identity, k_row), cand.col_rows.T.reshape(-1).numpy(), identity]
+        [np.repeat(identity, k_row), cand.col_rows.T.reshape(-1).numpy(), extra.rows, identity]
     )
     cols = np.concatenate(
-        [cand.row_cols.reshape(-1).numpy(), np.repeat(np.arange(q), k_col), identity]
+        [cand.row_cols.reshape(-1).numpy(), np.repeat(np.arange(q), k_col), extra.cols, identity]
     )
     cosine = np.concatenate(
         [
             cand.row_vals.reshape(-1).double().numpy(),
             cand.col_vals.T.reshape(-1).double().numpy(),
+            extra.cosine,
             identity_cos,
         ]
     )
@@ -289,7 +215,9 @@ def _sparse_row_max(matrix: sp.csr_matrix, price: np.ndarray) -> np.ndarray:
     return out
 
 
-def _residual_prices(graph: CandidateGraph, partner: np.ndarray) -> np.ndarray:
+def _residual_prices(
+    graph: CandidateGraph, partner: np.ndarray, progress: Progress | None, stage: str
+) -> np.ndarray:
     """Column prices from shortest paths in the residual graph of the optimal sparse matching.
 
     Jacobi Bellman-Ford with numpy: sweeps are vectorised, and the count of sweeps is the
@@ -307,26 +235,40 @@ def _residual_prices(graph: CandidateGraph, partner: np.ndarray) -> np.ndarray:
     targets = dst[starts]
     dist = np.full(p + q + 1, np.inf)
     dist[p + q] = 0.0
-    for _ in range(MAX_PRICE_SWEEPS):
+    for sweep in range(MAX_PRICE_SWEEPS):
         best = np.minimum.reduceat(dist[src] + weight, starts)
         improved = best < dist[targets] - 1e-12
         if not improved.any():
             break
         dist[targets[improved]] = best[improved]
+        if sweep % 16 == 0:
+            report(progress, stage, sweep, MAX_PRICE_SWEEPS)
+    report(progress, stage, MAX_PRICE_SWEEPS, MAX_PRICE_SWEEPS)
     # Column dual in the min-cost form is dist - 1; the cosine-form price is its negation.
     return 1.0 - dist[p : p + q]
 
 
+def price_floor(p: int, q: int) -> float:
+    """With more columns than rows a column may stay unmatched, which forces prices >= 0."""
+    return 0.0 if q > p else -np.inf
+
+
 def gap_upper_bound(
-    graph: CandidateGraph, cand: Candidates, partner: np.ndarray, objective: float
+    graph: CandidateGraph,
+    row_cut: np.ndarray,
+    col_cut: np.ndarray,
+    residual: np.ndarray,
+    objective: float,
+    progress: Progress | None = None,
+    stage: str = "bound",
 ) -> float:
-    """Proven upper bound on (dense optimum - objective) for the sparse solution `partner`."""
+    """Proven upper bound on (dense optimum - objective) for a sparse solution, whose
+    residual-graph prices are `residual`; `row_cut` and `col_cut` bound the cosines of the
+    edges of each row and column left out of the graph."""
     p, q = graph.shape
     forward = graph.matrix(graph.cosine)
     backward = forward.T.tocsr()
-    row_cut, col_cut = cand.row_cutoff(q), cand.col_cutoff(p)
-    # With more columns than rows a column may stay unmatched, which forces prices >= 0.
-    floor = 0.0 if q > p else -np.inf
+    floor = price_floor(p, q)
 
     def row_duals(price: np.ndarray) -> np.ndarray:
         return np.maximum(_sparse_row_max(forward, price), _implicit_max(row_cut, col_cut, price))
@@ -338,15 +280,62 @@ def gap_upper_bound(
         return np.maximum(best, floor)
 
     best_bound = np.inf
-    for price in (np.zeros(q), np.maximum(_residual_prices(graph, partner), floor)):
+    for start, price in enumerate((np.maximum(residual, floor), np.zeros(q))):
         row_dual = row_duals(price)
-        for _ in range(DESCENT_SWEEPS):
-            bound = row_dual.sum() + price.sum()
-            best_bound = min(best_bound, bound)
+        for sweep in range(DESCENT_SWEEPS):
+            report(progress, stage, start * DESCENT_SWEEPS + sweep, 2 * DESCENT_SWEEPS)
+            best_bound = min(best_bound, row_dual.sum() + price.sum())
             price = col_prices(row_dual)
             row_dual = row_duals(price)
         best_bound = min(best_bound, row_dual.sum() + price.sum())
+        if best_bound - objective <= PROVEN_GAP:
+            break
+    report(progress, stage, 2 * DESCENT_SWEEPS, 2 * DESCENT_SWEEPS)
     return max(0.0, float(best_bound) - objective)
+
+
+def _solve(graph: CandidateGraph) -> tuple[np.ndarray, np.ndarray]:
+    """The optimal matching of the graph: each row's partner and cosine."""
+    p, q = graph.shape
+    rows_idx, cols_idx = min_weight_full_bipartite_matching(graph.matrix(COST_SHIFT - graph.cosine))
+    partner = np.empty(p, dtype=np.int64)
+    partner[rows_idx] = cols_idx
+    # Edges are sorted by row then column, so each matched edge is found by bisection.
+    keys = graph.rows.astype(np.int64) * q + graph.cols
+    cosine = graph.cosine[np.searchsorted(keys, np.arange(p, dtype=np.int64) * q + partner)]
+    return partner, cosine
+
+
+def _suspects(
+    graph: CandidateGraph, row_cut: np.ndarray, col_cut: np.ndarray, price: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Rows and columns where an edge left out of the graph might beat the sparse optimum's
+    own duals (its cutoffs allow C_ij > u_i + v_j): the lines whose lists are too short for
+    the bound to prove the answer."""
+    forward = graph.matrix(graph.cosine)
+    row_dual = _sparse_row_max(forward, price)
+    rows = np.flatnonzero(_implicit_max(row_cut, col_cut, price) > row_dual + PROVEN_GAP)
+    cols = np.flatnonzero(_implicit_max(col_cut, row_cut, row_dual) > price + PROVEN_GAP)
+    return rows, cols
+
+
+def _widen(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    lines: np.ndarray,
+    size: int,
+    block_rows: int,
+    dtype: torch.dtype | None,
+) -> tuple[Edges, np.ndarray]:
+    """About the `size` best partners in `b` of the given rows of `a` (by scanned value), as
+    edges (row of `a`, partner in `b`), and each line's new cutoff."""
+    cols, values, cut = scanned_lists(a[torch.from_numpy(lines)], b, size, block_rows, dtype=dtype)
+    edges = Edges(
+        np.repeat(lines, cols.shape[1]),
+        cols.reshape(-1).numpy(),
+        values.reshape(-1).double().numpy(),
+    )
+    return edges, cut
 
 
 def assign_sparse(
@@ -355,27 +344,64 @@ def assign_sparse(
     k: int = 32,
     block_rows: int = 1024,
     progress: Progress | None = None,
-    stage: str = "candidates",
+    stage: str = "sparse",
+    dtype: torch.dtype | None = None,
+    widen_rounds: int | None = None,
 ) -> Assignment:
-    """Optimal assignment within the top-k candidate graph, with a bound on the gap."""
+    """Optimal assignment within a candidate graph, with a bound on the gap to the dense
+    optimum. The graph starts as every row's and column's top-k; where the bound cannot
+    prove the answer, the lists of the rows and columns in the way are made WIDEN_FACTOR
+    times longer and the graph solved again, up to `widen_rounds` (WIDEN_ROUNDS) times.
+    `dtype` is the candidate scan's (`sae.matching.candidates`); the graph is the same for
+    any."""
+    if widen_rounds is None:
+        widen_rounds = WIDEN_ROUNDS
     started = time.perf_counter()
-    p = a.shape[0]
-    cand = top_candidates(a, b, k, block_rows, progress, stage)
-    graph = candidate_graph(a, b, cand)
-    rows_idx, cols_idx = min_weight_full_bipartite_matching(graph.matrix(COST_SHIFT - graph.cosine))
-    partner = np.empty(p, dtype=np.int64)
-    partner[rows_idx] = cols_idx
-    # Edges are sorted by row then column, so each matched edge is found by bisection.
-    q = b.shape[0]
-    keys = graph.rows.astype(np.int64) * q + graph.cols
-    cosine = graph.cosine[np.searchsorted(keys, np.arange(p, dtype=np.int64) * q + partner)]
+    p, q = a.shape[0], b.shape[0]
+    cand = top_candidates(a, b, k, block_rows, progress, f"{stage} candidates", dtype=dtype)
+    row_cut, col_cut = cand.row_cutoff(q), cand.col_cutoff(p)
+    extra = Edges.none()
+    searched = time.perf_counter()
+    size = k
+    for round_ in range(widen_rounds + 1):
+        report(progress, f"{stage} solve", round_, widen_rounds + 1)
+        graph = candidate_graph(a, b, cand, extra)
+        partner, cosine = _solve(graph)
+        residual = _residual_prices(graph, partner, progress, f"{stage} prices")
+        price = np.maximum(residual, price_floor(p, q))
+        rows, cols = _suspects(graph, row_cut, col_cut, price)
+        if round_ == widen_rounds or rows.size + cols.size == 0:
+            break
+        if rows.size + cols.size > WIDEN_MAX_SHARE * (p + q):
+            break
+        size *= WIDEN_FACTOR
+        # Every cutoff a line has had stays valid for the edges still left out: keep the least.
+        if rows.size:
+            edges, cut = _widen(a, b, rows, size, block_rows, dtype)
+            row_cut[rows] = np.minimum(row_cut[rows], cut)
+            extra = extra.plus(edges)
+        if cols.size:
+            edges, cut = _widen(b, a, cols, size, block_rows, dtype)
+            col_cut[cols] = np.minimum(col_cut[cols], cut)
+            extra = extra.plus(Edges(edges.cols, edges.rows, edges.cosine))
+    report(progress, f"{stage} solve", widen_rounds + 1, widen_rounds + 1)
     objective = float(cosine.sum())
+    solved = time.perf_counter()
+    gap_bound = gap_upper_bound(
+        graph, row_cut, col_cut, residual, objective, progress, f"{stage} bound"
+    )
+    finished = time.perf_counter()
     return Assignment(
         partner=partner,
         cosine=cosine,
         objective=objective,
         solver="sparse",
-        seconds=time.perf_counter() - started,
-        gap_bound=gap_upper_bound(graph, cand, partner, objective),
+        seconds=finished - started,
+        gap_bound=gap_bound,
         candidate_edges=int(graph.rows.shape[0]),
+        phase_seconds={
+            "candidates": searched - started,
+            "solve": solved - searched,
+            "bound": finished - solved,
+        },
     )

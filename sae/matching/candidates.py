@@ -1,0 +1,323 @@
+"""Candidate search for the sparse solver: each row's and each column's k most similar partners.
+
+Rows' candidates come from one pass over the cosine matrix `a @ b.T`, `block_rows` rows at a
+time; columns' from the same pass over `b @ a.T`. The blocks are scanned at lower precision
+where that is faster: bfloat16 on CPU, whose AMX / AVX-512 BF16 units run it several times
+faster than float32; float32 on CUDA, where float32 is fast already. A scanned value differs
+from the float32 cosine by a proven amount (`scan_error`: the rounding of the inputs, of the
+sums and of the result). Each row's 2k best scanned entries are rescored in float32; a row
+whose k best cosines might lie off that list, by that bound, is redone from every entry that
+could reach them. The candidates and their cosines are therefore those of a float32 scan: the
+margin can add work, never drop a true candidate.
+
+Only two passes touch a whole block: the matrix product and a maximum over groups of columns;
+everything after works on the few groups that can hold a row's best entries.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+Progress = Callable[[str, int, int], None]
+"""Called as progress(stage, done, total) while work is done."""
+
+# Columns are grouped by this many for the maxima that decide which entries of a row are
+# looked at one by one.
+GROUP = 8
+# Scanned lists of LIST_FACTOR * k entries per row are rescored in float32.
+LIST_FACTOR = 2
+RESCORE_CHUNK = 1 << 16
+# Rows (or columns) redone from the scan at a time when their list may miss a top-k entry.
+REDO_CHUNK = 64
+
+
+def report(progress: Progress | None, stage: str, done: int, total: int) -> None:
+    if progress is not None:
+        progress(stage, done, total)
+
+
+def cosine_blocks(
+    a: torch.Tensor, b: torch.Tensor, block_rows: int
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """Yield (start, a[start:start+block_rows] @ b.T) in a's dtype, one block at a time.
+
+    Every block is written into the same buffer (a fresh 0.5 GiB block per step would cost
+    page faults on each): a block is only valid until the next one is requested."""
+    bt = b.T
+    buffer = torch.empty((min(block_rows, a.shape[0]), b.shape[0]), dtype=a.dtype, device=a.device)
+    for start in range(0, a.shape[0], block_rows):
+        rows = a[start : start + block_rows]
+        block = buffer[: rows.shape[0]]
+        torch.matmul(rows, bt, out=block)
+        yield start, block
+
+
+def scan_device() -> torch.device:
+    """Where candidates are searched: the GPU when there is one."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def scan_dtype(device: torch.device) -> torch.dtype:
+    return torch.bfloat16 if device.type == "cpu" else torch.float32
+
+
+@dataclass
+class ScanError:
+    """How far a scanned value can be from the float32 cosine: the scanned result is the
+    rounding (unit roundoff `unit`) of a sum within `base` of the float32 cosine."""
+
+    base: float
+    unit: float
+
+    def lower(self, cosine: torch.Tensor) -> torch.Tensor:
+        """The least scanned value of an entry whose float32 cosine is >= `cosine`: entries
+        scanned below it cannot reach `cosine`."""
+        least_sum = cosine.double() - self.base
+        rounded = torch.where(
+            least_sum >= 0, least_sum * (1 - self.unit), least_sum * (1 + self.unit)
+        )
+        narrowed = rounded.to(cosine.dtype)
+        # One step further down covers the rounding of the float64 result to float32.
+        return narrowed.nextafter(torch.full_like(narrowed, -torch.inf))
+
+    def greatest_cosine(self, scanned: torch.Tensor) -> torch.Tensor:
+        """The greatest float32 cosine of an entry scanned at <= `scanned` (float64)."""
+        value = scanned.double()
+        greatest_sum = torch.where(value >= 0, value / (1 - self.unit), value / (1 + self.unit))
+        return (greatest_sum + self.base).nextafter(torch.full_like(value, torch.inf))
+
+
+def scan_error(
+    a: torch.Tensor, b: torch.Tensor, scan_a: torch.Tensor, scan_b: torch.Tensor
+) -> ScanError:
+    """How far `scan_a @ scan_b.T` can be from the float32 cosines `a @ b.T`.
+
+    a.b - a'.b' = (a - a').b + a'.(b - b'), bounded by Cauchy-Schwarz with the actual rounding
+    residuals; the float32 accumulation of d products adds at most d * 2^-24 of |a'||b'|, and
+    the float32 rescoring as much again; the sum is then rounded to the scan dtype. TF32 (if
+    the user turned it on for CUDA matmuls) rounds the inputs inside the product: 2^-10 each."""
+    d = a.shape[1]
+
+    def largest_norm(x: torch.Tensor) -> float:
+        # float32 norms of d terms are within d * 2^-24 relative of the true norm.
+        if x.shape[0] == 0:
+            return 0.0
+        return float(torch.linalg.vector_norm(x, dim=1).max()) * (1 + d * 2.0**-23)
+
+    def largest_residual(x: torch.Tensor, scanned: torch.Tensor) -> float:
+        # A float32 minus its own rounding to fewer bits is exact in float32.
+        return largest_norm(x - scanned.to(x.dtype))
+
+    product = largest_norm(scan_a.float()) * largest_norm(scan_b.float())
+    tf32 = (
+        scan_a.dtype == torch.float32
+        and scan_a.device.type == "cuda"
+        and torch.backends.cuda.matmul.allow_tf32
+    )
+    base = (
+        largest_residual(a, scan_a) * largest_norm(b)
+        + largest_norm(scan_a.float()) * largest_residual(b, scan_b)
+        + (2 * 2.0**-10 * product if tf32 else 0.0)
+        + 2 * d * 2.0**-24 * product
+    )
+    unit = 2.0**-8 if scan_a.dtype == torch.bfloat16 else 2.0**-24
+    # Headroom for the bound's own float64 arithmetic.
+    return ScanError(base=1.001 * base + 1e-9, unit=unit)
+
+
+@dataclass
+class Candidates:
+    """Each row's top-k columns and each column's top-k rows, with their float32 cosines."""
+
+    row_cols: torch.Tensor  # int64 (p, k_row)
+    row_vals: torch.Tensor  # float32 (p, k_row), descending
+    col_rows: torch.Tensor  # int64 (k_col, q)
+    col_vals: torch.Tensor  # float32 (k_col, q), descending
+
+    def row_cutoff(self, q: int) -> np.ndarray:
+        """Upper bound on the cosine of any edge of a row outside its top-k (-inf if none)."""
+        if self.row_vals.shape[1] >= q:
+            return np.full(self.row_vals.shape[0], -np.inf)
+        return self.row_vals[:, -1].double().numpy()
+
+    def col_cutoff(self, p: int) -> np.ndarray:
+        if self.col_vals.shape[0] >= p:
+            return np.full(self.col_vals.shape[1], -np.inf)
+        return self.col_vals[-1].double().numpy()
+
+
+def _pair_dots(table: torch.Tensor, members: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """table[members[n, m]] . right[n] -> (n, m) in float32."""
+    left = table.index_select(0, members.reshape(-1)).view(*members.shape, table.shape[1])
+    return torch.bmm(left, right[:, :, None])[:, :, 0]
+
+
+def _dots(a: torch.Tensor, b: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor):
+    """float32 cosines a[rows[n]] . b[cols[n]], a bounded number of pairs at a time."""
+    out = torch.empty(rows.shape[0], dtype=torch.float32, device=a.device)
+    for start in range(0, rows.shape[0], RESCORE_CHUNK):
+        part = slice(start, start + RESCORE_CHUNK)
+        left, right = a.index_select(0, rows[part]), b.index_select(0, cols[part])
+        out[part] = torch.bmm(left[:, None, :], right[:, :, None]).flatten()
+    return out
+
+
+def _line_top(
+    line: torch.Tensor, members: torch.Tensor, values: torch.Tensor, count: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Entries sorted by `line` id: each line's id, its `count` best values (descending) and
+    their members. Every line must have at least `count` entries."""
+    ids, sizes = torch.unique_consecutive(line, return_counts=True)
+    first = torch.cumsum(sizes, 0) - sizes
+    slot = torch.repeat_interleave(torch.arange(ids.shape[0], device=line.device), sizes)
+    position = torch.arange(line.shape[0], device=line.device) - first[slot]
+    table = torch.full((ids.shape[0], int(sizes.max())), -torch.inf, device=values.device)
+    table[slot, position] = values
+    best, index = table.topk(count, dim=1)
+    return ids, best, members[first[:, None] + index]
+
+
+class RowSearch:
+    """One pass over `a @ b.T` keeping each row's k best columns; rows are final as soon as
+    their block is done."""
+
+    def __init__(
+        self, a: torch.Tensor, b: torch.Tensor, k: int, device: torch.device, dtype: torch.dtype
+    ):
+        self.a, self.b = a.to(device), b.to(device)
+        p, q = a.shape[0], b.shape[0]
+        self.k = min(k, q)
+        # A scanned list longer than k, so that a row's k best float32 cosines are almost
+        # always in it (checked per row; a row where they may not be is redone).
+        self.list = min(q, LIST_FACTOR * k)
+        self.scan_a, self.scan_b = self.a.to(dtype), self.b.to(dtype)
+        self.err = scan_error(self.a, self.b, self.scan_a, self.scan_b)
+        self.cols = torch.empty((p, self.k), dtype=torch.int64)
+        self.vals = torch.empty((p, self.k))
+        self.group = GROUP if q % GROUP == 0 and q // GROUP >= self.list else 1
+        self.redone = 0
+
+    def scanned_list(self, block: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each row's `list` best scanned values (descending) and their columns."""
+        count, q = block.shape
+        # The best `list` groups of columns hold the row's `list` best scanned entries.
+        width = q // self.group
+        group_max = block.view(count, self.group, width).amax(dim=1)
+        _, groups = group_max.float().topk(self.list, dim=1)
+        spread = torch.arange(self.group, device=block.device) * width
+        cols = (groups[:, :, None] + spread).reshape(count, -1)
+        scanned, position = block.gather(1, cols).float().topk(self.list, dim=1)
+        return scanned, cols.gather(1, position)
+
+    def block(self, start: int, block: torch.Tensor) -> None:
+        count, q = block.shape
+        scanned, cols = self.scanned_list(block)
+        true = _pair_dots(self.b, cols, self.a[start : start + count])
+        vals, index = true.topk(self.k, dim=1)
+        kept = cols.gather(1, index)
+        if self.list < q:
+            # An entry off the list was scanned <= the list's last; if that can still reach
+            # the k-th best rescored cosine, the row is redone from every entry that can.
+            cut = self.err.lower(vals[:, -1])
+            unsure = torch.nonzero(scanned[:, -1] >= cut).flatten()
+            if unsure.numel():
+                self.redone += unsure.numel()
+                lines, hit = _entries_at_least(block, unsure, cut[unsure])
+                values = _dots(self.a, self.b, lines + start, hit)
+                ids, best, members = _line_top(lines, hit, values, self.k)
+                vals[ids], kept[ids] = best, members
+        self.vals[start : start + count] = vals.cpu()
+        self.cols[start : start + count] = kept.cpu()
+
+
+def _entries_at_least(
+    block: torch.Tensor, rows: torch.Tensor, cut: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row, column) of the entries of the given block rows at or above each row's cut, in
+    row order, a few rows at a time (a float copy of many whole rows would be large)."""
+    found_rows, found_cols = [], []
+    for start in range(0, rows.shape[0], REDO_CHUNK):
+        part = rows[start : start + REDO_CHUNK]
+        lines = block.index_select(0, part).float()
+        hit_row, hit_col = torch.nonzero(lines >= cut[start : start + REDO_CHUNK, None]).T
+        found_rows.append(part[hit_row])
+        found_cols.append(hit_col)
+    return torch.cat(found_rows), torch.cat(found_cols)
+
+
+def row_candidates(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    k: int,
+    block_rows: int = 1024,
+    progress: Progress | None = None,
+    stage: str = "candidates",
+    device: torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    done_before: int = 0,
+    total: int | None = None,
+) -> RowSearch:
+    """Each row's k best partners by float32 cosine, in one pass over `a @ b.T`. `device`
+    and the scan's `dtype` default to the GPU if any and `scan_dtype`; the answer is the
+    same for any."""
+    device = device or scan_device()
+    search = RowSearch(a, b, k, device, dtype or scan_dtype(device))
+    total = total or a.shape[0]
+    for start, block in cosine_blocks(search.scan_a, search.scan_b, block_rows):
+        search.block(start, block)
+        report(progress, stage, done_before + start + block.shape[0], total)
+    return search
+
+
+def scanned_lists(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    size: int,
+    block_rows: int = 1024,
+    device: torch.device | None = None,
+    dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+    """Each row's `size` best entries by scanned value, rescored in float32: columns and
+    cosines (p, size), and per row a bound on the cosine of every entry left out (-inf when
+    none is). Cheaper than the exact top `size`, and as good a list to widen a row with."""
+    device = device or scan_device()
+    search = RowSearch(a, b, size, device, dtype or scan_dtype(device))
+    p, q = a.shape[0], b.shape[0]
+    search.list = min(q, size)
+    search.group = GROUP if q % GROUP == 0 and q // GROUP >= search.list else 1
+    cols = torch.empty((p, search.list), dtype=torch.int64)
+    values = torch.empty((p, search.list))
+    cutoff = np.full(p, -np.inf)
+    for start, block in cosine_blocks(search.scan_a, search.scan_b, block_rows):
+        scanned, found = search.scanned_list(block)
+        count = block.shape[0]
+        values[start : start + count] = _pair_dots(
+            search.b, found, search.a[start : start + count]
+        ).cpu()
+        cols[start : start + count] = found.cpu()
+        if search.list < q:
+            cutoff[start : start + count] = search.err.greatest_cosine(scanned[:, -1]).cpu()
+    return cols, values, cutoff
+
+
+def top_candidates(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    k: int,
+    block_rows: int = 1024,
+    progress: Progress | None = None,
+    stage: str = "candidates",
+    device: torch.device | None = None,
+    dtype: torch.dtype | None = None,
+) -> Candidates:
+    """Each row's and each column's k best partners by float32 cosine: a pass over the rows
+    of `a @ b.T`, then one over the rows of `b @ a.T` (a second product costs less than
+    merging every block into the columns' lists)."""
+    total = a.shape[0] + b.shape[0]
+    rows = row_candidates(a, b, k, block_rows, progress, stage, device, dtype, 0, total)
+    cols = row_candidates(b, a, k, block_rows, progress, stage, device, dtype, a.shape[0], total)
+    return Candidates(rows.cols, rows.vals, cols.cols.T.contiguous(), cols.vals.T.contiguous())

@@ -1,0 +1,142 @@
+"""The fast candidate search against a dense float32 top-k, its error bound against the
+actual bfloat16 error, and the proven sparse path against the exact solver."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import sae.matching.candidates as candidates
+from sae.checkpoint import SaeWeights, save_saelens, save_sparsify
+from sae.matching.candidates import row_candidates, scan_error, top_candidates
+from sae.matching.pair import MatchConfig, match_checkpoints, match_saes
+from sae.matching.solvers import assign_exact, assign_sparse
+
+
+def unit(x: torch.Tensor) -> torch.Tensor:
+    return x / x.norm(dim=1, keepdim=True)
+
+
+def planted(n: int, d: int, shared: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """B holds `shared` of A's directions, permuted, with noise of a random size (matched
+    cosines spread across 0.7); the rest of B is fresh random directions."""
+    gen = torch.Generator().manual_seed(seed)
+    a = unit(torch.randn(n, d, generator=gen))
+    b = unit(torch.randn(n, d, generator=gen))
+    count = int(shared * n)
+    perm = torch.randperm(n, generator=gen)
+    sigma = 0.1 + 1.5 * torch.rand(count, 1, generator=gen)
+    noise = unit(torch.randn(count, d, generator=gen))
+    b[perm[:count]] = unit(a[:count] + sigma * noise)
+    return a, b
+
+
+def assert_dense_top_k(cand: candidates.Candidates, a: torch.Tensor, b: torch.Tensor, k: int):
+    dense = a @ b.T
+    torch.testing.assert_close(cand.row_vals, dense.topk(k, dim=1).values, atol=1e-5, rtol=0)
+    torch.testing.assert_close(dense.gather(1, cand.row_cols), cand.row_vals, atol=1e-5, rtol=0)
+    torch.testing.assert_close(cand.col_vals, dense.topk(k, dim=0).values, atol=1e-5, rtol=0)
+    torch.testing.assert_close(dense.gather(0, cand.col_rows), cand.col_vals, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("list_factor", [1, 2])
+@pytest.mark.parametrize(("p", "q", "d", "k"), [(700, 500, 8, 5), (600, 1024, 96, 16)])
+def test_bfloat16_scan_finds_the_float32_top_k(
+    monkeypatch: pytest.MonkeyPatch, list_factor: int, p: int, q: int, d: int, k: int
+) -> None:
+    # With lists of exactly k almost every row must be redone from the scan: both the short
+    # path and the redo path have to give the float32 answer.
+    monkeypatch.setattr(candidates, "LIST_FACTOR", list_factor)
+    a, b = planted(max(p, q), d, 0.5, seed=p + d)
+    a, b = a[:p], b[:q]
+    search = row_candidates(a, b, k, block_rows=128, dtype=torch.bfloat16)
+    assert (search.redone > 0) == (list_factor == 1)
+    assert_dense_top_k(top_candidates(a, b, k, block_rows=128), a, b, k)
+
+
+def test_float32_scan_gives_the_same_candidates() -> None:
+    a, b = planted(900, 32, 0.4, seed=3)
+    fast = top_candidates(a, b, 8, block_rows=200)
+    plain = top_candidates(a, b, 8, block_rows=200, dtype=torch.float32)
+    np.testing.assert_array_equal(fast.row_cols.numpy(), plain.row_cols.numpy())
+    np.testing.assert_array_equal(fast.col_rows.numpy(), plain.col_rows.numpy())
+    assert_dense_top_k(plain, a, b, 8)
+
+
+def test_scan_error_bounds_the_actual_error() -> None:
+    a, b = planted(2048, 576, 0.5, seed=4)
+    scan_a, scan_b = a.bfloat16(), b.bfloat16()
+    err = scan_error(a, b, scan_a, scan_b)
+    exact = a.double() @ b.double().T
+    scanned = (scan_a @ scan_b.T).double()
+    # Every entry's scan lies at or above the least value its true cosine allows.
+    assert bool((scanned >= err.lower(exact.float()).double()).all())
+    actual = (scanned - exact).abs().max().item()
+    assert 0 < actual < err.base + err.unit
+    # The bound is a margin of about 1% of the cosine range, not a blanket one.
+    assert err.base + err.unit < 0.012
+
+
+def sae_of(decoder: torch.Tensor, encoder: torch.Tensor) -> SaeWeights:
+    n, d = decoder.shape
+    return SaeWeights(encoder, torch.zeros(n), decoder, torch.zeros(d), {"k": 8})
+
+
+def test_sparse_path_proves_the_exact_answer_on_planted_pairs(tmp_path: Path) -> None:
+    n, d = 4096, 64
+    dec_a, dec_b = planted(n, d, 0.45, seed=5)
+    enc_a, enc_b = planted(n, d, 0.45, seed=6)
+    first, second = sae_of(dec_a, enc_a), sae_of(dec_b, enc_b)
+    save_sparsify(tmp_path / "a", first)
+    save_saelens(tmp_path / "b", second)
+    stages: set[str] = set()
+    fast = match_checkpoints(
+        tmp_path / "a", tmp_path / "b", MatchConfig(), lambda stage, done, total: stages.add(stage)
+    )
+    exact = match_saes(first, second, MatchConfig(solver="exact"))
+    assert fast.summary.solver == "sparse"
+    assert fast.summary.gap_bound_decoder == fast.summary.gap_bound_encoder == 0.0
+    np.testing.assert_array_equal(fast.shared, exact.shared)
+    np.testing.assert_array_equal(fast.decoder.partner, exact.decoder.partner)
+    assert fast.summary.shared_fraction == exact.summary.shared_fraction
+    assert 0.1 < fast.summary.shared_fraction < 0.45
+    for side in ("decoder", "encoder"):
+        assert {f"{side} {phase}" for phase in ("candidates", "solve", "prices", "bound")} <= stages
+        assert {f"{side} {phase}" for phase in ("candidates", "solve", "bound")} <= set(
+            fast.summary.phase_seconds
+        )
+
+
+def test_gap_bound_holds_where_it_proves_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sae.matching.solvers
+
+    # Unstructured directions and lists of 2 with no widening: a real gap, and a bound above it.
+    gen = torch.Generator().manual_seed(7)
+    a, b = unit(torch.randn(600, 8, generator=gen)), unit(torch.randn(600, 8, generator=gen))
+    exact = assign_exact(a, b)
+    narrow = assign_sparse(a, b, k=2, block_rows=128, widen_rounds=0)
+    gap = exact.objective - narrow.objective
+    assert gap > 1e-3
+    assert gap <= narrow.gap_bound + 1e-6
+    # Widening every row and column that stands in the way narrows the bound.
+    monkeypatch.setattr(sae.matching.solvers, "WIDEN_MAX_SHARE", 1.0)
+    widened = assign_sparse(a, b, k=2, block_rows=128)
+    assert exact.objective - widened.objective <= widened.gap_bound + 1e-6
+    assert widened.gap_bound < narrow.gap_bound
+
+
+def test_auto_falls_back_to_exact_where_the_bound_proves_nothing() -> None:
+    gen = torch.Generator().manual_seed(8)
+    a, b = unit(torch.randn(300, 8, generator=gen)), unit(torch.randn(300, 8, generator=gen))
+    config = MatchConfig(candidates=2, widen_rounds=0)
+    auto = match_saes(sae_of(a, a), sae_of(b, b), config)
+    assert auto.summary.solver.startswith("exact")
+    assert auto.summary.gap_bound_decoder == 0.0
+    assert "decoder sparse bound" in auto.summary.phase_seconds
+    exact = match_saes(sae_of(a, a), sae_of(b, b), MatchConfig(solver="exact"))
+    assert auto.summary.objective_decoder == pytest.approx(exact.summary.objective_decoder)
+    beyond = match_saes(
+        sae_of(a, a), sae_of(b, b), config.model_copy(update={"exact_max_latents": 100})
+    )
+    assert beyond.summary.solver == "sparse" and beyond.summary.gap_bound_decoder > 0
