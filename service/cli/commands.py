@@ -331,6 +331,7 @@ def match_command(
     solver: str = option(MatchConfig, "solver"),
     candidates: int = option(MatchConfig, "candidates"),
     into_larger: bool = option(MatchConfig, "into_larger"),
+    widen_rounds: int = option(MatchConfig, "widen_rounds"),
     run: Annotated[
         str | None,
         typer.Option(help="match every pair of seeds of this stored run and store the result"),
@@ -356,7 +357,7 @@ def match_command(
     config = config_from(
         MatchConfig,
         {"threshold": threshold, "solver": solver, "candidates": candidates}
-        | {"into_larger": into_larger},
+        | {"into_larger": into_larger, "widen_rounds": widen_rounds},
     )
     if run is not None:
         _match_run(run, config, json_output)
