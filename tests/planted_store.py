@@ -64,6 +64,24 @@ def add_planted_windows(session: Session, latent_id: int, windows: Iterable[Any]
         )
 
 
+def one_sae_run(session: Session, n_latents: int, name: str = "r") -> list[int]:
+    """A run with one SAE (seed 0, SmolLM2's layer 6 MLP, no weights); its latent ids in index
+    order."""
+    run = register_run(
+        session,
+        name,
+        subject_model="smollm2",
+        hookpoint="model.layers.6.mlp",
+        dataset="embedded",
+        architecture="topk",
+        n_latents=n_latents,
+        k=8,
+        seeds=[0],
+    )
+    sae = register_sae(session, run, 0, n_latents=n_latents, d_in=576)
+    return [int(latent_id) for latent_id in latent_ids(session, sae)]
+
+
 def store_planted_run(store: Store, tokenizer: Any, windows: Any, rules: list[str]) -> list[int]:
     """A run "planted" with one SAE whose latent i fires by `rules[i]` (windows planted with
     seed i), its example windows in the store; returns the latent ids in index order."""

@@ -116,19 +116,24 @@ def test_migration_puts_existing_windows_in_an_honest_version_1(store_url: str):
         store.dispose()
 
 
-def test_downgrade_keeps_the_newest_complete_version(store: Store):
-    run_id, ids = add_run(store, "r")
-    write_version(store, run_id, ids, {"window": 4}, offset=0)
-    newest, written = write_version(store, run_id, ids, {"window": 8}, offset=100)
-    with store.session() as session, session.begin():
-        complete_cache_version(session, session.merge(newest))
+def downgrade_store(store: Store, revision: str) -> None:
+    """Migrate the store down to `revision` (SQLite's batch mode needs foreign keys off)."""
     with store.engine.connect() as connection:
         if store.backend == "sqlite":
             driver = connection.connection.driver_connection
             assert isinstance(driver, sqlite3.Connection)
             driver.execute("PRAGMA foreign_keys = OFF")
         with connection.begin():
-            command.downgrade(alembic_config(connection), "0003")
+            command.downgrade(alembic_config(connection), revision)
+
+
+def test_downgrade_keeps_the_newest_complete_version(store: Store):
+    run_id, ids = add_run(store, "r")
+    write_version(store, run_id, ids, {"window": 4}, offset=0)
+    newest, written = write_version(store, run_id, ids, {"window": 8}, offset=100)
+    with store.session() as session, session.begin():
+        complete_cache_version(session, session.merge(newest))
+    downgrade_store(store, "0003")
     assert "cache_version" not in inspect(store.engine).get_table_names()
     with store.engine.connect() as connection:
         kept = connection.execute(text("SELECT token_ids FROM example")).scalars().all()

@@ -11,9 +11,10 @@ from typing import Any
 
 import numpy as np
 import pytest
-from planted_store import LLM_FREE_JOB, queue_jobs, store_planted_run
+from planted_store import LLM_FREE_JOB, one_sae_run, queue_jobs, store_planted_run
 from report_fixtures import explanation_text, populate
 from sqlalchemy import MetaData, func, insert, select
+from test_cache_versions import downgrade_store
 from test_store_cli import cli, one_line_error, seed_run
 
 from sae.subject_model import load_tokenizer
@@ -24,8 +25,7 @@ from service.report import make_report
 from service.report.show import show_latent
 from service.scoring.worker import ScoreWorkers
 from service.store.engine import Store, open_store, upgrade
-from service.store.models import Campaign, Explanation, Job, Latent, LlmCall, Score
-from service.store.runs import register_run, register_sae
+from service.store.models import Campaign, Explanation, Job, LlmCall, Score
 
 
 def test_a_report_reads_one_campaign_and_names_it(store: Store, home: Path):
@@ -308,37 +308,14 @@ def test_campaigns_downgrade_to_config_hashes_and_back(store: Store):
     """Downgrading gives each campaign's jobs its config and a hash of their own (two LLMs
     of one config stay two jobs per latent); upgrading again labels them as recorded before
     campaigns."""
-    import sqlite3
-
-    from alembic import command
     from sqlalchemy import text
-
-    from service.store.engine import alembic_config
 
     job = {"explainers": ["llm"], "scorers": ["embedding"]}
     with store.session() as session, session.begin():
-        run = register_run(
-            session,
-            "r",
-            subject_model="smollm2",
-            hookpoint="h",
-            dataset="embedded",
-            architecture="topk",
-            n_latents=2,
-            k=4,
-            seeds=[0],
-        )
-        register_sae(session, run, 0, n_latents=2, d_in=8)
-        ids = list(session.scalars(select(Latent.id)))
+        ids = one_sae_run(session, 2)
         for model in ("a", "b"):
             queue_jobs(session, ids, "explain", job, llm=LLMConfig(model=model))
-    with store.engine.connect() as connection:
-        if store.backend == "sqlite":
-            driver = connection.connection.driver_connection
-            assert isinstance(driver, sqlite3.Connection)
-            driver.execute("PRAGMA foreign_keys = OFF")
-        with connection.begin():
-            command.downgrade(alembic_config(connection), "0004")
+    downgrade_store(store, "0004")
     with store.engine.connect() as connection:
         rows = connection.execute(text("SELECT latent_id, config_hash, config FROM job")).all()
     assert len(rows) == 4 and len({row.config_hash for row in rows}) == 2

@@ -5,7 +5,7 @@ import asyncio
 from pathlib import Path
 
 import pytest
-from planted_store import queue_jobs
+from planted_store import one_sae_run, queue_jobs
 from pydantic import ValidationError
 from sqlalchemy import select
 
@@ -15,25 +15,12 @@ from service.llm.openai_client import OpenAIClient
 from service.llm.serve import free_port
 from service.scoring.worker import ScoreWorkers
 from service.store.engine import Store
-from service.store.models import Explanation, Job, Latent
-from service.store.runs import register_run, register_sae
+from service.store.models import Explanation, Job
 
 
 def test_unusable_jobs_fail_at_once_with_their_reason(store: Store, home: Path):
     with store.session() as session, session.begin():
-        run = register_run(
-            session,
-            "r",
-            subject_model="smollm2",
-            hookpoint="model.layers.6.mlp",
-            dataset="embedded",
-            architecture="topk",
-            n_latents=3,
-            k=8,
-            seeds=[0],
-        )
-        register_sae(session, run, 0, n_latents=3, d_in=576)
-        ids = list(session.scalars(select(Latent.id).order_by(Latent.index)))
+        ids = one_sae_run(session, 3)
         queue_jobs(session, [ids[2]], "explain", {})  # no example windows stored
     # Never reached: every job fails before its first request.
     llm = OpenAIClient(LLMConfig(urls=[f"http://127.0.0.1:{free_port()}"]))
@@ -49,19 +36,7 @@ def test_unusable_jobs_fail_at_once_with_their_reason(store: Store, home: Path):
 def test_unusable_configs_are_refused_when_queued(store: Store):
     """A config that could never run is refused before any job exists, not failed later."""
     with store.session() as session, session.begin():
-        run = register_run(
-            session,
-            "r",
-            subject_model="smollm2",
-            hookpoint="model.layers.6.mlp",
-            dataset="embedded",
-            architecture="topk",
-            n_latents=2,
-            k=8,
-            seeds=[0],
-        )
-        register_sae(session, run, 0, n_latents=2, d_in=576)
-        ids = list(session.scalars(select(Latent.id).order_by(Latent.index)))
+        ids = one_sae_run(session, 2)
         with pytest.raises(UserError, match="unknown scorer 'simulation'"):
             queue_jobs(session, ids, "explain", {"scorers": ["simulation"]})
         with pytest.raises(ValidationError, match="n_positive"):

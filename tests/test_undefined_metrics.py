@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from planted_store import LLM_FREE_JOB, add_planted_windows, plant_small, queue_jobs
+from planted_store import LLM_FREE_JOB, add_planted_windows, one_sae_run, plant_small, queue_jobs
 from rich.console import Console
 from sqlalchemy import select
 
@@ -20,8 +20,7 @@ from service.report.report import build_report
 from service.report.terminal import headline
 from service.scoring.worker import ScoreWorkers
 from service.store.engine import Store
-from service.store.models import Latent, Score
-from service.store.runs import register_run, register_sae
+from service.store.models import Score
 
 
 def test_a_latent_without_negatives_stores_null_and_the_report_counts_it(
@@ -29,19 +28,7 @@ def test_a_latent_without_negatives_stores_null_and_the_report_counts_it(
 ):
     planted = plant_small("return", corpus_windows, tokenizer)
     with store.session() as session, session.begin():
-        run = register_run(
-            session,
-            "r",
-            subject_model="smollm2",
-            hookpoint="model.layers.6.mlp",
-            dataset="embedded",
-            architecture="topk",
-            n_latents=2,
-            k=4,
-            seeds=[0],
-        )
-        register_sae(session, run, 0, n_latents=2, d_in=8)
-        whole, always_firing = session.scalars(select(Latent.id).order_by(Latent.index)).all()
+        whole, always_firing = one_sae_run(session, 2)
         add_planted_windows(session, whole, planted)
         add_planted_windows(session, always_firing, [w for w in planted if w.kind != "random"])
         assert queue_jobs(session, [whole, always_firing], "explain", LLM_FREE_JOB) == 2
