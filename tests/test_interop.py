@@ -22,8 +22,9 @@ from sae.checkpoint_import import ImportConfig
 from sae.latent_stats import CacheConfig
 from sae.matching import MatchConfig
 from service.cache.stage import cache_run
-from service.config import QueueConfig, ScoringConfig
+from service.config import LLMConfig, QueueConfig, ScoreConfig, ScoringConfig
 from service.report import make_report
+from service.scoring.campaign import open_campaign
 from service.scoring.worker import run_score
 from service.store.engine import Store
 from service.store.imported import record_import
@@ -98,7 +99,14 @@ def test_import_match_cache_score_report(
         matches = record_matching(store, run, MatchConfig())
         assert sorted(matches[TINY_GPT2_HOOKPOINT]) == [(0, 1), (1, 0)]
         cache_run(store, run, home, cache, show_progress=False)
-        queued = queue_run(store, run, QueueConfig(selection="sample", latents=3), LLM_FREE_JOB)
+        queued = queue_run(
+            store,
+            run,
+            lambda session: open_campaign(
+                session, ScoreConfig.model_validate(LLM_FREE_JOB), LLMConfig()
+            ),
+            QueueConfig(selection="sample", latents=3),
+        )
         assert queued.inserted == 3
     stats = run_score(store_url, home, ScoringConfig(workers=2))
     assert stats.completed == 3 * len(RUNS) and stats.failed == 0
