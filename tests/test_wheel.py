@@ -69,7 +69,8 @@ def test_wheel_installs_and_runs_outside_the_repository(tmp_path: Path):
     assert "store upgraded from empty to revision" in run([autointerp, "db", "upgrade"], work, env)
     assert "1" in run([autointerp, "query", "SELECT 1", "--format", "csv"], work, env)
     render = (
-        "from service.llm.prompts import load_prompt; "
-        "print(load_prompt('explain_v1').render(examples='<<token>> example')[1]['content'])"
+        "from service.llm.prompts import windows_prompt; "
+        "print(windows_prompt('explain_v2', [(['a', ' token', ' example'], [0, 1, 0])])"
+        "[1]['content'])"
     )
-    assert "<<token>> example" in run([str(python), "-c", render], work, env)
+    assert "a <<token>> example" in run([str(python), "-c", render], work, env)
