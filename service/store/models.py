@@ -181,7 +181,7 @@ class Example(Base):
     __tablename__ = "example"
     __table_args__ = (
         Index("ix_example_latent_id_kind", "latent_id", "kind"),
-        Index("ix_example_cache_version_id", "cache_version_id"),
+        Index("ix_example_cache_version_id_latent_id", "cache_version_id", "latent_id"),
     )
 
     id: Mapped[int] = mapped_column(primary_key=True)
@@ -273,7 +273,9 @@ class Score(Base):
     """How well an explanation predicts a latent under one scorer and one control."""
 
     __tablename__ = "score"
-    __table_args__ = (Index("ix_score_latent_id_scorer", "latent_id", "scorer"),)
+    __table_args__ = (
+        Index("ix_score_latent_id_campaign_id_scorer", "latent_id", "campaign_id", "scorer"),
+    )
 
     id: Mapped[int] = mapped_column(primary_key=True)
     latent_id: Mapped[int] = mapped_column(ForeignKey("latent.id", ondelete="CASCADE"))
