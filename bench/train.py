@@ -5,6 +5,8 @@ Prints, for one hookpoint:
 - end-to-end training tokens/s (model forward + every seed's SAE step) for S = 1, 2, 4,
   the cost of S together relative to one seed, and relative to S separate runs,
 - training tokens/s from an activation cache on disk (no model) for S = 1 and 4,
+- training tokens/s from the cache with 1 and 2 processes (`torchrun`, gloo), 2 seeds,
+  the same global batch: the point on 2 cores is that the same command runs, not speed,
 - the design check behind the trainer: stacked seeds (one bmm) against a loop of per-seed
   matrix products, time and bitwise equality,
 - peak resident memory of the process.
@@ -17,7 +19,10 @@ so model loading, tokenisation and initialisation are not counted.
 
 import argparse
 import os
+import re
 import resource
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -55,6 +60,30 @@ def forward_rate(home: Path, hookpoint: str, batch_chunks: int, repeats: int = 3
         capture_activations(model, ids, [hookpoint])
         best = min(best, time.perf_counter() - start)
     return ids.numel() / best
+
+
+def processes_rate(cache: Path, out: Path, processes: int, args: argparse.Namespace) -> float:
+    """Tokens/s that `autointerp train --from-cache` prints, in `processes` processes."""
+    bin_folder = Path(sys.executable).parent
+    launcher = [str(bin_folder / "autointerp")]
+    if processes > 1:
+        launcher = [str(bin_folder / "torchrun"), "--standalone", "--nproc-per-node"]
+        launcher += [str(processes), "-m", "service.cli"]
+    options = ["--from-cache", str(cache), "--latents", str(args.latents), "--k", str(args.k)]
+    options += ["--seeds", "0,1", "--batch-tokens", str(args.batch_tokens)]
+    # The cores are shared out among the processes, as torchrun's users would.
+    threads = str(max(1, torch.get_num_threads() // processes))
+    finished = subprocess.run(
+        [*launcher, "train", "--out", str(out), *options],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "OMP_NUM_THREADS": threads},
+    )
+    rate = re.search(r"([\d,]+) tokens/s over", finished.stdout)
+    if rate is None:
+        raise RuntimeError(f"no rate in the output of train: {finished.stdout}")
+    return float(rate.group(1).replace(",", ""))
 
 
 def stacking_check(d: int, n: int, tokens: int, seeds: int) -> tuple[float, float, bool]:
@@ -141,6 +170,11 @@ def main() -> None:
             )
             rate = steady_rate(config, Path(scratch) / f"cache-s{seeds}", home, args.steps)
             print(f"{seeds:>5} seeds: {rate:,.0f} tokens/s")
+        print("\nfrom the activation cache, 2 seeds, whole cache, autointerp train:")
+        for processes in (1, 2):
+            out = Path(scratch) / f"processes-{processes}"
+            rate = processes_rate(cache_folder, out, processes, args)
+            print(f"{processes:>5} processes: {rate:,.0f} tokens/s")
 
     stacked, looped, equal = stacking_check(576, args.latents, args.batch_tokens, 4)
     print(

@@ -10,6 +10,11 @@ every latent of every SAE we keep, batch by batch:
 - a uniform sample of windows where the latent never fires (their activations are all zero).
 Priorities come from a generator seeded by (seed, batch index), so a run interrupted and
 resumed from its last saved state gives exactly the result of one uninterrupted pass.
+
+Every "keep the highest" is under one total order, (value descending, window id ascending),
+so the kept windows are those of the whole stream whatever order its batches are folded in:
+under torchrun each process folds every N-th batch and the main process folds the others'
+trackers into its own, storing exactly what one process stores.
 """
 
 import os
@@ -21,6 +26,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from sae.distributed import ProcessGroup
 from sae.errors import UserError
 
 Encoder = Callable[[torch.Tensor], torch.Tensor]
@@ -121,6 +127,45 @@ class _Tracker:
         for name, tensor in state.items():
             setattr(self, name, tensor)
 
+    def absorb(self, other: "_Tracker") -> None:
+        """Fold in a tracker of the same SAE that saw other batches of the same stream."""
+        self.firing_count += other.firing_count
+        self.max_activation = torch.maximum(self.max_activation, other.max_activation)
+        self.top_value, self.top_window, self.top_tokens = _merge(
+            self.top_value,
+            self.top_window,
+            self.top_tokens,
+            other.top_value,
+            other.top_window,
+            other.top_tokens,
+        )
+        merged = _merge(
+            self.sample_key,
+            self.sample_window,
+            self.sample_tokens,
+            other.sample_key,
+            other.sample_window,
+            other.sample_tokens,
+            extra=(self.sample_value, other.sample_value),
+        )
+        self.sample_key, self.sample_window, self.sample_tokens, self.sample_value = merged
+        self.negative_key, self.negative_window = _merge_ids(
+            self.negative_key, self.negative_window, other.negative_key, other.negative_window
+        )
+
+    def gather(self, group: ProcessGroup) -> None:
+        """On the main process, absorb every other process's tracker (one at a time, so
+        memory holds two trackers, not N); the others send theirs."""
+        names = sorted(self.state())
+        for rank in range(1, group.world_size):
+            if group.rank == rank:
+                for name in names:
+                    group.send(getattr(self, name), to=0)
+            elif group.is_main:
+                other = _Tracker.__new__(_Tracker)
+                other.load({name: group.receive(getattr(self, name), rank) for name in names})
+                self.absorb(other)
+
     def update(
         self,
         latent_acts: torch.Tensor,
@@ -162,21 +207,32 @@ class _Tracker:
 
 
 def _select(
-    kept: torch.Tensor, incoming: torch.Tensor
+    kept: torch.Tensor,
+    kept_window: torch.Tensor,
+    incoming: torch.Tensor,
+    incoming_window: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Top-|kept| of kept ++ incoming per row: (values, slot indices, from-incoming mask)."""
+    """Top-|kept| of kept ++ incoming per row, ties going to the lower window id:
+    (values, slot indices, from-incoming mask)."""
     size = kept.shape[1]
-    values, slot = torch.cat([kept, incoming], dim=1).topk(size, dim=1)
-    return values, slot, slot >= size
+    values = torch.cat([kept, incoming], dim=1)
+    windows = torch.cat([kept_window, incoming_window.expand(kept.shape[0], -1)], dim=1)
+    # Two stable sorts make the order (value descending, window ascending).
+    by_window = windows.argsort(dim=1, stable=True)
+    by_value = values.gather(1, by_window).argsort(dim=1, descending=True, stable=True)
+    slot = by_window.gather(1, by_value)[:, :size]
+    return values.gather(1, slot), slot, slot >= size
 
 
 def _merge_ids(
     kept_key: torch.Tensor, kept_window: torch.Tensor, key: torch.Tensor, window_ids: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    values, slot, incoming = _select(kept_key, key)
+    """`window_ids`: (n_windows,) shared by every latent, or (n_latents, n_windows)."""
+    window_ids = window_ids.expand(key.shape[0], -1)
+    values, slot, incoming = _select(kept_key, kept_window, key, window_ids)
     size = kept_key.shape[1]
     old = kept_window.gather(1, slot.clamp(max=size - 1))
-    new = window_ids[(slot - size).clamp(min=0)]
+    new = window_ids.gather(1, (slot - size).clamp(min=0))
     return values, torch.where(incoming, new, old)
 
 
@@ -190,12 +246,14 @@ def _merge(
     extra: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """Keep the highest keys per latent, carrying window ids, per-token activations and,
-    optionally, one more per-window value along."""
-    values, slot, incoming = _select(kept_key, key)
+    optionally, one more per-window value along. `window_ids`: (n_windows,) shared by every
+    latent, or (n_latents, n_windows)."""
+    window_ids = window_ids.expand(key.shape[0], -1)
+    values, slot, incoming = _select(kept_key, kept_window, key, window_ids)
     size = kept_key.shape[1]
     old_slot = slot.clamp(max=size - 1)
     new_slot = (slot - size).clamp(min=0)
-    window = torch.where(incoming, window_ids[new_slot], kept_window.gather(1, old_slot))
+    window = torch.where(incoming, window_ids.gather(1, new_slot), kept_window.gather(1, old_slot))
     width = kept_tokens.shape[2]
     old_tokens = kept_tokens.gather(1, old_slot.unsqueeze(-1).expand(-1, -1, width))
     new_tokens = per_latent.gather(1, new_slot.unsqueeze(-1).expand(-1, -1, width))
@@ -289,6 +347,7 @@ def collect_latent_stats(
     state_path: Path | None = None,
     save_every: int = 50,
     on_progress: Callable[[int, int], None] | None = None,
+    group: ProcessGroup | None = None,
 ) -> list[SaeLatentStats]:
     """One pass over `chunks` shared by every SAE of one hookpoint.
 
@@ -296,7 +355,14 @@ def collect_latent_stats(
     (N, d) activations to (N, n_latents) latent activations. With `state_path` the running
     state is saved every `save_every` batches and a later call resumes from it.
     `on_progress(tokens_done, total_tokens)` is called after every batch.
+    With a `group` of N processes, each folds every N-th batch (resuming from its own state
+    file) and the main process returns the whole stream's statistics; the others return [].
     """
+    group = group or ProcessGroup()
+    if group.is_distributed and state_path is not None:
+        state_path = state_path.with_name(
+            f"{state_path.stem}-rank{group.rank}of{group.world_size}{state_path.suffix}"
+        )
     n_chunks, chunk_len = chunks.shape
     if config.window > chunk_len:
         raise UserError(
@@ -320,6 +386,8 @@ def collect_latent_stats(
         if on_progress is not None:
             on_progress(min(start_batch * config.batch_size, n_chunks) * chunk_len, total_tokens)
     for batch_index in range(start_batch, n_batches):
+        if batch_index % group.world_size != group.rank:
+            continue
         batch = chunks[batch_index * config.batch_size : (batch_index + 1) * config.batch_size]
         hidden = activations(batch)
         flat = hidden.reshape(-1, hidden.shape[-1])
@@ -330,13 +398,17 @@ def collect_latent_stats(
             latent_acts = encode(flat).reshape(batch.shape[0], chunk_len, -1)
             tracker.update(latent_acts, window_ids, generator)
         if state_path is not None and (
-            (batch_index + 1) % save_every == 0 and batch_index + 1 < n_batches
+            (batch_index // group.world_size + 1) % save_every == 0 and batch_index + 1 < n_batches
         ):
             _save_state(state_path, trackers, n_latents, n_chunks, batch_index + 1)
         if on_progress is not None:
             on_progress(
                 min((batch_index + 1) * config.batch_size, n_chunks) * chunk_len, total_tokens
             )
+    for tracker in trackers:
+        tracker.gather(group)
+    if not group.is_main:
+        return []
     return [
         SaeLatentStats(
             n_tokens=total_tokens,

@@ -54,6 +54,7 @@ from sae.activation_cache import (
 from sae.architectures import SaeConfig, SparseAutoencoder, auto_learning_rate, get_architecture
 from sae.architectures.base import total_variance
 from sae.checkpoint import save_sparsify, write_atomically
+from sae.distributed import ProcessGroup, process_group
 from sae.errors import UserError
 
 CONFIG_FILE = "train_config.json"
@@ -184,13 +185,25 @@ class TrainResult:
 
 
 class ActivationSource(Protocol):
-    """Batches of activations addressed by (epoch, index), so resume can jump to any step."""
+    """Batches of activations addressed by (epoch, index), so resume can jump to any step.
+    `batch` gives this process's share of the batch (all of it in a single process);
+    `first_batch` the whole first batch, which every process initialises from."""
 
     steps_per_epoch: int
 
     def widths(self) -> dict[str, int]: ...
 
+    def first_batch(self) -> dict[str, torch.Tensor]: ...
+
     def batch(self, epoch: int, index: int) -> dict[str, torch.Tensor]: ...
+
+
+def _check_divides(what: str, count: int, group: ProcessGroup) -> None:
+    if count % group.world_size:
+        raise UserError(
+            f"{what} ({count:,}) does not divide among {group.world_size} processes: "
+            f"choose a multiple of {group.world_size}"
+        )
 
 
 def epoch_order(n_items: int, data_seed: int, epoch: int) -> torch.Tensor:
@@ -202,7 +215,7 @@ def epoch_order(n_items: int, data_seed: int, epoch: int) -> torch.Tensor:
 class ModelSource:
     """Runs the subject model (stopped after the deepest hookpoint) on whole chunks."""
 
-    def __init__(self, config: TrainConfig, home: Path) -> None:
+    def __init__(self, config: TrainConfig, home: Path, group: ProcessGroup) -> None:
         # Imported here: transformers takes seconds to import; cache-only runs skip it.
         from sae.data import load_chunks
         from sae.subject_model import check_hookpoints, load_model
@@ -215,6 +228,10 @@ class ModelSource:
         self.hookpoints = config.hookpoints
         self.data_seed = config.data_seed
         self.chunks_per_batch = config.batch_tokens // config.chunk_len
+        _check_divides(
+            "chunks per batch (batch tokens / chunk length)", self.chunks_per_batch, group
+        )
+        self.group = group
         self.steps_per_epoch = self.chunks.shape[0] // self.chunks_per_batch
         if self.steps_per_epoch == 0:
             raise UserError(
@@ -224,34 +241,40 @@ class ModelSource:
         self._order: tuple[int, torch.Tensor] | None = None
         self._first: dict[str, torch.Tensor] | None = None
 
-    def batch(self, epoch: int, index: int) -> dict[str, torch.Tensor]:
-        # The first batch is kept: it gives the widths and the initial statistics, and
-        # training starts with it; computing it once saves a forward pass.
-        if (epoch, index) == (0, 0):
-            if self._first is None:
-                self._first = self._capture(0, 0)
-            return self._first
-        return self._capture(epoch, index)
+    def first_batch(self) -> dict[str, torch.Tensor]:
+        # Kept: it gives the widths and the initial statistics, and training starts with it;
+        # computing it once saves a forward pass.
+        if self._first is None:
+            self._first = self._capture(0, 0, ProcessGroup())
+        return self._first
 
-    def _capture(self, epoch: int, index: int) -> dict[str, torch.Tensor]:
+    def batch(self, epoch: int, index: int) -> dict[str, torch.Tensor]:
+        if (epoch, index) == (0, 0):
+            # Whole chunks per process, so the share of tokens is the share of chunks.
+            return {name: self.group.shard(rows) for name, rows in self.first_batch().items()}
+        return self._capture(epoch, index, self.group)
+
+    def _capture(self, epoch: int, index: int, group: ProcessGroup) -> dict[str, torch.Tensor]:
         from sae.subject_model import capture_activations
 
         if self._order is None or self._order[0] != epoch:
             self._order = (epoch, epoch_order(self.chunks.shape[0], self.data_seed, epoch))
         start = index * self.chunks_per_batch
-        ids = self.chunks[self._order[1][start : start + self.chunks_per_batch]]
+        ids = self.chunks[group.shard(self._order[1][start : start + self.chunks_per_batch])]
         captured = capture_activations(self.model, ids, self.hookpoints)
         return {name: tensor.flatten(0, 1).float() for name, tensor in captured.items()}
 
     def widths(self) -> dict[str, int]:
-        return {name: int(tensor.shape[1]) for name, tensor in self.batch(0, 0).items()}
+        return {name: int(tensor.shape[1]) for name, tensor in self.first_batch().items()}
 
 
 class CacheSource:
     """Reads random token batches from an activation cache; each epoch is a permutation."""
 
-    def __init__(self, config: TrainConfig, cache: ActivationCache) -> None:
+    def __init__(self, config: TrainConfig, cache: ActivationCache, group: ProcessGroup) -> None:
         cache.check_hookpoints(config.hookpoints)
+        _check_divides("batch tokens", config.batch_tokens, group)
+        self.group = group
         self.cache = cache
         self.hookpoints = config.hookpoints
         self.data_seed = config.data_seed
@@ -267,11 +290,17 @@ class CacheSource:
     def widths(self) -> dict[str, int]:
         return {name: self.cache.width(name) for name in self.hookpoints}
 
+    def first_batch(self) -> dict[str, torch.Tensor]:
+        return self._read(0, 0, ProcessGroup())
+
     def batch(self, epoch: int, index: int) -> dict[str, torch.Tensor]:
+        return self._read(epoch, index, self.group)
+
+    def _read(self, epoch: int, index: int, group: ProcessGroup) -> dict[str, torch.Tensor]:
         if self._order is None or self._order[0] != epoch:
             self._order = (epoch, epoch_order(self.cache.n_tokens, self.data_seed, epoch))
         start = index * self.batch_tokens
-        rows = self._order[1][start : start + self.batch_tokens].sort().values
+        rows = group.shard(self._order[1][start : start + self.batch_tokens].sort().values)
         return {name: self.cache.read(name, rows) for name in self.hookpoints}
 
 
@@ -318,9 +347,9 @@ def cache_activations(
     )
 
 
-def open_source(config: TrainConfig, home: Path) -> ActivationSource:
+def open_source(config: TrainConfig, home: Path, group: ProcessGroup) -> ActivationSource:
     if config.activation_cache is None:
-        return ModelSource(config, home)
+        return ModelSource(config, home, group)
     cache = ActivationCache(Path(config.activation_cache))
     cache.check_source(
         config.model,
@@ -330,7 +359,7 @@ def open_source(config: TrainConfig, home: Path) -> ActivationSource:
         config.data_seed,
         config.hookpoints,
     )
-    return CacheSource(config, cache)
+    return CacheSource(config, cache, group)
 
 
 def geometric_median(points: torch.Tensor, iterations: int = 50) -> torch.Tensor:
@@ -461,8 +490,10 @@ class _Trainer:
         source: ActivationSource,
         widths: dict[str, int],
         saved: _SavedState | None,
+        group: ProcessGroup,
     ) -> None:
         self.config = config
+        self.group = group
         self.out = out
         self.source = source
         self.total_steps = source.steps_per_epoch * config.epochs
@@ -492,7 +523,7 @@ class _Trainer:
             self._load(saved)
 
     def _initialise_from_data(self) -> None:
-        first = self.source.batch(0, 0)
+        first = self.source.first_batch()
         for hookpoint in self.config.hookpoints:
             x = first[hookpoint]
             scale = 1.0
@@ -546,11 +577,10 @@ class _Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = learning_rate_at(config, self.step, self.total_steps)
         progress = self.step / self.total_steps
-        n_tokens = 0
         for hookpoint in config.hookpoints:
             x = batch[hookpoint] * self.scales[hookpoint]
-            n_tokens = x.shape[0]
-            variance = total_variance(x)
+            n_tokens = x.shape[0] * self.group.world_size
+            variance = self._variance(x)
             for run in self.runs:
                 if run.hookpoint != hookpoint:
                     continue
@@ -559,7 +589,7 @@ class _Trainer:
                 # One backward per seed: each seed's graph is freed before the next is built.
                 output.loss.backward()
                 run.tokens_since_fired += n_tokens
-                run.tokens_since_fired[output.fired] = 0
+                run.tokens_since_fired[self._fired_anywhere(output.fired)] = 0
                 for name, value in (
                     ("fvu", output.fvu),
                     ("l0", output.l0),
@@ -567,6 +597,7 @@ class _Trainer:
                 ):
                     run.sums[name] = run.sums.get(name, 0.0) + value
                 run.steps += 1
+        self._average_gradients()
         for run in self.runs:
             run.sae.remove_parallel_gradient()
         self.optimizer.step()
@@ -575,30 +606,71 @@ class _Trainer:
             run.sae.normalise_decoder()
         self.step += 1
 
+    def _variance(self, x: torch.Tensor) -> torch.Tensor:
+        """The FVU denominator for this process's share x of the batch. Each process's loss
+        sums squared errors over its own tokens only, so it divides by the whole batch's
+        variance over the number of processes: the mean of the processes' gradients is then
+        the whole batch's gradient, as is the mean of their per-token penalties'."""
+        if not self.group.is_distributed:
+            return total_variance(x)
+        sums = self.group.sum(torch.cat([x.sum(dim=0), x.new_tensor([x.shape[0]])]))
+        spread = self.group.sum((x - sums[:-1] / sums[-1]).pow(2).sum().reshape(1))
+        return spread[0].clamp_min(1e-12) / self.group.world_size
+
+    def _fired_anywhere(self, fired: torch.Tensor) -> torch.Tensor:
+        if not self.group.is_distributed:
+            return fired
+        return self.group.sum(fired.to(torch.int32)) > 0
+
+    def _average_gradients(self) -> None:
+        """One all-reduce of every SAE's gradients (DDP's job, done by hand: the seeds'
+        SAEs are plain modules trained by one optimizer)."""
+        if not self.group.is_distributed:
+            return
+        parameters = [p for group in self.optimizer.param_groups for p in group["params"]]
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in parameters]
+        flat = self.group.average(torch.cat([grad.reshape(-1) for grad in grads]))
+        for parameter, averaged in zip(
+            parameters, flat.split([grad.numel() for grad in grads]), strict=True
+        ):
+            parameter.grad = averaged.view_as(parameter).clone()
+
     def log(self) -> None:
-        """Append one metrics line per SAE covering the steps since the last log."""
+        """Append one metrics line per SAE covering the steps since the last log (their
+        mean over the processes; the main process writes)."""
         tokens = self.step * self.config.batch_tokens
         for run in self.runs:
             if run.steps == 0:
                 continue
+            names = sorted(run.sums)
+            sums = torch.tensor([run.sums[name] for name in names], dtype=torch.float64)
+            means = self.group.average(sums)
             line = {
                 "step": self.step,
                 "tokens": tokens,
                 "epoch": (self.step - 1) // self.source.steps_per_epoch,
-                **{name: total / run.steps for name, total in run.sums.items()},
+                **{name: float(mean) / run.steps for name, mean in zip(names, means, strict=True)},
                 "dead_fraction": run.dead_fraction(self.config.dead_tokens),
                 "lr": self.optimizer.param_groups[0]["lr"],
                 "time": time.time(),
             }
             self.latest[run.key] = line
+            run.sums, run.steps = {}, 0
+            if not self.group.is_main:
+                continue
             folder = sae_folder(self.out, run.hookpoint, run.seed)
             folder.mkdir(parents=True, exist_ok=True)
             with open(folder / METRICS_FILE, "a") as handle:
                 handle.write(json.dumps(line) + "\n")
-            run.sums, run.steps = {}, 0
 
     def checkpoint(self) -> None:
         self.log()
+        if self.group.is_main:
+            self._write_checkpoint()
+        # No process goes on (or exits, or resumes) before the checkpoint is on disk.
+        self.group.barrier()
+
+    def _write_checkpoint(self) -> None:
         tensors = {k: v.detach().contiguous().clone() for k, v in self._state_tensors().items()}
         meta = {"state": json.dumps({"step": self.step, "widths": self.widths()})}
         write_atomically(
@@ -700,8 +772,13 @@ def train(
     `stop_after_steps` steps in this call) saves a checkpoint and returns with
     `interrupted=True`; a checkpoint is also written every `checkpoint_seconds`.
     All checks (config, checkpoint, data, widths) happen before anything is written.
+
+    Under torchrun, each process trains on its share of every batch (data parallel, gradients
+    averaged, the same global batch as one process); rank 0 writes, every rank resumes from
+    the same checkpoint, and Ctrl-C stops them all at the same step.
     """
     out = Path(out)
+    group = process_group()
     saved_config = _read_saved_config(out)
     if saved_config is not None and saved_config != config:
         changes = "; ".join(_config_differences(saved_config, config))
@@ -710,7 +787,7 @@ def train(
             "delete that folder to start over"
         )
     saved = _read_state(out) if saved_config is not None else None
-    source = open_source(config, home)
+    source = open_source(config, home, group)
     widths = source.widths()
     if saved is not None and saved.widths != widths:
         raise UserError(
@@ -730,12 +807,15 @@ def train(
             already_finished=True,
             saes=_result(out, config, saved.step, total_steps),
         )
-    trainer = _Trainer(config, out, source, widths, saved)
-    out.mkdir(parents=True, exist_ok=True)
-    if saved_config is None:
-        text = config.model_dump_json(indent=2) + "\n"
-        write_atomically(out / CONFIG_FILE, lambda path: path.write_text(text))
-    _truncate_metrics(out, config, trainer.step)
+    trainer = _Trainer(config, out, source, widths, saved, group)
+    # Every process has read the saved config and state before the main one writes.
+    group.barrier()
+    if group.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        if saved_config is None:
+            text = config.model_dump_json(indent=2) + "\n"
+            write_atomically(out / CONFIG_FILE, lambda path: path.write_text(text))
+        _truncate_metrics(out, config, trainer.step)
 
     start_step = trainer.step
     started = time.perf_counter()
@@ -743,7 +823,7 @@ def train(
     interrupted = False
     with _stop_requests() as stop_requested:
         while trainer.step < total_steps:
-            if stop_requested() or (
+            if group.any(stop_requested()) or (
                 stop_after_steps is not None and trainer.step - start_step >= stop_after_steps
             ):
                 interrupted = True
@@ -753,7 +833,9 @@ def train(
                 trainer.log()
             if on_progress is not None:
                 on_progress(trainer.progress())
-            if time.perf_counter() - last_checkpoint >= checkpoint_seconds:
+            # The main process's clock decides, so all processes checkpoint at the same step.
+            due = time.perf_counter() - last_checkpoint >= checkpoint_seconds
+            if group.any(due and group.is_main):
                 trainer.checkpoint()
                 last_checkpoint = time.perf_counter()
         seconds = time.perf_counter() - started
@@ -770,6 +852,7 @@ def train(
         tokens_trained=(trainer.step - start_step) * batch_tokens,
         saes=_result(out, config, trainer.step, total_steps),
     )
-    if not interrupted:
+    if not interrupted and group.is_main:
         _write_result(out, result)
+    group.barrier()
     return result

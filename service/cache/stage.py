@@ -1,6 +1,7 @@
 """The `cache` stage: one model pass over a run's dataset with all its SAEs attached, then
 firing statistics and example windows for every latent written to the store as a new cache
-version of the run (see `service.store.windows`), in bounded batches."""
+version of the run (see `service.store.windows`), in bounded batches. Under torchrun each
+process reads its share of the batches and the main process merges and writes."""
 
 import hashlib
 import json
@@ -15,6 +16,7 @@ from sqlalchemy import select
 from sae.architectures.base import encode
 from sae.checkpoint import load_sae
 from sae.data import load_chunks
+from sae.distributed import process_group
 from sae.errors import UserError
 from sae.latent_stats import CacheConfig, SaeLatentStats, collect_latent_stats
 from sae.subject_model import capture_activations, load_model
@@ -80,7 +82,8 @@ def cache_run(
     announce: Callable[[str], None] | None = None,
 ) -> CacheSummary:
     """Cache latent statistics and windows for every SAE of the run as a new cache version,
-    resumably; a no-op when a complete version of the same config exists.
+    resumably; a no-op when a complete version of the same config exists. Under torchrun,
+    only the main process writes (and announces); the others return with `saes` empty.
 
     `announce` receives one line before the windows are written: their number, estimated
     size and the room the store has."""
@@ -102,14 +105,21 @@ def cache_run(
     if existing is not None and existing.completed_at is not None:
         assert newest is not None
         return CacheSummary(run_name, None, config.tokens, [], existing.version, newest.version)
+    group = process_group()
     n_windows = sum(sae.n_latents for sae in saes) * windows_per_latent(config)
     room = check_free_disk(store, estimated_bytes(n_windows, config.window))
-    if existing is None:
+    if existing is None and group.is_main:
         with store.session() as session:
             existing = start_cache_version(session, run_id, resolved)
             session.commit()
+    group.barrier()
+    if existing is None:
+        # Another process's: the main one started it.
+        with store.read_session() as session:
+            existing = find_cache_version(session, run_id, cache_config_hash(resolved))
+        assert existing is not None
     version = existing
-    if announce is not None:
+    if announce is not None and group.is_main:
         announce(
             f"cache version {version.version} of run {run_name}: up to {n_windows:,} windows, "
             f"about {human_bytes(estimated_bytes(n_windows, config.window))} ({room})"
@@ -129,7 +139,8 @@ def cache_run(
         encoders: list[Callable[[torch.Tensor], torch.Tensor]] = [
             partial(encode, weights[i]) for i in members
         ]
-        with token_progress(f"caching {hookpoint}", show=show_progress) as update:
+        show = show_progress and group.is_main
+        with token_progress(f"caching {hookpoint}", show=show) as update:
             stats = collect_latent_stats(
                 partial(_hookpoint_activations, model, hookpoint),
                 encoders,
@@ -138,8 +149,13 @@ def cache_run(
                 config,
                 state_path=work_dir / f"latent-cache-{state_key}-{hookpoint}.pt",
                 on_progress=update,
+                group=group,
             )
-        results.update(zip(members, stats, strict=True))
+        if group.is_main:  # the others' statistics were folded into the main one's
+            results.update(zip(members, stats, strict=True))
+    if not group.is_main:
+        n_tokens = int(chunks.numel())
+        return CacheSummary(run_name, n_tokens, config.tokens, [], version.version, version.version)
     ordered = [results[i] for i in range(len(saes))]
     summaries = _write(store, version, saes, ordered, tokenizer, show_progress)
     for state_path in work_dir.glob(f"latent-cache-{state_key}-*.pt"):

@@ -524,7 +524,12 @@ def calibrate_command(
 
 @app.command("cache")
 def cache_command(
-    run: str = typer.Option(..., help="name of the run whose SAEs to cache"),
+    run: str = typer.Option(
+        ...,
+        "--run",
+        "--run-name",
+        help="name of the run whose SAEs to cache (--run-name under torchrun, which claims --run)",
+    ),
     tokens: int = option(CacheConfig, "tokens"),
     window: int = option(CacheConfig, "window"),
     chunk_len: int = option(CacheConfig, "chunk_len"),
@@ -534,7 +539,9 @@ def cache_command(
     negatives: int = option(CacheConfig, "negatives"),
     seed: int = option(CacheConfig, "seed"),
 ) -> None:
-    """Record firing statistics and example windows for every latent of a run."""
+    """Record firing statistics and example windows for every latent of a run.
+    Under `torchrun --nproc-per-node N -m service.cli cache ...`, N processes share the tokens."""
+    from sae.distributed import process_group
     from service.cache.stage import cache_run
     from service.config import get_settings
     from service.store.engine import open_store
@@ -553,6 +560,8 @@ def cache_command(
         config,
         announce=lambda line: console.print(escape(line), highlight=False),
     )
+    if not process_group().is_main:
+        return
     if summary.n_tokens is None:
         console.print(
             f"run {run} is already cached with this config as version {summary.version} "
@@ -656,13 +665,21 @@ def train_command(
         typer.Option(help="also record the trained SAEs in the store as this run"),
     ] = None,
 ) -> None:
-    """Train SAEs of several seeds in one pass; Ctrl-C checkpoints, rerunning resumes."""
+    """Train SAEs of several seeds in one pass; Ctrl-C checkpoints, rerunning resumes.
+    Under `torchrun --nproc-per-node N -m service.cli train ...`, N processes share each batch."""
+    from sae.distributed import process_group
     from sae.train import TrainProgress, config_from_cache, train
     from service.config import get_settings
 
     home = get_settings().home
+    group = process_group()
     if from_cache is not None and cache_activations is not None:
         raise UserError("give either --from-cache or --cache-activations, not both")
+    if group.is_distributed and cache_activations is not None:
+        raise UserError(
+            "--cache-activations runs in one process: build the cache first without torchrun, "
+            "then train under torchrun with --from-cache"
+        )
     sae_config = config_from(
         SaeConfig,
         {"architecture": architecture, "n_latents": n_latents, "k": k}
@@ -690,7 +707,7 @@ def train_command(
     else:
         config = config_from(TrainConfig, source | fields)
 
-    with token_progress("training", console) as update:
+    with token_progress("training", console, show=group.is_main) as update:
 
         def on_progress(state: TrainProgress) -> None:
             status = ""
@@ -700,6 +717,9 @@ def train_command(
 
         seconds = 60 * checkpoint_minutes
         result = train(config, out, home, on_progress, checkpoint_seconds=seconds)
+    if not group.is_main:
+        # The main process reports, records and sets the exit status for the job.
+        return
     if result.already_finished:
         message = f"{out} already holds this finished run ({result.tokens:,} tokens)"
         console.print(message, soft_wrap=True)

@@ -1,0 +1,90 @@
+"""The processes of a torch.distributed job as the training loop sees them.
+
+Under torchrun (which sets RANK, WORLD_SIZE and the rendezvous address) `process_group()`
+joins the default group; run plainly, it is one process and every collective is the
+identity, so single-process training runs the very same operations as before. The backend
+is gloo: the SAEs train on CPU tensors (training has no CUDA path yet, and NCCL reduces
+only CUDA tensors).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from sae.errors import UserError
+
+
+@dataclass(frozen=True)
+class ProcessGroup:
+    """This process's place in the job: rank `rank` of `world_size` processes."""
+
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0 writes checkpoints, results and the store; the others only compute."""
+        return self.rank == 0
+
+    @property
+    def is_distributed(self) -> bool:
+        return self.world_size > 1
+
+    def shard(self, items: torch.Tensor) -> torch.Tensor:
+        """This rank's contiguous share of `items`, which divide evenly by the world size."""
+        share = items.shape[0] // self.world_size
+        return items[self.rank * share : (self.rank + 1) * share]
+
+    def sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum of `tensor` over the ranks, in place (and returned)."""
+        if self.is_distributed:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return tensor
+
+    def average(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Mean of `tensor` over the ranks, in place (and returned)."""
+        if self.is_distributed:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+            tensor.div_(self.world_size)
+        return tensor
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank when `flag` is true on any: ranks agree to stop together."""
+        if not self.is_distributed:
+            return flag
+        value = torch.tensor([int(flag)], dtype=torch.int64)
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        return bool(value.item())
+
+    def send(self, tensor: torch.Tensor, to: int) -> None:
+        dist.send(tensor.contiguous(), dst=to)
+
+    def receive(self, like: torch.Tensor, source: int) -> torch.Tensor:
+        """A tensor of `like`'s shape and type, sent by rank `source`."""
+        tensor = torch.empty_like(like)
+        dist.recv(tensor, src=source)
+        return tensor
+
+    def barrier(self) -> None:
+        if self.is_distributed:
+            dist.barrier()
+
+
+def process_group() -> ProcessGroup:
+    """This process's group: joins torchrun's job on first call, else a group of one."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return ProcessGroup()
+    if not dist.is_initialized():
+        try:
+            dist.init_process_group(backend="gloo")
+        except ValueError as error:
+            raise UserError(
+                f"WORLD_SIZE is {world_size} but the job's rendezvous is not set up "
+                f"({error}): start the command with torchrun"
+            ) from None
+    return ProcessGroup(dist.get_rank(), dist.get_world_size())
