@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from report_fixtures import N_LATENTS, N_SHARED, UNSCORED, explanation_text
+from report_fixtures import N_LATENTS, N_SHARED, UNSCORED, Study, explanation_text
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 from starlette.testclient import TestClient
@@ -25,9 +25,8 @@ from service.ui.readonly import open_readonly
 
 
 @pytest.fixture
-def ui_url(store_url: str, tokenizer: Any) -> str:
-    build_ui_store(store_url, tokenizer)
-    return store_url
+def ui_study(store_url: str, tokenizer: Any) -> tuple[str, Study]:
+    return store_url, build_ui_store(store_url, tokenizer)
 
 
 def test_walk_through_the_browser(tmp_path: Path, tokenizer: Any, home: Path):
@@ -100,8 +99,8 @@ def _client(url: str, home: Path) -> TestClient:
     return TestClient(create_app(store, UIConfig(), lambda model: load_tokenizer(model, home)))
 
 
-def test_pages_read_what_the_store_holds(ui_url: str, home: Path):
-    client = _client(ui_url, home)
+def test_pages_read_what_the_store_holds(ui_study: tuple[str, Study], home: Path):
+    client = _client(ui_study[0], home)
     run = client.get("/runs/study").text
     # Seed 0 against seeds 1 and 2 (the latter stored backwards, 2 into 0): 20 shared each.
     assert run.count('<a href="/runs/study/latents?seed=0&amp;status=shared">20</a>') == 2
@@ -126,9 +125,10 @@ def test_pages_read_what_the_store_holds(ui_url: str, home: Path):
     assert "Seed 2 against seed 0" in compare
 
 
-def test_list_filters_and_sorts(ui_url: str):
-    study_scores = _study_scores()
-    store = open_readonly(ui_url)
+def test_list_filters_and_sorts(ui_study: tuple[str, Study]):
+    url, study = ui_study
+    detection = study.own[("llm", "detection")]
+    store = open_readonly(url)
     cache = Cache(8)
     with store.read_session() as session:
         run, saes = run_and_saes(session, "study")
@@ -148,7 +148,7 @@ def test_list_filters_and_sorts(ui_url: str):
         assert {row.index for row in ranked[len(scored) :]} == set(UNSCORED)
 
         high = rows(seed=2, score="llm/detection", score_min=0.8)
-        expected = np.flatnonzero(study_scores[2] >= 0.8)
+        expected = np.flatnonzero(detection[2] >= 0.8)
         assert sorted(row.index for row in high) == expected.tolist()
 
         found = rows(seed=1, search="FOOTBALL")
@@ -164,25 +164,8 @@ def test_list_filters_and_sorts(ui_url: str):
     store.dispose()
 
 
-def _study_scores() -> dict[int, np.ndarray]:
-    """The detection scores `report_fixtures.populate` writes (same generator, same seed)."""
-    from report_fixtures import populate
-
-    from service.store.engine import open_store, upgrade
-
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as folder:
-        url = f"sqlite:///{folder}/s.db"
-        upgrade(url)
-        store = open_store(url)
-        study = populate(store)
-        store.dispose()
-    return study.own[("llm", "detection")]
-
-
-def test_the_store_is_read_only(ui_url: str):
-    store = open_readonly(ui_url)
+def test_the_store_is_read_only(ui_study: tuple[str, Study]):
+    store = open_readonly(ui_study[0])
     try:
         with pytest.raises(DBAPIError), store.read_session() as session:
             session.execute(text("DELETE FROM explanation"))

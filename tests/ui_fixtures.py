@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 from planted_store import add_planted_windows
-from report_fixtures import populate
+from report_fixtures import Study, populate
 from sqlalchemy import select
 
 from service.llm.serve import free_port
@@ -50,12 +50,12 @@ def _windows(tokenizer: Any, text: str, n: int) -> list[PlantedWindow]:
     return windows
 
 
-def build_ui_store(url: str, tokenizer: Any) -> None:
+def build_ui_store(url: str, tokenizer: Any) -> Study:
     """Migrate the store at `url` and write the study and its windows into it."""
     upgrade(url)
     store = open_store(url)
     try:
-        populate(store)
+        study = populate(store)
         with store.session() as session, session.begin():
             for seed, index in WINDOWED:
                 latent_id = session.scalar(
@@ -71,6 +71,7 @@ def build_ui_store(url: str, tokenizer: Any) -> None:
                 add_planted_windows(session, int(latent_id), _windows(tokenizer, text, 3))
     finally:
         store.dispose()
+    return study
 
 
 @contextmanager
