@@ -123,11 +123,13 @@ def pick_hookpoint(saes: list[Sae], hookpoint: str | None) -> tuple[str, list[Sa
     return chosen, [sae for sae in saes if sae.hookpoint == chosen]
 
 
-def _pair_ids(session: Session, sae: Sae) -> tuple[int, ...]:
+def sae_key(session: Session, sae: Sae) -> tuple[int, ...]:
+    """What an SAE's cached table depends on: the SAE and its stored matchings (a matching
+    stored anew gets a new id)."""
     rows = session.scalars(
         select(MatchPair.id).where(or_(MatchPair.sae_a_id == sae.id, MatchPair.sae_b_id == sae.id))
     )
-    return tuple(sorted(rows))
+    return (sae.id, *sorted(rows))
 
 
 def _read_table(session: Session, sae: Sae, others: list[Sae]) -> SaeTable:
@@ -179,7 +181,7 @@ def _read_table(session: Session, sae: Sae, others: list[Sae]) -> SaeTable:
 def sae_table(cache: Cache, session: Session, sae: Sae, group: list[Sae]) -> SaeTable:
     """The SAE's table, from `cache` unless one of its matchings was stored since."""
     others = [other for other in group if other.id != sae.id]
-    key = ("sae", sae.id, _pair_ids(session, sae))
+    key = ("sae", *sae_key(session, sae))
     return cache.get(key, lambda: _read_table(session, sae, others))
 
 
@@ -786,9 +788,14 @@ def compare_page(
     pair = table.pairs.get(seed_b)
     if pair is None:
         raise NotFound(f"seeds {seed_a} and {seed_b} are not matched: run `autointerp match`")
-    matched = np.flatnonzero(pair.partner_decoder >= 0)
-    cosine = np.where(np.isnan(pair.cos_decoder[matched]), -np.inf, pair.cos_decoder[matched])
-    order = matched[np.argsort(-cosine, kind="stable")]
+
+    def by_cosine() -> np.ndarray:
+        matched = np.flatnonzero(pair.partner_decoder >= 0)
+        cosine = np.where(np.isnan(pair.cos_decoder[matched]), -np.inf, pair.cos_decoder[matched])
+        return matched[np.argsort(-cosine, kind="stable")]
+
+    key = ("order", seed_b, *sae_key(session, by_seed[seed_a]))
+    order = cache.get(key, by_cosine)
     if not len(order):
         raise NotFound(f"no latent of seed {seed_a} has a partner in seed {seed_b}")
     step = min(max(step, 0), len(order) - 1)
