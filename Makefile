@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv vllm interop demo test lint clean
+.PHONY: venv vllm interop browser demo test lint clean
 
 venv: $(STAMP)
 
@@ -52,6 +52,13 @@ $(INTEROP_STAMP):
 	$(INTEROP_VENV)/bin/pip install --quiet eai-sparsify==1.3.3 sae-lens==6.54.12
 	touch $(INTEROP_STAMP)
 
+# Headless Chromium and its driver for the latent browser's tests (Debian packages; needs
+# root). Installed only when chromedriver is missing.
+browser:
+	@if [ ! -x /usr/bin/chromedriver ]; then \
+		apt-get update && apt-get install -y chromium chromium-driver; \
+	fi
+
 demo: venv
 	$(BIN)/autointerp run examples/demo.toml
 
@@ -60,7 +67,7 @@ lint: venv
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-test: lint vllm interop
+test: lint vllm interop browser
 	$(BIN)/pytest -q
 
 clean:

@@ -26,6 +26,7 @@ from service.config import (
     ReportConfig,
     ScoreConfig,
     ScoringConfig,
+    UIConfig,
 )
 from service.progress import token_progress
 
@@ -873,6 +874,23 @@ def show_command(
         store.dispose()
     for part in render_latent(view):
         console.print(part)
+
+
+@app.command("ui")
+def ui_command(
+    port: int = option(UIConfig, "port"),
+    host: str = option(UIConfig, "host"),
+    run: str | None = option(UIConfig, "run"),
+) -> None:
+    """A local, read-only web browser over the store: runs, latents, partners in every seed."""
+    from service.config import get_settings
+    from service.ui.server import serve
+
+    settings = get_settings()
+    config = UIConfig(port=port, host=host, run=run)
+    where = f"/runs/{run}" if run else ""
+    console.print(f"latent browser at http://{host}:{port}{where} (Ctrl-C stops it)")
+    serve(config, settings.db, settings.home)
 
 
 @app.command("run")

@@ -13,6 +13,7 @@ from service.config.queue import QueueConfig, Selection
 from service.config.report import ReportConfig
 from service.config.score import DEFAULT_EMBEDDING_MODEL, ScoreConfig, ScoringConfig
 from service.config.settings import Settings, get_settings
+from service.config.ui import UIConfig
 
 __all__ = [
     "API_KEY_ENV",
@@ -26,5 +27,6 @@ __all__ = [
     "ScoringConfig",
     "Selection",
     "Settings",
+    "UIConfig",
     "get_settings",
 ]
