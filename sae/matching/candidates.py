@@ -74,25 +74,27 @@ def scan_dtype(device: torch.device) -> torch.dtype:
     return torch.float32
 
 
+def product_seconds(left: torch.Tensor, right: torch.Tensor, dtype: torch.dtype) -> float:
+    """Best of 3 timings of `left @ right.T` in `dtype`, after one that warms the kernel up."""
+    x, y = left.to(dtype), right.to(dtype)
+    out = torch.empty((x.shape[0], y.shape[0]), dtype=dtype, device=x.device)
+    seconds = []
+    for _ in range(4):
+        started = time.perf_counter()
+        torch.matmul(x, y.T, out=out)
+        seconds.append(time.perf_counter() - started)
+    return min(seconds[1:])
+
+
 @functools.cache
 def _bfloat16_is_faster() -> bool:
     """Whether this CPU multiplies bfloat16 matrices BFLOAT16_GAIN times faster than float32:
-    true with AMX or AVX-512 BF16 units, false where bfloat16 is emulated. Best of 3 products
+    true with AMX or AVX-512 BF16 units, false where bfloat16 is emulated. Timed on products
     of a scan's shape (1/4 s in all), once per process."""
     gen = torch.Generator().manual_seed(0)
     left, right = torch.randn(256, 576, generator=gen), torch.randn(4096, 576, generator=gen)
-
-    def best_seconds(dtype: torch.dtype) -> float:
-        x, y = left.to(dtype), right.to(dtype)
-        out = torch.empty((x.shape[0], y.shape[0]), dtype=dtype)
-        seconds = []
-        for _ in range(4):  # the first warms the kernel up and is not counted
-            started = time.perf_counter()
-            torch.matmul(x, y.T, out=out)
-            seconds.append(time.perf_counter() - started)
-        return min(seconds[1:])
-
-    return BFLOAT16_GAIN * best_seconds(torch.bfloat16) < best_seconds(torch.float32)
+    bfloat16 = product_seconds(left, right, torch.bfloat16)
+    return BFLOAT16_GAIN * bfloat16 < product_seconds(left, right, torch.float32)
 
 
 @dataclass
