@@ -3,7 +3,9 @@
     python -m bench.match                       # 131,072 latents; baselines at 32,768 and 8,192
     python -m bench.match --size 32768 --baseline-size 8192 --exact-size 4096   # quicker
 
-Printed: the wall time of each phase of `match` (decoder + encoder; candidates, solve, bound)
+Printed: float32 and bfloat16 matrix-product rates on one 8,192 x 576 @ 576 x 8,192 block and
+the candidate scan's dtype (`scan_dtype`, bfloat16 only where it is measurably faster); the wall
+time of each phase of `match` (decoder + encoder; candidates, solve, bound)
 and its peak RSS at `--size`; at `--baseline-size`, a bare float32 pass that computes only the
 row maxima of both cosine matrices, and `match` against it (the ratio is what to compare
 across machines and loads); the shared fraction of `match` against the same solver on
@@ -32,7 +34,7 @@ from rich.console import Console
 
 from sae.checkpoint import SaeWeights
 from sae.matching import MatchConfig, match_saes, shared_mask
-from sae.matching.candidates import cosine_blocks
+from sae.matching.candidates import cosine_blocks, product_seconds, scan_device, scan_dtype
 from sae.matching.solvers import assign_sparse
 
 D_IN = 576
@@ -116,6 +118,19 @@ def run_float32_candidates(n: int, shared: float, candidates: int) -> dict[str, 
     }
 
 
+def run_product_rates() -> dict[str, Any]:
+    """GFLOP/s of one 8,192 x 576 @ 576 x 8,192 product per dtype, and the dtype the candidate
+    scan picks on this machine."""
+    gen = torch.Generator().manual_seed(0)
+    left, right = torch.randn(8192, D_IN, generator=gen), torch.randn(8192, D_IN, generator=gen)
+    gflop = 2 * 8192 * 8192 * D_IN / 1e9
+    rates = {
+        str(dtype).removeprefix("torch."): gflop / product_seconds(left, right, dtype)
+        for dtype in (torch.float32, torch.bfloat16)
+    }
+    return {"rates": rates, "scan_dtype": str(scan_dtype(scan_device())).removeprefix("torch.")}
+
+
 def _child(queue: Any, target: Any, args: tuple[Any, ...]) -> None:
     queue.put(target(*args))
 
@@ -158,6 +173,12 @@ def main(
         f"{torch.get_num_threads()} torch threads, {os.cpu_count()} CPUs"
     )
     console.print(f"start: {uptime()}")
+    product = in_process(run_product_rates)
+    rates = ", ".join(f"{name} {rate:.0f} GFLOP/s" for name, rate in product["rates"].items())
+    console.print(
+        f"8,192 x {D_IN} @ {D_IN} x 8,192 block: {rates}; candidate scan in "
+        f"{product['scan_dtype']}; {uptime()}"
+    )
     bare = in_process(run_row_maxima, baseline_size, shared)
     fast = in_process(run_match, baseline_size, shared, solver, candidates)
     console.print(

@@ -64,6 +64,17 @@ def test_float32_scan_gives_the_same_candidates() -> None:
     assert_dense_top_k(plain, a, b, 8)
 
 
+def test_scan_dtype_follows_the_timed_products(monkeypatch: pytest.MonkeyPatch) -> None:
+    # bfloat16 only where a timed product is faster by the margin; never on CUDA (no GPU
+    # is needed to ask: the choice looks only at the device's type).
+    assert candidates.scan_dtype(torch.device("cuda")) == torch.float32
+    for gain, expected in ((0.0, torch.bfloat16), (1e9, torch.float32)):
+        monkeypatch.setattr(candidates, "BFLOAT16_GAIN", gain)
+        candidates._bfloat16_is_faster.cache_clear()
+        assert candidates.scan_dtype(torch.device("cpu")) == expected
+    candidates._bfloat16_is_faster.cache_clear()
+
+
 def test_scan_error_bounds_the_actual_error() -> None:
     a, b = planted(2048, 576, 0.5, seed=4)
     scan_a, scan_b = a.bfloat16(), b.bfloat16()

@@ -2,13 +2,14 @@
 
 Rows' candidates come from one pass over the cosine matrix `a @ b.T`, `block_rows` rows at a
 time; columns' from the same pass over `b @ a.T`. The blocks are scanned at lower precision
-where that is faster: bfloat16 on CPU, whose AMX / AVX-512 BF16 units run it several times
-faster than float32; float32 on CUDA, where float32 is fast already. A scanned value differs
-from the float32 cosine by a proven amount (`scan_error`: the rounding of the inputs, of the
-sums and of the result). Each row's 2k best scanned entries are rescored in float32; a row
-whose k best cosines might lie off that list, by that bound, is redone from every entry that
-could reach them. The candidates and their cosines are therefore those of a float32 scan: the
-margin can add work, never drop a true candidate.
+where that is measurably faster (`scan_dtype`): bfloat16 on a CPU whose AMX / AVX-512 BF16
+units run it faster than float32 (timed once per process), float32 on CUDA, where float32 is
+fast already. A scanned value differs from the float32 cosine by a proven amount
+(`scan_error`: the rounding of the inputs, of the sums and of the result). Each row's 2k best
+scanned entries are rescored in float32; a row whose k best cosines might lie off that list,
+by that bound, is redone from every entry that could reach them. The candidates and their
+cosines are therefore those of a float32 scan: the margin can add work, never drop a true
+candidate.
 
 Only two passes touch a whole block: the matrix product and a maximum over groups of columns;
 everything after works on the few groups that can hold a row's best entries.
@@ -16,6 +17,8 @@ everything after works on the few groups that can hold a row's best entries.
 
 from __future__ import annotations
 
+import functools
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -33,6 +36,8 @@ LIST_FACTOR = 2
 RESCORE_CHUNK = 1 << 16
 # Rows (or columns) redone from the scan at a time when their list may miss a top-k entry.
 REDO_CHUNK = 64
+# bfloat16 is used for the scan only when a timed product runs at least this much faster.
+BFLOAT16_GAIN = 1.2
 
 
 def report(progress: Progress | None, stage: str, done: int, total: int) -> None:
@@ -62,7 +67,34 @@ def scan_device() -> torch.device:
 
 
 def scan_dtype(device: torch.device) -> torch.dtype:
-    return torch.bfloat16 if device.type == "cpu" else torch.float32
+    """bfloat16 on a CPU where it is measurably faster than float32, else float32 (on CUDA
+    float32 is fast already, and the scan's answer is the same for either)."""
+    if device.type == "cpu" and _bfloat16_is_faster():
+        return torch.bfloat16
+    return torch.float32
+
+
+def product_seconds(left: torch.Tensor, right: torch.Tensor, dtype: torch.dtype) -> float:
+    """Best of 3 timings of `left @ right.T` in `dtype`, after one that warms the kernel up."""
+    x, y = left.to(dtype), right.to(dtype)
+    out = torch.empty((x.shape[0], y.shape[0]), dtype=dtype, device=x.device)
+    seconds = []
+    for _ in range(4):
+        started = time.perf_counter()
+        torch.matmul(x, y.T, out=out)
+        seconds.append(time.perf_counter() - started)
+    return min(seconds[1:])
+
+
+@functools.cache
+def _bfloat16_is_faster() -> bool:
+    """Whether this CPU multiplies bfloat16 matrices BFLOAT16_GAIN times faster than float32:
+    true with AMX or AVX-512 BF16 units, false where bfloat16 is emulated. Timed on products
+    of a scan's shape (1/4 s in all), once per process."""
+    gen = torch.Generator().manual_seed(0)
+    left, right = torch.randn(256, 576, generator=gen), torch.randn(4096, 576, generator=gen)
+    bfloat16 = product_seconds(left, right, torch.bfloat16)
+    return BFLOAT16_GAIN * bfloat16 < product_seconds(left, right, torch.float32)
 
 
 @dataclass
@@ -150,10 +182,23 @@ class Candidates:
         return self.col_vals[-1].double().numpy()
 
 
-def _pair_dots(table: torch.Tensor, members: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
-    """table[members[n, m]] . right[n] -> (n, m) in float32."""
-    left = table.index_select(0, members.reshape(-1)).view(*members.shape, table.shape[1])
-    return torch.bmm(left, right[:, :, None])[:, :, 0]
+class Gathered:
+    """One buffer for the rows gathered to rescore a block's lists, grown as needed and
+    reused: a fresh gather of 1024 x 64 rows costs more in page faults than in arithmetic."""
+
+    def __init__(self, d: int, device: torch.device):
+        self.buffer = torch.empty((0, d), device=device)
+
+    def pair_dots(
+        self, table: torch.Tensor, members: torch.Tensor, right: torch.Tensor
+    ) -> torch.Tensor:
+        """table[members[n, m]] . right[n] -> (n, m) in float32."""
+        count = members.numel()
+        if self.buffer.shape[0] < count:
+            self.buffer = torch.empty((count, table.shape[1]), device=table.device)
+        left = self.buffer[:count]
+        torch.index_select(table, 0, members.reshape(-1), out=left)
+        return torch.bmm(left.view(*members.shape, -1), right[:, :, None])[:, :, 0]
 
 
 def _dots(a: torch.Tensor, b: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor):
@@ -200,6 +245,7 @@ class RowSearch:
         self.vals = torch.empty((p, self.k))
         self.group = GROUP if q % GROUP == 0 and q // GROUP >= self.list else 1
         self.redone = 0
+        self.gathered = Gathered(a.shape[1], device)
 
     def scanned_list(self, block: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Each row's `list` best scanned values (descending) and their columns."""
@@ -216,7 +262,7 @@ class RowSearch:
     def block(self, start: int, block: torch.Tensor) -> None:
         count, q = block.shape
         scanned, cols = self.scanned_list(block)
-        true = _pair_dots(self.b, cols, self.a[start : start + count])
+        true = self.gathered.pair_dots(self.b, cols, self.a[start : start + count])
         vals, index = true.topk(self.k, dim=1)
         kept = cols.gather(1, index)
         if self.list < q:
@@ -295,7 +341,7 @@ def scanned_lists(
     for start, block in cosine_blocks(search.scan_a, search.scan_b, block_rows):
         scanned, found = search.scanned_list(block)
         count = block.shape[0]
-        values[start : start + count] = _pair_dots(
+        values[start : start + count] = search.gathered.pair_dots(
             search.b, found, search.a[start : start + count]
         ).cpu()
         cols[start : start + count] = found.cpu()
