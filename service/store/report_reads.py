@@ -111,6 +111,38 @@ def latest_score_rows(session: Session, campaign_id: int, sae_ids: Sequence[int]
         .order_by(Score.id)
     ).all()
     of_sae = set(sae_ids)
-    return [
-        ScoreRow(*row[:6], *(row[6:8] if row[6] in of_sae else (-1, -1)), *row[8:]) for row in rows
-    ]
+    result = []
+    for (
+        score_id,
+        explainer,
+        scorer,
+        control,
+        sae_id,
+        index,
+        source_sae_id,
+        source_index,
+        balanced_accuracy,
+        auc,
+        f1,
+        n_examples,
+        n_failed,
+    ) in rows:
+        in_run = source_sae_id in of_sae
+        result.append(
+            ScoreRow(
+                score_id,
+                explainer,
+                scorer,
+                control,
+                sae_id,
+                index,
+                source_sae_id if in_run else -1,
+                source_index if in_run else -1,
+                balanced_accuracy,
+                auc,
+                f1,
+                n_examples,
+                n_failed,
+            )
+        )
+    return result
