@@ -8,13 +8,14 @@ read, keyed by (SAE id, latent index) instead of latent id.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
-from sqlalchemy import func, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session, aliased
 
 from service.store.models import Explanation, Latent, Score
+from service.store.scores import newest_score_ids
 
 
 @dataclass
@@ -75,29 +76,17 @@ def latest_score_rows(session: Session, campaign_id: int, sae_ids: Sequence[int]
     explanation source) of the latents of SAEs `sae_ids`, oldest first: the rows
     `latest_scores` gives, as columns."""
     of_run = Score.latent_id.in_(select(Latent.id).where(Latent.sae_id.in_(sae_ids)))
-    newest = (
-        select(func.max(Score.id))
-        .join(Explanation, Explanation.id == Score.explanation_id)
-        .where(Score.campaign_id == campaign_id, of_run)
-        .group_by(
-            Score.latent_id,
-            Explanation.explainer,
-            Score.scorer,
-            Score.control,
-            Explanation.latent_id,
-        )
-    )
     source = aliased(Latent)
     rows = session.execute(
         select(
-            Score.id,
+            Score.id.label("score_id"),
             Explanation.explainer,
             Score.scorer,
             Score.control,
             Latent.sae_id,
             Latent.index,
-            source.sae_id,
-            source.index,
+            source.sae_id.label("source_sae_id"),
+            source.index.label("source_index"),
             Score.balanced_accuracy,
             Score.auc,
             Score.f1,
@@ -107,42 +96,12 @@ def latest_score_rows(session: Session, campaign_id: int, sae_ids: Sequence[int]
         .join(Explanation, Explanation.id == Score.explanation_id)
         .join(Latent, Latent.id == Score.latent_id)
         .join(source, source.id == Explanation.latent_id)
-        .where(Score.id.in_(newest))
+        .where(Score.id.in_(newest_score_ids(campaign_id, of_run)))
         .order_by(Score.id)
     ).all()
     of_sae = set(sae_ids)
-    result = []
-    for (
-        score_id,
-        explainer,
-        scorer,
-        control,
-        sae_id,
-        index,
-        source_sae_id,
-        source_index,
-        balanced_accuracy,
-        auc,
-        f1,
-        n_examples,
-        n_failed,
-    ) in rows:
-        in_run = source_sae_id in of_sae
-        result.append(
-            ScoreRow(
-                score_id,
-                explainer,
-                scorer,
-                control,
-                sae_id,
-                index,
-                source_sae_id if in_run else -1,
-                source_index if in_run else -1,
-                balanced_accuracy,
-                auc,
-                f1,
-                n_examples,
-                n_failed,
-            )
-        )
-    return result
+    result = [ScoreRow(**row._mapping) for row in rows]
+    return [
+        row if row.source_sae_id in of_sae else replace(row, source_sae_id=-1, source_index=-1)
+        for row in result
+    ]
