@@ -3,7 +3,9 @@
 One read session pulls a run's SAEs, their latents' firing statistics, the stored matchings,
 the latest explanation per latent and explainer, and the latest score per latent, explainer,
 scorer, control and explanation source. Everything downstream (statistics, plots, HTML)
-works on these arrays and never touches the store.
+works on these arrays and never touches the store. Latents and scores are read as columns
+(`service.store.report_reads`), not ORM objects, and windows only counted: at study scale
+(4 seeds x 131,072 latents) an object per row cost more than the query.
 
 Matchings are read with `service.store.matches.read_pair`: a pair stored in one direction
 only (A into B) also gives B into A, marked `derived`.
@@ -44,10 +46,10 @@ from service.store.models import (
     Prediction,
     Run,
     Sae,
-    Score,
 )
+from service.store.report_reads import ScoreRow, latent_columns, latest_score_rows
 from service.store.runs import get_run
-from service.store.scores import latest_explanations, latest_scores
+from service.store.scores import latest_explanations
 from service.store.windows import count_windows, latest_cache_version
 
 
@@ -227,32 +229,11 @@ class RunData:
         return None
 
 
-def _float_or_nan(value: float | int | None) -> float:
-    return float("nan") if value is None else float(value)
-
-
 def _load_saes(session: Session, run: Run) -> list[SaeData]:
     saes = session.scalars(select(Sae).where(Sae.run_id == run.id).order_by(Sae.id)).all()
     result = []
     for sae in saes:
-        ids = np.full(sae.n_latents, -1, dtype=np.int64)
-        count = np.full(sae.n_latents, np.nan)
-        frequency = np.full(sae.n_latents, np.nan)
-        maximum = np.full(sae.n_latents, np.nan)
-        rows = session.execute(
-            select(
-                Latent.index,
-                Latent.id,
-                Latent.firing_count,
-                Latent.firing_frequency,
-                Latent.max_activation,
-            ).where(Latent.sae_id == sae.id)
-        )
-        for index, latent_id, firing_count, firing_frequency, max_activation in rows:
-            ids[index] = latent_id
-            count[index] = _float_or_nan(firing_count)
-            frequency[index] = _float_or_nan(firing_frequency)
-            maximum[index] = _float_or_nan(max_activation)
+        latents = latent_columns(session, sae.id, sae.n_latents)
         result.append(
             SaeData(
                 sae.id,
@@ -262,10 +243,10 @@ def _load_saes(session: Session, run: Run) -> list[SaeData]:
                 sae.fvu,
                 sae.l0,
                 sae.dead_fraction,
-                ids,
-                count,
-                frequency,
-                maximum,
+                latents.ids,
+                latents.firing_count,
+                latents.firing_frequency,
+                latents.max_activation,
             )
         )
     return result
@@ -336,54 +317,33 @@ def _undefined_reasons(session: Session, undefined: dict[int, str]) -> dict[int,
     return reasons
 
 
-def _load_scores(
-    session: Session, campaign_id: int, sae_ids: list[int], keys: dict[int, tuple[int, int]]
-) -> list[ScoreData]:
-    of_run = Score.latent_id.in_(select(Latent.id).where(Latent.sae_id.in_(sae_ids)))
-    grouped: dict[tuple[str, str, str], list[tuple[int, int, int, int, float, int, int, int]]]
-    grouped = {}
+def _load_scores(session: Session, campaign_id: int, sae_ids: list[int]) -> list[ScoreData]:
+    grouped: dict[tuple[str, str, str], list[ScoreRow]] = {}
     undefined: dict[int, str] = {}
-    for row in latest_scores(session, campaign_id, of_run):
-        score = row.score
-        if score.latent_id not in keys:
-            continue
-        metric = primary_metric(score.scorer)
-        value = {"balanced_accuracy": score.balanced_accuracy, "auc": score.auc, "f1": score.f1}
-        if value[metric] is None:
-            undefined[score.id] = metric
-        sae_id, index = keys[score.latent_id]
-        source_sae, source_index = keys.get(row.source_latent_id, (-1, -1))
-        grouped.setdefault((row.explainer, score.scorer, score.control), []).append(
-            (
-                sae_id,
-                index,
-                source_sae,
-                source_index,
-                _float_or_nan(value[metric]),
-                score.n_examples,
-                score.n_failed,
-                score.id,
-            )
-        )
+    for row in latest_score_rows(session, campaign_id, sae_ids):
+        if getattr(row, primary_metric(row.scorer)) is None:
+            undefined[row.score_id] = primary_metric(row.scorer)
+        grouped.setdefault((row.explainer, row.scorer, row.control), []).append(row)
     reasons = _undefined_reasons(session, undefined)
     scores = []
-    for (explainer, scorer, control), entries in sorted(grouped.items()):
-        columns = list(zip(*entries, strict=True))
+    for (explainer, scorer, control), rows in sorted(grouped.items()):
+        metric = primary_metric(scorer)
         scores.append(
             ScoreData(
                 explainer,
                 scorer,
                 control,
-                primary_metric(scorer),
-                sae_id=np.array(columns[0], dtype=np.int64),
-                latent_index=np.array(columns[1], dtype=np.int64),
-                source_sae_id=np.array(columns[2], dtype=np.int64),
-                source_index=np.array(columns[3], dtype=np.int64),
-                value=np.array(columns[4], dtype=np.float64),
-                n_examples=np.array(columns[5], dtype=np.int64),
-                n_failed=np.array(columns[6], dtype=np.int64),
+                metric,
+                sae_id=np.array([row.sae_id for row in rows], dtype=np.int64),
+                latent_index=np.array([row.index for row in rows], dtype=np.int64),
+                source_sae_id=np.array([row.source_sae_id for row in rows], dtype=np.int64),
+                source_index=np.array([row.source_index for row in rows], dtype=np.int64),
+                # NULL (undefined) becomes NaN.
+                value=np.array([getattr(row, metric) for row in rows], dtype=np.float64),
+                n_examples=np.array([row.n_examples for row in rows], dtype=np.int64),
+                n_failed=np.array([row.n_failed for row in rows], dtype=np.int64),
                 undefined_reason=np.array(
-                    [reasons.get(score_id, "") for score_id in columns[7]], dtype=object
+                    [reasons.get(row.score_id, "") for row in rows], dtype=object
                 ),
             )
         )
@@ -407,7 +367,7 @@ def load_run_data(store: Store, run_name: str, campaign_id: int | None = None) -
         scores: list[ScoreData] = []
         if campaign is not None and sae_ids:
             explanations = _load_explanations(session, campaign.id, sae_ids, keys)
-            scores = _load_scores(session, campaign.id, sae_ids, keys)
+            scores = _load_scores(session, campaign.id, sae_ids)
         cache_version = latest_cache_version(session, run.id)
         n_examples = count_windows(session, cache_version.id) if cache_version else 0
         info = RunInfo(

@@ -6,7 +6,9 @@
 - score distributions of shared and seed-specific latents, one panel per explainer and scorer.
 
 Figures are drawn on matplotlib's Agg canvas without pyplot. Large SAEs are drawn from a
-seeded subsample of points, and density contours are estimated from a smaller one.
+seeded subsample of points (a scatter of half a million points shows no more than one of
+twenty thousand, and costs seconds and memory to draw), and density contours are estimated
+from a smaller one; a sampled figure's caption says how many points of how many it drew.
 """
 
 from __future__ import annotations
@@ -53,6 +55,18 @@ def _subsample(n: int, limit: int, seed: int = 0) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(n, size=limit, replace=False))
 
 
+def _sampling_note(drawn: dict[str, tuple[int, int]], contours: bool = False) -> str:
+    """What a figure drew of its points (`drawn`: label -> (drawn, total)) and, with
+    `contours`, from how many it estimated their density; "" when it used them all."""
+    notes = []
+    if any(shown < total for shown, total in drawn.values()):
+        parts = [f"{shown:,} of {total:,} {label}" for label, (shown, total) in drawn.items()]
+        notes.append(f"points drawn: {' and '.join(parts)} (a seeded random sample)")
+    if contours and any(total > MAX_KDE_POINTS for _, total in drawn.values()):
+        notes.append(f"contours estimated from at most {MAX_KDE_POINTS:,} points per colour")
+    return f" Sampled: {'; '.join(notes)}." if notes else ""
+
+
 def _contours(axes: Axes, x: np.ndarray, y: np.ndarray, color: str) -> None:
     """Density contours of the points, when there are enough to estimate one."""
     keep = _subsample(x.size, MAX_KDE_POINTS)
@@ -79,8 +93,9 @@ def _unordered_pairs(group: HookpointData) -> list[tuple[int, int]]:
     return chosen
 
 
-def cosine_plot(group: HookpointData) -> Plot | None:
-    """Decoder vs encoder matched cosine, coloured by agreement of the two assignments."""
+def cosine_plot(group: HookpointData, max_points: int = MAX_POINTS) -> Plot | None:
+    """Decoder vs encoder matched cosine, coloured by agreement of the two assignments; at
+    most `max_points` points of each colour are drawn."""
     pairs = [group.pairs[key] for key in _unordered_pairs(group)]
     if not pairs:
         return None
@@ -91,12 +106,14 @@ def cosine_plot(group: HookpointData) -> Plot | None:
     threshold = pairs[0].threshold
     figure = Figure(figsize=(6, 5))
     axes = figure.add_subplot()
+    drawn = {}
     for label, mask, color in (
         ("same partner", agree & valid, COLORS["agree"]),
         ("different partners", ~agree & valid, COLORS["disagree"]),
     ):
         x, y = decoder[mask], encoder[mask]
-        shown = _subsample(x.size, MAX_POINTS)
+        shown = _subsample(x.size, max_points)
+        drawn[label] = (shown.size, x.size)
         axes.scatter(x[shown], y[shown], s=4, alpha=0.35, color=color, label=label)
         _contours(axes, x, y, color)
     axes.axvline(threshold, color="grey", linestyle="--", linewidth=0.8)
@@ -109,13 +126,14 @@ def cosine_plot(group: HookpointData) -> Plot | None:
         caption="Each point is a latent matched into another seed (each pair of seeds once); "
         "colour: "
         "whether the decoder and encoder assignments chose the same partner; contours: "
-        "density; dashed lines: the shared threshold.",
+        "density; dashed lines: the shared threshold." + _sampling_note(drawn, contours=True),
         png=_png(figure),
     )
 
 
-def similarity_plot(group: HookpointData) -> Plot | None:
-    """Matched similarity against firing count; shared and seed-specific coloured."""
+def similarity_plot(group: HookpointData, max_points: int = MAX_POINTS) -> Plot | None:
+    """Matched similarity against firing count; shared and seed-specific coloured; at most
+    `max_points` points of each colour are drawn."""
     xs, ys, shared = [], [], []
     for seed, sae in group.saes.items():
         similarity = group.matched_similarity(seed)
@@ -132,11 +150,13 @@ def similarity_plot(group: HookpointData) -> Plot | None:
     threshold = next(iter(group.pairs.values())).threshold
     figure = Figure(figsize=(6, 4.5))
     axes = figure.add_subplot()
+    drawn = {}
     for label, mask, color in (
         ("shared", is_shared & valid, COLORS["shared"]),
         ("seed-specific", ~is_shared & valid, COLORS["specific"]),
     ):
-        shown = np.flatnonzero(mask)[_subsample(int(mask.sum()), MAX_POINTS)]
+        shown = np.flatnonzero(mask)[_subsample(int(mask.sum()), max_points)]
+        drawn[label] = (shown.size, int(mask.sum()))
         axes.scatter(count[shown], similarity[shown], s=4, alpha=0.4, color=color, label=label)
     axes.set_xscale("log")
     axes.axhline(threshold, color="grey", linestyle="--", linewidth=0.8)
@@ -147,7 +167,7 @@ def similarity_plot(group: HookpointData) -> Plot | None:
         title="Matched similarity vs firing count",
         caption="Matched similarity: the best, over other seeds, of the smaller of a latent's "
         "decoder and encoder matched cosines (shared above the dashed line). Dead latents "
-        "are left out.",
+        "are left out." + _sampling_note(drawn),
         png=_png(figure),
     )
 
@@ -205,7 +225,14 @@ def score_plot(group: HookpointData, data: RunData, report: HookpointReport) -> 
     )
 
 
-def hookpoint_plots(group: HookpointData, data: RunData, report: HookpointReport) -> list[Plot]:
-    """Every figure that the hookpoint's data allow."""
-    plots = [cosine_plot(group), similarity_plot(group), score_plot(group, data, report)]
+def hookpoint_plots(
+    group: HookpointData, data: RunData, report: HookpointReport, max_points: int = MAX_POINTS
+) -> list[Plot]:
+    """Every figure that the hookpoint's data allow, scatter plots drawing at most
+    `max_points` points of each colour."""
+    plots = [
+        cosine_plot(group, max_points),
+        similarity_plot(group, max_points),
+        score_plot(group, data, report),
+    ]
     return [plot for plot in plots if plot is not None]

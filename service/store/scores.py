@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from sqlalchemy import ColumnElement, func, select
+from sqlalchemy import ColumnElement, Select, func, select
 from sqlalchemy.orm import Session
 
 from service.store.models import Explanation, Score
@@ -70,6 +70,24 @@ def latest_explanations(
     return [(int(latent_id), explainer, text) for latent_id, explainer, text in rows]
 
 
+def newest_score_ids(campaign_id: int, latents: ColumnElement[bool]) -> Select[int]:
+    """Ids of the newest score of campaign `campaign_id` per (latent, explainer, scorer,
+    control, explanation source) of the latents `latents` selects (a condition on
+    `Score.latent_id`)."""
+    return (
+        select(func.max(Score.id))
+        .join(Explanation, Explanation.id == Score.explanation_id)
+        .where(Score.campaign_id == campaign_id, latents)
+        .group_by(
+            Score.latent_id,
+            Explanation.explainer,
+            Score.scorer,
+            Score.control,
+            Explanation.latent_id,
+        )
+    )
+
+
 def latest_scores(
     session: Session, campaign_id: int, latent_ids: Iterable[int] | ColumnElement[bool]
 ) -> list[LatestScore]:
@@ -81,22 +99,10 @@ def latest_scores(
         if isinstance(latent_ids, ColumnElement)
         else Score.latent_id.in_(list(latent_ids))
     )
-    newest = (
-        select(func.max(Score.id))
-        .join(Explanation, Explanation.id == Score.explanation_id)
-        .where(Score.campaign_id == campaign_id, selects)
-        .group_by(
-            Score.latent_id,
-            Explanation.explainer,
-            Score.scorer,
-            Score.control,
-            Explanation.latent_id,
-        )
-    )
     rows = session.execute(
         select(Explanation.explainer, Explanation.latent_id, Score)
         .join(Explanation, Explanation.id == Score.explanation_id)
-        .where(Score.id.in_(newest))
+        .where(Score.id.in_(newest_score_ids(campaign_id, selects)))
         .order_by(Score.id)
     ).all()
     return [LatestScore(explainer, source, score) for explainer, source, score in rows]
