@@ -348,7 +348,12 @@ def _load_scores(
         if score.latent_id not in keys:
             continue
         metric = primary_metric(score.scorer)
-        value = {"balanced_accuracy": score.balanced_accuracy, "auc": score.auc, "f1": score.f1}
+        value = {
+            "balanced_accuracy": score.balanced_accuracy,
+            "auc": score.auc,
+            "f1": score.f1,
+            "correlation": score.correlation,
+        }
         if value[metric] is None:
             undefined[score.id] = metric
         sae_id, index = keys[score.latent_id]
