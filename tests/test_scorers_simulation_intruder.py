@@ -32,6 +32,7 @@ from service.scorers.simulation import (
     parse_activations,
     render_tokens,
 )
+from service.scoring.calibrate import mixed_positives
 from service.scoring.neighbours import (
     Decoders,
     decoder_neighbours,
@@ -257,3 +258,13 @@ def test_neighbours_from_the_checkpoint_else_from_cofiring(store: Store, tmp_pat
         session.scalars(select(Sae)).one().path = None
     with store.read_session() as session:
         assert nearest_neighbours(session, ids[0], 2, Decoders()) == [ids[1], ids[3]]
+
+
+def test_calibration_wrong_intruder_question_mixes_the_other_rules():
+    splits = [
+        ExampleSplit([], [window(f"{rule}{i}", [1.0]) for i in range(2)], []) for rule in "abcd"
+    ]
+    # Neither the rule's own windows nor the next rule's (the intruders), others in turn.
+    assert [w.text for w in mixed_positives(splits, 0)] == ["c0", "d0"]
+    assert [w.text for w in mixed_positives(splits, 3)] == ["b0", "c0"]
+    assert mixed_positives(splits[:2], 0) == []  # two rules: nothing to mix

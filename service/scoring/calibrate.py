@@ -152,7 +152,9 @@ async def calibrate(
         ]
         # An explanation-free scorer's right question shows the rule's windows, its wrong one
         # windows of every other rule in turn, which share nothing an intruder could lack.
-        mixed = ExampleSplit(split.explain, _mixed(splits, index), split.negatives, split.intruders)
+        mixed = ExampleSplit(
+            split.explain, mixed_positives(splits, index), split.negatives, split.intruders
+        )
         jobs += [
             (kind, "", s, question)
             for kind, question in ((RIGHT, split), (WRONG, mixed))
@@ -169,7 +171,7 @@ async def calibrate(
     return entries
 
 
-def _mixed(splits: list[ExampleSplit], index: int) -> list[Window]:
+def mixed_positives(splits: list[ExampleSplit], index: int) -> list[Window]:
     """Held-out positives of every rule but the `index`th and the next (whose windows are
     the intruders), taken in turn, as many as the `index`th has."""
     others = [
