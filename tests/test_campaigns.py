@@ -117,8 +117,8 @@ def test_queue_stores_the_resolved_config_once_per_campaign(store_url: str, tmp_
     assert len(rows) == 1 and " 20 " in rows[0] and "queued" in rows[0]
     one_line_error(cli(store_url, "report", "--run", "demo", "--campaign", "99"), "no campaign 99")
     one_line_error(
-        cli(store_url, "queue", "--run", "demo", "--scorers", "simulation"),
-        "unknown scorer 'simulation'",
+        cli(store_url, "queue", "--run", "demo", "--scorers", "telepathy"),
+        "unknown scorer 'telepathy'",
     )
     one_line_error(
         cli(store_url, "queue", "--run", "demo", "--retry-failed", "--scorers", "fuzzing"),

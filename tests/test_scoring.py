@@ -153,5 +153,5 @@ def test_fuzzing_marks_activating_tokens_and_as_many_random_ones_on_negatives():
 
 
 def test_unknown_scorer_is_a_user_error():
-    with pytest.raises(UserError, match="unknown scorer 'simulation'"):
-        create_scorers(ScoreConfig(scorers=["detection", "simulation"]))
+    with pytest.raises(UserError, match="unknown scorer 'telepathy'"):
+        create_scorers(ScoreConfig(scorers=["detection", "telepathy"]))

@@ -37,8 +37,8 @@ def test_unusable_configs_are_refused_when_queued(store: Store):
     """A config that could never run is refused before any job exists, not failed later."""
     with store.session() as session, session.begin():
         ids = one_sae_run(session, 2)
-        with pytest.raises(UserError, match="unknown scorer 'simulation'"):
-            queue_jobs(session, ids, "explain", {"scorers": ["simulation"]})
+        with pytest.raises(UserError, match="unknown scorer 'telepathy'"):
+            queue_jobs(session, ids, "explain", {"scorers": ["telepathy"]})
         with pytest.raises(ValidationError, match="n_positive"):
             queue_jobs(session, ids, "explain", {"n_positive": "many"})
     with store.read_session() as session:

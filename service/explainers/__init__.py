@@ -1,6 +1,6 @@
 """Explainers: turn a latent's example windows into a short explanation (registry in `base`)."""
 
-from service.explainers import llm, token_baseline
+from service.explainers import llm, none, token_baseline
 from service.explainers.base import EXPLAINERS, Explainer, ExplanationResult, create_explainers
 
 __all__ = [
@@ -9,5 +9,6 @@ __all__ = [
     "ExplanationResult",
     "create_explainers",
     "llm",
+    "none",
     "token_baseline",
 ]

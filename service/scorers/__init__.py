@@ -1,6 +1,7 @@
-"""Scorers: test an explanation on held-out windows (registry in `base`, metrics in `metrics`)."""
+"""Scorers: test an explanation (the intruder: the windows alone) on held-out windows
+(registry in `base`, metrics in `metrics`)."""
 
-from service.scorers import detection, embedding, fuzzing
+from service.scorers import detection, embedding, fuzzing, intruder, simulation
 from service.scorers.base import (
     SCORERS,
     Scorer,
@@ -19,5 +20,7 @@ __all__ = [
     "detection",
     "embedding",
     "fuzzing",
+    "intruder",
     "primary_metric",
+    "simulation",
 ]

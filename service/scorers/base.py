@@ -5,7 +5,10 @@ explainer saw) and returns one verdict per window: its true label, the predictio
 the answer could not be parsed, with the raw text kept) and a probability when the scorer
 has one. The metrics are computed on what parsed. A new scorer (an embedding scorer, a
 simulation scorer) is one module with a class decorated by `register_scorer`; scorers that
-need no LLM set `needs_llm = False` and accept None as the client.
+need no LLM set `needs_llm = False` and accept None as the client; scorers that test the
+windows without an explanation (intruder) set `needs_explanation = False` and run under the
+`none` explainer only. A score of a split whose negatives are hard ones (windows where the
+latent's nearest neighbours fire) is labelled `SCORER:hard` (`HARD_SUFFIX`).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from service.scorers.metrics import balanced_accuracy, f1, metric_undefined_reas
 from service.store.models import CONTROL_OWN
 
 DEFAULT_METRIC = "balanced_accuracy"
+HARD_SUFFIX = ":hard"
 
 
 @dataclass
@@ -76,6 +80,11 @@ class ScoreResult:
         rated = [v for v in self.verdicts if v.probability is not None]
         return roc_auc([v.label for v in rated], [float(v.probability or 0.0) for v in rated])
 
+    @property
+    def correlation(self) -> float | None:
+        """Pearson correlation of predicted and true activations (simulation scorers only)."""
+        return None
+
     def undefined_reason(self, metric: str) -> str | None:
         """Why `metric` is undefined on these verdicts ("no negatives", ...), None if defined."""
         return metric_undefined_reason(
@@ -89,6 +98,9 @@ class ScoreResult:
 class Scorer(ABC):
     name: ClassVar[str]
     needs_llm: ClassVar[bool] = True
+    needs_explanation: ClassVar[bool] = True
+    # Whether the split's negatives enter the score (so hard negatives make a second score).
+    uses_negatives: ClassVar[bool] = True
     # The number the scorer is judged by: a `ScoreResult` property name.
     metric: ClassVar[str] = DEFAULT_METRIC
 
@@ -106,8 +118,9 @@ SCORERS: dict[str, type[Scorer]] = {}
 
 
 def primary_metric(scorer: str) -> str:
-    """The metric scorer `scorer` is judged by (balanced accuracy for one not registered)."""
-    known = SCORERS.get(scorer)
+    """The metric scorer `scorer` (or `scorer:hard`) is judged by (balanced accuracy for one
+    not registered)."""
+    known = SCORERS.get(scorer.removesuffix(HARD_SUFFIX))
     return known.metric if known is not None else DEFAULT_METRIC
 
 

@@ -3,7 +3,9 @@
 - balanced accuracy: mean recall of the two classes;
 - F1 of the positive class;
 - ROC AUC: probability that a random positive outranks a random negative, ties counting
-  half (the Mann-Whitney U statistic over average ranks).
+  half (the Mann-Whitney U statistic over average ranks);
+- Pearson correlation of predicted and true activations (the simulation scorer), None when
+  either is constant or fewer than two values are given.
 
 Each is None (stored as NULL) unless both classes are among the verdicts it is computed on:
 with one class, balanced accuracy is that class's recall and F1 of an all-positive set is 1.0
@@ -19,6 +21,7 @@ import numpy as np
 from scipy.stats import rankdata
 
 NO_EXAMPLES = "no examples"
+CONSTANT = "constant prediction or truth"
 
 
 def undefined_reason(
@@ -56,6 +59,14 @@ def metric_undefined_reason(
     verdicts with a probability, the other metrics those that parsed."""
     if metric == "auc":
         return undefined_reason(labels, [p is not None for p in probabilities], "rated")
+    if metric == "correlation":
+        # Token-level values are not among the verdicts: with any window parsed, only a
+        # constant prediction or a constant truth leaves a correlation undefined.
+        if not labels:
+            return NO_EXAMPLES
+        if all(p is None for p in predicted):
+            return "nothing parsed"
+        return CONSTANT
     return undefined_reason(labels, [p is not None for p in predicted])
 
 
@@ -96,3 +107,15 @@ def roc_auc(labels: Sequence[bool], scores: Sequence[float]) -> float | None:
     ranks = rankdata(s)
     u = ranks[y].sum() - n_positive * (n_positive + 1) / 2
     return float(u / (n_positive * n_negative))
+
+
+def correlation(truth: Sequence[float], predicted: Sequence[float]) -> float | None:
+    """Pearson correlation; None (undefined) when either side is constant or too short."""
+    t = np.asarray(truth, dtype=np.float64)
+    p = np.asarray(predicted, dtype=np.float64)
+    if t.shape != p.shape:
+        raise ValueError("truth and predictions differ in length")
+    if t.size < 2 or np.ptp(t) == 0 or np.ptp(p) == 0:
+        return None
+    t, p = t - t.mean(), p - p.mean()
+    return float((t @ p) / np.sqrt((t @ t) * (p @ p)))

@@ -3,7 +3,10 @@ wrong one? Answered in minutes on planted latents, before any GPU hour is spent.
 
 Each planted latent fires by a known rule on windows of the corpus (`planted`). Every scorer
 scores, on the latent's held-out windows, the RIGHT explanation (the rule's own description),
-a WRONG one (the next rule's description) and each explainer's explanation of the latent. A
+a WRONG one (the next rule's description) and each explainer's explanation of the latent.
+An explanation-free scorer (intruder) gets a RIGHT question (the rule's windows, with the
+next rule's as intruders) and a WRONG one (windows of the other rules, one rule after
+another, so that nothing sets the intruder apart). A
 scorer discriminates when its right scores beat its wrong ones: per scorer we give the mean
 of each, and the AUC of right vs wrong over the planted latents (the chance that a right
 explanation outscores a wrong one). A scorer is informative when that AUC reaches `min_auc`
@@ -25,7 +28,9 @@ from rich.table import Table
 
 from sae.errors import UserError
 from sae.subject_model import load_tokenizer
+from service.cache.windows import ExampleSplit, Window
 from service.config import CalibrationConfig, LLMConfig
+from service.config.score import NO_EXPLAINER
 from service.explainers import create_explainers
 from service.llm.base import LLMClient, create_client
 from service.progress import count_progress
@@ -50,6 +55,11 @@ def rules_of(config: CalibrationConfig) -> list[str]:
     if len(rules) < 2:
         raise UserError("calibration needs at least two rules: each is the other's wrong answer")
     return rules
+
+
+def explained_by(config: CalibrationConfig) -> list[str]:
+    """The explainers whose explanations are scored (not `none`, which writes none)."""
+    return [name for name in config.score.explainers if name != NO_EXPLAINER]
 
 
 @dataclass
@@ -83,14 +93,13 @@ class Discrimination:
 
 def _entry(rule: str, kind: str, explanation: str, result: ScoreResult) -> CalibrationEntry:
     metric = primary_metric(result.scorer)
-    value = {"auc": result.auc, "balanced_accuracy": result.balanced_accuracy, "f1": result.f1}
     return CalibrationEntry(
         rule,
         result.scorer,
         kind,
         explanation,
         metric,
-        value[metric],
+        getattr(result, metric),
         result.n_examples,
         result.n_failed,
     )
@@ -113,30 +122,69 @@ async def calibrate(
     windows = load_chunks(
         config.dataset, tokenizer, chunk_len=config.chunk_len, max_tokens=config.max_tokens
     ).numpy()
-    entries: list[CalibrationEntry] = []
+    splits = []
     for index, rule in enumerate(rules):
         planted = plant(RULES[rule], windows, tokenizer, seed=config.seed + index)
-        examples = to_latent_examples(planted, tokenizer, latent_id=index)
-        split = split_for(examples, config.score)
+        split = split_for(to_latent_examples(planted, tokenizer, latent_id=index), config.score)
         if not split.positives or not split.negatives:
             raise UserError(
                 f"rule {rule!r} found too few windows in {config.dataset!r}; "
                 "raise --max-tokens or drop the rule"
             )
+        splits.append(split)
+    entries: list[CalibrationEntry] = []
+    for index, rule in enumerate(rules):
+        split = splits[index]
+        following = splits[(index + 1) % len(rules)]
+        split.intruders = following.positives
         wrong = RULES[rules[(index + 1) % len(rules)]].explanation
         candidates = [(RIGHT, RULES[rule].explanation), (WRONG, wrong)]
         explained = await asyncio.gather(*(e.explain(split, llm) for e in explainers))
-        candidates += [(e.explainer, e.text) for e in explained if e.parsed]
+        candidates += [
+            (e.explainer, e.text) for e in explained if e.parsed and e.explainer != NO_EXPLAINER
+        ]
         seed = latent_seed(config.score, index)
-        jobs = [(kind, text, s) for kind, text in candidates for s in scorers]
-        results = await asyncio.gather(*(s.score(text, split, llm, seed) for _, text, s in jobs))
+        jobs = [
+            (kind, text, s, split)
+            for kind, text in candidates
+            for s in scorers
+            if s.needs_explanation
+        ]
+        # An explanation-free scorer's right question shows the rule's windows, its wrong one
+        # windows of every other rule in turn, which share nothing an intruder could lack.
+        mixed = ExampleSplit(
+            split.explain, mixed_positives(splits, index), split.negatives, split.intruders
+        )
+        jobs += [
+            (kind, "", s, question)
+            for kind, question in ((RIGHT, split), (WRONG, mixed))
+            for s in scorers
+            if not s.needs_explanation
+        ]
+        results = await asyncio.gather(*(s.score(text, q, llm, seed) for _, text, s, q in jobs))
         entries += [
             _entry(rule, kind, text, result)
-            for (kind, text, _), result in zip(jobs, results, strict=True)
+            for (kind, text, _, _), result in zip(jobs, results, strict=True)
         ]
         if on_rule is not None:
             on_rule(rule)
     return entries
+
+
+def mixed_positives(splits: list[ExampleSplit], index: int) -> list[Window]:
+    """Held-out positives of every rule but the `index`th and the next (whose windows are
+    the intruders), taken in turn, as many as the `index`th has."""
+    others = [
+        s.positives for i, s in enumerate(splits) if i not in (index, (index + 1) % len(splits))
+    ]
+    if not others:
+        return []
+    size = len(splits[index].positives)
+    return [
+        others[i % len(others)][i // len(others)]
+        for i in range(size)
+        if i // len(others) < len(others[i % len(others)])
+    ]
 
 
 def _mean(values: list[float]) -> float | None:
@@ -173,7 +221,7 @@ def discrimination(
                 n_rules=len({e.rule for e in mine}),
                 right_mean=right_mean,
                 wrong_mean=wrong_mean,
-                explainer_means={name: _mean(values(name)) for name in config.score.explainers},
+                explainer_means={name: _mean(values(name)) for name in explained_by(config)},
                 auc=auc,
                 informative=informative,
                 unparsed=sum(e.n_failed for e in asked) / n_asked if n_asked else None,
@@ -260,7 +308,7 @@ def discrimination_table(rows: list[Discrimination], config: CalibrationConfig) 
         "rules",
         "right",
         "wrong",
-        *config.score.explainers,
+        *explained_by(config),
         "AUC",
         "unparsed",
         "verdict",
@@ -277,7 +325,7 @@ def discrimination_table(rows: list[Discrimination], config: CalibrationConfig) 
             str(row.n_rules),
             _number(row.right_mean),
             _number(row.wrong_mean),
-            *(_number(row.explainer_means[name]) for name in config.score.explainers),
+            *(_number(row.explainer_means[name]) for name in explained_by(config)),
             _number(row.auc),
             "-" if row.unparsed is None else f"{row.unparsed:.0%}",
             verdict,

@@ -11,6 +11,12 @@ by an earlier job) is reused, not asked for again. The
 shuffled control is a random other latent of the same SAE: a scorer that rates a foreign
 explanation as well as the latent's own is not measuring the explanation. Cross-seed scoring
 uses the latent's matched partner in another seed: does the partner's explanation transfer?
+
+Negatives: with `config.negatives` "hard" or "both", the scorers that use negatives also
+score on a split whose negatives are hard ones (`neighbours`), their results labelled
+`SCORER:hard`; with "hard" only those. Explanation-free scorers (intruder) run once, under
+the `none` explainer, never under a control; their intruder windows are the control latent's
+activating windows.
 """
 
 from __future__ import annotations
@@ -18,12 +24,15 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from service.cache.windows import ExampleSplit, LatentExamples, split_examples
+from service.cache.windows import ExampleSplit, LatentExamples, Window, split_examples
 from service.concurrency import gather_or_cancel
 from service.config import ScoreConfig
+from service.config.score import NO_EXPLAINER
 from service.explainers import Explainer, ExplanationResult, create_explainers
 from service.llm.base import CallRecord, LLMClient
 from service.scorers import Scorer, ScoreResult, create_scorers
+from service.scorers.base import HARD_SUFFIX
+from service.scoring.neighbours import hard_split
 
 CONTROL_OWN = "own"
 CONTROL_SHUFFLED = "shuffled"
@@ -116,6 +125,49 @@ def needs_llm(config: ScoreConfig) -> bool:
     return any(e.needs_llm for e in explainers) or any(s.needs_llm for s in scorers)
 
 
+def needs_control(config: ScoreConfig) -> bool:
+    """Whether a job needs another latent's windows: for the shuffled control, or as the
+    intruders of an explanation-free scorer."""
+    free = any(not scorer.needs_explanation for scorer in create_scorers(config))
+    return config.shuffled_control or free
+
+
+@dataclass(frozen=True)
+class ScorerRun:
+    """One scorer on one split, its results labelled `label` (`SCORER` or `SCORER:hard`)."""
+
+    scorer: Scorer
+    split: ExampleSplit
+    label: str
+
+    def applies_to(self, explainer: str) -> bool:
+        """Explanation-free scorers run under the `none` explainer only, the others never."""
+        return self.scorer.needs_explanation == (explainer != NO_EXPLAINER)
+
+
+def scorer_runs(
+    scorers: Sequence[Scorer], split: ExampleSplit, hard: ExampleSplit | None, negatives: str
+) -> list[ScorerRun]:
+    """Each scorer on the random negatives (unless `negatives` is "hard") and, for those that
+    use negatives, on the hard ones `hard` (unless "random"); a scorer that ignores negatives
+    runs once."""
+    runs = []
+    for scorer in scorers:
+        if negatives != "hard" or not scorer.uses_negatives:
+            runs.append(ScorerRun(scorer, split, scorer.name))
+        if negatives != "random" and scorer.uses_negatives and hard is not None:
+            runs.append(ScorerRun(scorer, hard, scorer.name + HARD_SUFFIX))
+    return runs
+
+
+def intruder_windows(examples: LatentExamples, other: LatentExamples | None) -> list[Window]:
+    """Activating windows of `other` that are none of `examples`' windows."""
+    if other is None:
+        return []
+    own = {w.tokens for w in examples.windows}
+    return [w for w in other.windows if w.max_activation > 0 and w.tokens not in own]
+
+
 def latent_seed(config: ScoreConfig, latent_id: int | None) -> int:
     """Each latent draws its own windows; the same config and latent always draw the same."""
     return config.seed * 1_000_003 + (latent_id or 0)
@@ -138,13 +190,12 @@ async def _explain_and_score_one(
     explained_split: ExampleSplit,
     source_latent_id: int | None,
     control: str,
-    scorers: list[Scorer],
-    scored_split: ExampleSplit,
+    runs: list[ScorerRun],
     llm: LLMClient | None,
     seed: int,
     known: KnownExplanation | None,
 ) -> Explained:
-    """One explainer's explanation of `explained_split`, scored on `scored_split` at once.
+    """One explainer's explanation of `explained_split`, scored by each of `runs` at once.
 
     Scoring starts the moment its explanation exists, not when every explanation does:
     scoring prompts put the held-out windows before the explanation, so the first scoring
@@ -159,11 +210,13 @@ async def _explain_and_score_one(
     explanation = explained.explanation
     if not explanation.parsed:
         return explained  # an unparseable explanation is kept, not scored
+    mine = [run for run in runs if run.applies_to(explainer.name)]
     results = await gather_or_cancel(
-        *(s.score(explanation.text, scored_split, llm, seed) for s in scorers)
+        *(run.scorer.score(explanation.text, run.split, llm, seed) for run in mine)
     )
-    for result in results:
+    for run, result in zip(mine, results, strict=True):
         result.control = control
+        result.scorer = run.label
     explained.scores = list(results)
     return explained
 
@@ -175,13 +228,16 @@ async def explain_and_score(
     control: LatentExamples | None = None,
     partners: Sequence[LatentExamples] = (),
     known: Mapping[tuple[int | None, str], KnownExplanation] | None = None,
+    hard_negatives: Sequence[Window] = (),
 ) -> LatentResult:
     """Explain one latent with each explainer and score each explanation with each scorer.
     Score other latents' explanations on this latent's windows too: with `control` (another
     latent of the same SAE) and `config.shuffled_control`, that latent's, as `shuffled`; and
     those of the first `config.cross_seed` of `partners` (its matched partners in other
     seeds), as `cross_seed`. Another latent without an activating window is skipped. `known`
-    maps (latent id, explainer) to an explanation already stored, used instead of a new one."""
+    maps (latent id, explainer) to an explanation already stored, used instead of a new one.
+    `hard_negatives`: windows where the latent's neighbours fire (`config.negatives`); the
+    intruder windows are `control`'s activating ones."""
     known = known or {}
     explainers = create_explainers(config)
     scorers = create_scorers(config)
@@ -189,6 +245,11 @@ async def explain_and_score(
     split = split_for(examples, config)
     if not split.explain:
         raise NotScorable(f"latent {examples.latent_id} has no activating example to explain")
+    split.intruders = intruder_windows(examples, control)
+    hard = None
+    if config.negatives != "random":
+        hard = hard_split(split, list(hard_negatives), config.n_negative, seed)
+    runs = scorer_runs(scorers, split, hard, config.negatives)
     others = (
         [(control, CONTROL_SHUFFLED)] if control is not None and config.shuffled_control else []
     )
@@ -205,14 +266,15 @@ async def explain_and_score(
                 source_split,
                 source_id,
                 label,
-                scorers,
-                split,
+                runs,
                 llm,
                 seed,
                 known.get((source_id, explainer.name)),
             )
             for source_split, source_id, label in sources
             for explainer in explainers
+            # There is no explanation of the `none` explainer to swap in for a control.
+            if label == CONTROL_OWN or explainer.name != NO_EXPLAINER
         )
     )
     return LatentResult(examples.latent_id, split, list(explained))

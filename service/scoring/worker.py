@@ -32,12 +32,14 @@ from sqlalchemy.orm import Session
 
 from sae.errors import UserError
 from sae.subject_model import load_tokenizer
-from service.cache.windows import LatentExamples, load_latent_examples, subject_model_of
+from service.cache.windows import LatentExamples, Window, load_latent_examples, subject_model_of
 from service.config import API_KEY_ENV, ScoreConfig, ScoringConfig
+from service.config.score import NO_EXPLAINER
 from service.explainers import ExplanationResult
 from service.llm.base import LLMClient, LLMError, ServerStats, create_client
 from service.progress import count_progress
 from service.scoring.controls import control_latent, cross_seed_partners
+from service.scoring.neighbours import Decoders, load_hard_negatives
 from service.scoring.pipeline import (
     KnownExplanation,
     LatentResult,
@@ -45,6 +47,7 @@ from service.scoring.pipeline import (
     ScoreResult,
     explain_and_score,
     latent_seed,
+    needs_control,
 )
 from service.store.engine import Store, open_store
 from service.store.models import Campaign, Explanation, LlmCall, Prediction, Score
@@ -83,6 +86,7 @@ class Loaded:
     control: LatentExamples | None
     partners: list[LatentExamples]
     known: Mapping[tuple[int | None, str], KnownExplanation]
+    hard_negatives: list[Window]
 
 
 @dataclass
@@ -182,6 +186,7 @@ def _write_score(session: Session, lease: Lease, explanation_id: int, score: Sco
         balanced_accuracy=score.balanced_accuracy,
         f1=score.f1,
         auc=score.auc,
+        correlation=score.correlation,
         n_examples=score.n_examples,
         n_parsed=score.n_parsed,
         n_failed=score.n_failed,
@@ -244,6 +249,8 @@ class ScoreWorkers:
         self._tokenizer_lock = threading.Lock()
         # Jobs claimed or being claimed, counted before the claim so `max_jobs` is never passed.
         self._reserved = 0
+        # Each SAE's decoder, read once, for the neighbours that give hard negatives.
+        self._decoders = Decoders()
         # Each campaign's job config, read once.
         self._configs: dict[int, ScoreConfig] = {}
         # Requests the LLM refused for good (HTTP 4xx) while no job had succeeded yet: when
@@ -332,15 +339,16 @@ class ScoreWorkers:
         return self._configs[campaign_id]
 
     def _load(self, lease: Lease, config: ScoreConfig) -> Loaded:
-        """The latent's windows, those of its shuffled control latent (or None) and those of
-        its cross-seed partners (each only where the config asks for it), and the
-        explanations the campaign already holds for any of them."""
+        """The latent's windows, those of its control latent (or None: the shuffled control,
+        and the intruder scorer's intruders), those of its cross-seed partners and its hard
+        negatives (each only where the config asks for it), and the explanations the
+        campaign already holds for any of them."""
         latent_id = lease.latent_id
         tokenizer = self._tokenizer_for(latent_id)
         with self.store.read_session() as session:
             examples = load_latent_examples(session, latent_id, tokenizer)
             control = None
-            if config.shuffled_control:
+            if needs_control(config):
                 other = control_latent(session, latent_id, latent_seed(config, latent_id))
                 if other is not None:
                     control = load_latent_examples(session, other, tokenizer)
@@ -354,11 +362,22 @@ class ScoreWorkers:
             known: dict[tuple[int | None, str], KnownExplanation] = {
                 (stored.latent_id, stored.explainer): KnownExplanation(
                     stored.id,
-                    ExplanationResult(stored.explainer, stored.text, stored.raw, bool(stored.text)),
+                    ExplanationResult(
+                        stored.explainer,
+                        stored.text,
+                        stored.raw,
+                        # The `none` explainer's empty explanation is its success.
+                        bool(stored.text) or stored.explainer == NO_EXPLAINER,
+                    ),
                 )
                 for stored in campaign_explanations(session, lease.campaign_id, ids)
             }
-            return Loaded(examples, control, partners, known)
+            hard = []
+            if config.negatives != "random":
+                hard = load_hard_negatives(
+                    session, examples, config.n_neighbours, tokenizer, self._decoders
+                )
+            return Loaded(examples, control, partners, known, hard)
 
     def _write(self, lease: Lease, result: LatentResult) -> None:
         with self.store.session() as session, session.begin():
@@ -394,7 +413,13 @@ class ScoreWorkers:
             config = await self._db(self._config_of, lease.campaign_id)
             loaded = await self._db(self._load, lease, config)
             result = await explain_and_score(
-                loaded.examples, config, self.llm, loaded.control, loaded.partners, loaded.known
+                loaded.examples,
+                config,
+                self.llm,
+                loaded.control,
+                loaded.partners,
+                loaded.known,
+                loaded.hard_negatives,
             )
             if not keeper.held(lease):
                 raise LeaseLost(f"job {lease.job_id} was given up or taken over while it ran")

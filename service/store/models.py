@@ -293,6 +293,8 @@ class Score(Base):
     balanced_accuracy: Mapped[float | None] = mapped_column(Float)
     f1: Mapped[float | None] = mapped_column(Float)
     auc: Mapped[float | None] = mapped_column(Float)
+    # The simulation scorer's predicted vs true activations; NULL for the other scorers.
+    correlation: Mapped[float | None] = mapped_column(Float)
     n_examples: Mapped[int]
     n_parsed: Mapped[int]
     n_failed: Mapped[int]

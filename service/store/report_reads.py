@@ -67,6 +67,7 @@ class ScoreRow:
     balanced_accuracy: float | None
     auc: float | None
     f1: float | None
+    correlation: float | None
     n_examples: int
     n_failed: int
 
@@ -90,6 +91,7 @@ def latest_score_rows(session: Session, campaign_id: int, sae_ids: Sequence[int]
             Score.balanced_accuracy,
             Score.auc,
             Score.f1,
+            Score.correlation,
             Score.n_examples,
             Score.n_failed,
         )
