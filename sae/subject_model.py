@@ -11,7 +11,7 @@ import io
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, redirect_stderr, suppress
 from pathlib import Path
 from typing import Any
@@ -260,20 +260,3 @@ def greedy_chat(
 def load_tokenizer(model: str, home: Path) -> Any:
     """The tokenizer of a subject model (embedded name, folder or hub id), without weights."""
     return AutoTokenizer.from_pretrained(resolve_model(model, home))
-
-
-def token_strings(tokenizer: Any, token_ids: Sequence[int]) -> list[str]:
-    """Each token's text, as the difference of decoded prefixes, so that characters split over
-    several byte-level tokens come out whole (on the last of them) and the pieces add up to
-    the decoded text."""
-    pieces: list[str] = []
-    previous = ""
-    ids = [int(token_id) for token_id in token_ids]
-    for end in range(1, len(ids) + 1):
-        decoded = tokenizer.decode(ids[:end], skip_special_tokens=True)
-        if decoded.endswith("\ufffd") and end < len(ids):
-            pieces.append("")
-            continue
-        pieces.append(decoded[len(previous) :])
-        previous = decoded
-    return pieces

@@ -19,7 +19,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from sae.subject_model import token_strings
+from sae.token_text import token_strings
 from service.store.models import Example, Latent, Run, Sae
 from service.store.windows import decode_window, latent_windows
 

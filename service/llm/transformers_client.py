@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sae.subject_model import token_strings
+from sae.token_text import token_strings
 from service.config import LLMConfig
 from service.llm.base import (
     CallRecord,

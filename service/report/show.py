@@ -24,7 +24,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from sae.errors import UserError
-from sae.subject_model import token_strings
+from sae.token_text import token_strings
 from service.store.campaigns import campaign_for_run, describe
 from service.store.engine import Store
 from service.store.matches import read_pair

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from sae.subject_model import token_strings
+from sae.token_text import token_strings
 from service.cache.windows import LatentExamples, Window
 
 

@@ -117,7 +117,7 @@ class Browser:
         its tokenizer cannot be loaded here (the page says so)."""
         with self._lock:
             if subject_model not in self._tokenizers:
-                from sae.subject_model import token_strings
+                from sae.token_text import token_strings
 
                 try:
                     loaded = self._load_tokenizer(subject_model)
