@@ -1,8 +1,9 @@
-"""Column reads for the report of a whole run: a SAE's latent statistics and a campaign's
-newest scores as plain tuples and arrays, never ORM objects (a run of 4 seeds x 131,072
-latents has half a million latent rows, and building an object per row costs more than the
-query). They read what `service.store.runs.latent_ids` and `service.store.scores.latest_scores`
-read, keyed by (SAE id, latent index) instead of latent id.
+"""Column reads for the report and the browser of a whole run: a SAE's latent statistics
+and a campaign's newest scores as plain tuples and arrays, never ORM objects (a run of 4
+seeds x 131,072 latents has half a million latent rows, and building an object per row costs
+more than the query). They read what `service.store.runs.latent_ids` and
+`service.store.scores.latest_scores` read, keyed by (SAE id, latent index) instead of
+latent id.
 """
 
 from __future__ import annotations

@@ -39,6 +39,7 @@ from service.store.models import (
     Sae,
     Score,
 )
+from service.store.report_reads import latent_columns
 from service.store.runs import get_run
 from service.store.scores import latest_explanations, latest_scores
 from service.store.windows import decode_window, latent_windows
@@ -97,10 +98,6 @@ class Cache:
             return value
 
 
-def _nan(values: list[Any]) -> np.ndarray:
-    return np.array([math.nan if value is None else value for value in values], dtype=np.float64)
-
-
 def run_and_saes(session: Session, run_name: str) -> tuple[Run, list[Sae]]:
     try:
         run = get_run(session, run_name)
@@ -133,19 +130,8 @@ def sae_key(session: Session, sae: Sae) -> tuple[int, ...]:
 
 
 def _read_table(session: Session, sae: Sae, others: list[Sae]) -> SaeTable:
-    rows = session.execute(
-        select(
-            Latent.index,
-            Latent.id,
-            Latent.firing_count,
-            Latent.firing_frequency,
-            Latent.max_activation,
-        )
-        .where(Latent.sae_id == sae.id)
-        .order_by(Latent.index)
-    ).all()
-    indices, ids, counts, frequencies, maxima = (list(column) for column in zip(*rows, strict=True))
-    if indices != list(range(sae.n_latents)):
+    columns = latent_columns(session, sae.id, sae.n_latents)
+    if (columns.ids < 0).any():
         raise UserError(f"SAE {sae.id} does not hold latents 0 to {sae.n_latents - 1}")
     pairs = {}
     for other in others:
@@ -167,10 +153,10 @@ def _read_table(session: Session, sae: Sae, others: list[Sae]) -> SaeTable:
         seed=sae.seed,
         hookpoint=sae.hookpoint,
         n_latents=sae.n_latents,
-        latent_id=np.asarray(ids, dtype=np.int64),
-        firing_count=_nan(counts),
-        firing_frequency=_nan(frequencies),
-        max_activation=_nan(maxima),
+        latent_id=columns.ids,
+        firing_count=columns.firing_count,
+        firing_frequency=columns.firing_frequency,
+        max_activation=columns.max_activation,
         pairs=pairs,
         presence=presence if isinstance(presence, np.ndarray) else None,
         shared_any=shared_any,
