@@ -28,7 +28,6 @@ from sae.architectures import architecture_of
 from sae.architectures.base import checkpoint_k
 from sae.checkpoint import CONFIG, SAELENS_WEIGHTS, SPARSIFY_WEIGHTS, SaeWeights, load_sae
 from sae.errors import UserError
-from sae.subject_model import hookpoint_width
 
 SEED_FOLDER = re.compile(r"seed(\d+)$")
 # Architectures whose per-token selection is a fixed number of latents.
@@ -224,6 +223,10 @@ def inspect_checkpoints(config: ImportConfig) -> list[ImportedSae]:
 
 def check_widths(saes: Sequence[ImportedSae], model: nn.Module, hookpoint: str) -> int:
     """The hookpoint's width; a UserError when any SAE's d_in differs from it."""
+    # Imported here: transformers takes seconds to import, and every `autointerp` command
+    # imports this module for `ImportConfig`.
+    from sae.subject_model import hookpoint_width
+
     width = hookpoint_width(model, hookpoint)
     for sae in saes:
         if sae.d_in != width:
