@@ -38,9 +38,57 @@ import torch
 from sqlalchemy import func, select
 
 if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
+
     from sae.latent_stats import CacheConfig, SaeWindows
+    from service.store.models import Run, Sae
 
 HOOKPOINT = "model.layers.6.mlp"
+
+
+def register_synthetic_run(
+    session: "Session", name: str, n_latents: int, seeds: int
+) -> tuple["Run", list["Sae"]]:
+    """The synthetic run's row and its SAEs: TopK, k 32, d_in 576, at HOOKPOINT."""
+    from service.store.runs import register_run, register_sae
+
+    run = register_run(
+        session,
+        name,
+        subject_model="smollm2",
+        hookpoint=HOOKPOINT,
+        dataset="embedded",
+        architecture="topk",
+        n_latents=n_latents,
+        k=32,
+        seeds=list(range(seeds)),
+    )
+    saes = [
+        register_sae(session, run, seed, n_latents=n_latents, d_in=576) for seed in range(seeds)
+    ]
+    return run, saes
+
+
+def store_random_matches(
+    session: "Session", saes: list["Sae"], n_latents: int, rng: np.random.Generator
+) -> None:
+    """Every pair of `saes` matched by random permutations, cosines uniform in [0.2, 1)."""
+    from service.store.matches import store_match_pair
+
+    for a in range(len(saes)):
+        for b in range(a + 1, len(saes)):
+            store_match_pair(
+                session,
+                saes[a],
+                saes[b],
+                partner_decoder=rng.permutation(n_latents),
+                cos_decoder=rng.uniform(0.2, 1.0, n_latents),
+                partner_encoder=rng.permutation(n_latents),
+                cos_encoder=rng.uniform(0.2, 1.0, n_latents),
+                solver="bench",
+            )
+
+
 # SmolLM2's vocabulary: the synthetic windows' token ids are drawn from it.
 VOCABULARY = 49_152
 
@@ -137,7 +185,7 @@ def measure_write(n_latents: int, n_saes: int, backend: str) -> dict[str, float]
     from service.cache.writer import batch_decoder, windows_per_latent, write_windows
     from service.config import get_settings
     from service.store.engine import open_store, upgrade
-    from service.store.runs import latent_ids, register_run, register_sae
+    from service.store.runs import latent_ids
     from service.store.windows import complete_cache_version, start_cache_version
     from tests.scratch_postgres import scratch_postgres
 
@@ -152,21 +200,7 @@ def measure_write(n_latents: int, n_saes: int, backend: str) -> dict[str, float]
         upgrade(url)
         store = open_store(url)
         with store.session() as session, session.begin():
-            run = register_run(
-                session,
-                "bench",
-                subject_model="smollm2",
-                hookpoint=HOOKPOINT,
-                dataset="embedded",
-                architecture="topk",
-                n_latents=n_latents,
-                k=32,
-                seeds=list(range(n_saes)),
-            )
-            saes = [
-                register_sae(session, run, seed, n_latents=n_latents, d_in=576)
-                for seed in range(n_saes)
-            ]
+            run, saes = register_synthetic_run(session, "bench", n_latents, n_saes)
             ids = [latent_ids(session, sae) for sae in saes]
             version = start_cache_version(session, run.id, config.model_dump(mode="json"))
         rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -38,7 +38,7 @@ import time
 import numpy as np
 from sqlalchemy import insert, select
 
-from bench.cache import HOOKPOINT, synthetic_windows
+from bench.cache import register_synthetic_run, store_random_matches, synthetic_windows
 from service.store.engine import Store, open_store, upgrade
 
 WORDS = ["return", "class", "digits", "quotes", "comma", "import", "while", "print", "tuple"]
@@ -54,44 +54,19 @@ def build(store: Store, n_latents: int, seeds: int, scored: int, windows: bool) 
     from service.cache.writer import batch_decoder, write_windows
     from service.config import get_settings
     from service.store.campaigns import CampaignLLM, get_or_create_campaign
-    from service.store.matches import store_match_pair
     from service.store.models import Explanation, Prediction, Score
-    from service.store.runs import latent_ids, register_run, register_sae, store_latent_stats
+    from service.store.runs import latent_ids, store_latent_stats
     from service.store.windows import complete_cache_version, start_cache_version
 
     rng = np.random.default_rng(0)
     config = CacheConfig()
     with store.session() as session, session.begin():
-        run = register_run(
-            session,
-            RUN,
-            subject_model="smollm2",
-            hookpoint=HOOKPOINT,
-            dataset="embedded",
-            architecture="topk",
-            n_latents=n_latents,
-            k=32,
-            seeds=list(range(seeds)),
-        )
-        saes = [
-            register_sae(session, run, seed, n_latents=n_latents, d_in=576) for seed in range(seeds)
-        ]
+        run, saes = register_synthetic_run(session, RUN, n_latents, seeds)
         n_tokens = 1_000_000
         for sae in saes:
             counts = rng.zipf(1.5, n_latents).clip(max=n_tokens // 10)
             store_latent_stats(session, sae, counts, n_tokens, rng.exponential(5.0, n_latents))
-        for a in range(seeds):
-            for b in range(a + 1, seeds):
-                store_match_pair(
-                    session,
-                    saes[a],
-                    saes[b],
-                    partner_decoder=rng.permutation(n_latents),
-                    cos_decoder=rng.uniform(0.2, 1.0, n_latents),
-                    partner_encoder=rng.permutation(n_latents),
-                    cos_encoder=rng.uniform(0.2, 1.0, n_latents),
-                    solver="bench",
-                )
+        store_random_matches(session, saes, n_latents, rng)
         ids = [latent_ids(session, sae) for sae in saes]
         version = start_cache_version(session, run.id, config.model_dump(mode="json"))
         campaign = get_or_create_campaign(

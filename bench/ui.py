@@ -31,10 +31,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 from sqlalchemy.engine import make_url
 
+from bench.cache import HOOKPOINT
+
 if TYPE_CHECKING:
     from service.store.engine import Store
 
-HOOKPOINT = "h"  # bench.report's run
 SEEDS_DEFAULT = 2
 
 
@@ -48,39 +49,15 @@ def populate(store: Store, n_latents: int, seeds: int) -> None:
     never through a list of 131,072 parameters (PostgreSQL takes at most 65,535)."""
     from sqlalchemy import insert, select
 
+    from bench.cache import register_synthetic_run, store_random_matches
     from service.store.campaigns import CampaignLLM, get_or_create_campaign
-    from service.store.matches import store_match_pair
     from service.store.models import Explanation, Score
-    from service.store.runs import latent_ids, register_run, register_sae, store_latent_stats
+    from service.store.runs import latent_ids, store_latent_stats
 
     rng = np.random.default_rng(0)
     with store.session() as session, session.begin():
-        run = register_run(
-            session,
-            "bench",
-            subject_model="smollm2",
-            hookpoint=HOOKPOINT,
-            dataset="embedded",
-            architecture="topk",
-            n_latents=n_latents,
-            k=32,
-            seeds=list(range(seeds)),
-        )
-        saes = [
-            register_sae(session, run, seed, n_latents=n_latents, d_in=576) for seed in range(seeds)
-        ]
-        for a in range(seeds):
-            for b in range(a + 1, seeds):
-                store_match_pair(
-                    session,
-                    saes[a],
-                    saes[b],
-                    partner_decoder=rng.permutation(n_latents),
-                    cos_decoder=rng.uniform(0.2, 1.0, n_latents),
-                    partner_encoder=rng.permutation(n_latents),
-                    cos_encoder=rng.uniform(0.2, 1.0, n_latents),
-                    solver="bench",
-                )
+        run, saes = register_synthetic_run(session, "bench", n_latents, seeds)
+        store_random_matches(session, saes, n_latents, rng)
         campaign = get_or_create_campaign(
             session,
             {"explainers": ["llm"], "scorers": ["detection", "fuzzing"]},
