@@ -246,12 +246,16 @@ def open_store(url: str | URL, *, check: bool = True) -> Store:
     if path is not None and not path.parent.exists():
         raise UserError(f"folder {path.parent} does not exist; create it or fix AUTOINTERP_DB")
     store = Store(make_engine(parsed))
-    if check:
-        try:
-            check_revision(store)
-        except BaseException:
-            store.dispose()
-            raise
+    return checked(store) if check else store
+
+
+def checked(store: Store) -> Store:
+    """`store`, once its schema is at the head revision; disposed of when it is not."""
+    try:
+        check_revision(store)
+    except BaseException:
+        store.dispose()
+        raise
     return store
 
 

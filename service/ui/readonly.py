@@ -17,7 +17,7 @@ from service.store.engine import (
     POSTGRES_CONNECT_TIMEOUT_S,
     SQLITE_BUSY_TIMEOUT_MS,
     Store,
-    check_revision,
+    checked,
     normalize_url,
 )
 
@@ -52,10 +52,4 @@ def open_readonly(url: str) -> Store:
             },
             pool_pre_ping=True,
         )
-    store = Store(engine)
-    try:
-        check_revision(store)
-    except BaseException:
-        store.dispose()
-        raise
-    return store
+    return checked(Store(engine))
