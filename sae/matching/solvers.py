@@ -220,32 +220,44 @@ def _residual_prices(
 ) -> np.ndarray:
     """Column prices from shortest paths in the residual graph of the optimal sparse matching.
 
-    Jacobi Bellman-Ford with numpy: sweeps are vectorised, and the count of sweeps is the
-    depth of the shortest-path tree (hundreds here), far below SciPy's node-by-node loop."""
+    Bellman-Ford from a source joined to every column at cost 1, in vectorised sweeps that
+    relax only the edges leaving the nodes improved by the sweep before (the frontier): the
+    sweeps number the depth of the shortest-path tree (hundreds here), and most nodes settle
+    long before the last, so each sweep touches a small part of the graph."""
     p, q = graph.shape
+    n = p + q
     cost = COST_SHIFT - graph.cosine
     matched = partner[graph.rows] == graph.cols
-    # Nodes: rows 0..p-1, columns p..p+q-1, source p+q (edges of cost 1 to every column).
-    src = np.concatenate([np.where(matched, graph.cols + p, graph.rows), np.full(q, p + q)])
-    dst = np.concatenate([np.where(matched, graph.rows, graph.cols + p), np.arange(q) + p])
-    weight = np.concatenate([np.where(matched, -cost, cost), np.ones(q)])
-    order = np.argsort(dst, kind="stable")
-    src, dst, weight = src[order], dst[order], weight[order]
-    starts = np.flatnonzero(np.r_[True, dst[1:] != dst[:-1]])
-    targets = dst[starts]
-    dist = np.full(p + q + 1, np.inf)
-    dist[p + q] = 0.0
+    # Nodes: rows 0..p-1, columns p..p+q-1. A matched edge runs column -> row at -cost, any
+    # other row -> column at +cost.
+    src = np.where(matched, graph.cols + p, graph.rows)
+    order = np.argsort(src, kind="stable")
+    src = src[order]
+    dst = np.where(matched, graph.rows, graph.cols + p)[order]
+    weight = np.where(matched, -cost, cost)[order]
+    first_edge = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(np.bincount(src, minlength=n), out=first_edge[1:])
+    dist = np.full(n, np.inf)
+    dist[p:] = 1.0
+    frontier = np.arange(p, n)
     for sweep in range(MAX_PRICE_SWEEPS):
-        best = np.minimum.reduceat(dist[src] + weight, starts)
-        improved = best < dist[targets] - 1e-12
-        if not improved.any():
+        counts = first_edge[frontier + 1] - first_edge[frontier]
+        total = int(counts.sum())
+        if total == 0:
             break
-        dist[targets[improved]] = best[improved]
+        offset = np.cumsum(counts) - counts
+        edges = np.repeat(first_edge[frontier] - offset, counts) + np.arange(total)
+        best = np.full(n, np.inf)
+        np.minimum.at(best, dst[edges], np.repeat(dist[frontier], counts) + weight[edges])
+        frontier = np.flatnonzero(best < dist - 1e-12)
+        if frontier.size == 0:
+            break
+        dist[frontier] = best[frontier]
         if sweep % 16 == 0:
             report(progress, stage, sweep, MAX_PRICE_SWEEPS)
     report(progress, stage, MAX_PRICE_SWEEPS, MAX_PRICE_SWEEPS)
     # Column dual in the min-cost form is dist - 1; the cosine-form price is its negation.
-    return 1.0 - dist[p : p + q]
+    return 1.0 - dist[p:]
 
 
 def price_floor(p: int, q: int) -> float:
