@@ -34,8 +34,9 @@ from rich.console import Console
 
 from sae.checkpoint import SaeWeights
 from sae.matching import MatchConfig, match_saes, shared_mask
-from sae.matching.candidates import cosine_blocks, product_seconds, scan_device, scan_dtype
+from sae.matching.candidates import cosine_blocks, scan_device, scan_dtype
 from sae.matching.solvers import assign_sparse
+from sae.precision import product_seconds
 
 D_IN = 576
 console = Console()

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import sae.matching.candidates as candidates
+import sae.precision as precision
 from sae.checkpoint import SaeWeights, save_saelens, save_sparsify
 from sae.matching.candidates import row_candidates, scan_error, top_candidates
 from sae.matching.pair import MatchConfig, match_checkpoints, match_saes
@@ -69,10 +70,10 @@ def test_scan_dtype_follows_the_timed_products(monkeypatch: pytest.MonkeyPatch) 
     # is needed to ask: the choice looks only at the device's type).
     assert candidates.scan_dtype(torch.device("cuda")) == torch.float32
     for gain, expected in ((0.0, torch.bfloat16), (1e9, torch.float32)):
-        monkeypatch.setattr(candidates, "BFLOAT16_GAIN", gain)
-        candidates._bfloat16_is_faster.cache_clear()
+        monkeypatch.setattr(precision, "BFLOAT16_GAIN", gain)
+        precision.bfloat16_is_faster.cache_clear()
         assert candidates.scan_dtype(torch.device("cpu")) == expected
-    candidates._bfloat16_is_faster.cache_clear()
+    precision.bfloat16_is_faster.cache_clear()
 
 
 def test_scan_error_bounds_the_actual_error() -> None:

@@ -237,3 +237,23 @@ def test_geometric_median_resists_outliers():
     median = geometric_median(points)
     assert float(median.norm()) < 1.0
     assert float(points.mean(dim=0).norm()) > 10
+
+
+def test_bfloat16_precision_trains_as_well_as_float32(
+    smollm2_activation_cache: Path, tmp_path: Path
+):
+    # bfloat16 only picks the active latents (the encoder's dense product); values, gradients
+    # and weights stay float32, so the SAEs reach the same reconstruction.
+    results = {}
+    for precision in ("float32", "bfloat16"):
+        config = small_config(smollm2_activation_cache, seeds=[0, 1], precision=precision)
+        results[precision] = train(config, tmp_path / precision, UNUSED_HOME)
+        recorded = json.loads((tmp_path / precision / RESULT_FILE).read_text())
+        assert recorded["compute_dtype"] == precision
+    for plain, low in zip(results["float32"].saes, results["bfloat16"].saes, strict=True):
+        assert low.fvu == pytest.approx(plain.fvu, rel=0.01), (plain.seed, plain.fvu, low.fvu)
+    # The products really differ: the weights are not the float32 run's.
+    assert not torch.equal(
+        sae_tensors(tmp_path / "float32", 0)["W_dec"],
+        sae_tensors(tmp_path / "bfloat16", 0)["W_dec"],
+    )

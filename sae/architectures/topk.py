@@ -53,8 +53,7 @@ class TopKSae(SparseAutoencoder):
     ) -> StepOutput:
         with torch.no_grad():
             centered = x - self.b_dec
-            # F.linear, not addmm: addmm first copies the broadcast bias into the output.
-            pre = F.linear(centered, self.encoder_weight, self.encoder_bias)
+            pre = self.dense_pre_activations(centered)
             selection = self.select(pre)
         values = F.relu(
             selected_pre_activations(

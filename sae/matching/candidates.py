@@ -17,13 +17,13 @@ everything after works on the few groups that can hold a row's best entries.
 
 from __future__ import annotations
 
-import functools
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from sae.precision import bfloat16_is_faster
 
 Progress = Callable[[str, int, int], None]
 """Called as progress(stage, done, total) while work is done."""
@@ -36,8 +36,6 @@ LIST_FACTOR = 2
 RESCORE_CHUNK = 1 << 16
 # Rows (or columns) redone from the scan at a time when their list may miss a top-k entry.
 REDO_CHUNK = 64
-# bfloat16 is used for the scan only when a timed product runs at least this much faster.
-BFLOAT16_GAIN = 1.2
 
 
 def report(progress: Progress | None, stage: str, done: int, total: int) -> None:
@@ -69,32 +67,9 @@ def scan_device() -> torch.device:
 def scan_dtype(device: torch.device) -> torch.dtype:
     """bfloat16 on a CPU where it is measurably faster than float32, else float32 (on CUDA
     float32 is fast already, and the scan's answer is the same for either)."""
-    if device.type == "cpu" and _bfloat16_is_faster():
+    if device.type == "cpu" and bfloat16_is_faster():
         return torch.bfloat16
     return torch.float32
-
-
-def product_seconds(left: torch.Tensor, right: torch.Tensor, dtype: torch.dtype) -> float:
-    """Best of 3 timings of `left @ right.T` in `dtype`, after one that warms the kernel up."""
-    x, y = left.to(dtype), right.to(dtype)
-    out = torch.empty((x.shape[0], y.shape[0]), dtype=dtype, device=x.device)
-    seconds = []
-    for _ in range(4):
-        started = time.perf_counter()
-        torch.matmul(x, y.T, out=out)
-        seconds.append(time.perf_counter() - started)
-    return min(seconds[1:])
-
-
-@functools.cache
-def _bfloat16_is_faster() -> bool:
-    """Whether this CPU multiplies bfloat16 matrices BFLOAT16_GAIN times faster than float32:
-    true with AMX or AVX-512 BF16 units, false where bfloat16 is emulated. Timed on products
-    of a scan's shape (1/4 s in all), once per process."""
-    gen = torch.Generator().manual_seed(0)
-    left, right = torch.randn(256, 576, generator=gen), torch.randn(4096, 576, generator=gen)
-    bfloat16 = product_seconds(left, right, torch.bfloat16)
-    return BFLOAT16_GAIN * bfloat16 < product_seconds(left, right, torch.float32)
 
 
 @dataclass

@@ -651,6 +651,7 @@ def train_command(
     dead_tokens: int = option(TrainConfig, "dead_tokens"),
     chunk_len: int = option(TrainConfig, "chunk_len"),
     data_seed: int = option(TrainConfig, "data_seed"),
+    precision: str = option(TrainConfig, "precision"),
     cache_activations: Annotated[
         Path | None,
         typer.Option(help="first cache activations in this folder (reused), then train from it"),
@@ -694,6 +695,7 @@ def train_command(
         "batch_tokens": batch_tokens,
         "lr": lr,
         "dead_tokens": dead_tokens,
+        "precision": precision,
     }
     source = {"model": model, "dataset": dataset, "max_tokens": max_tokens}
     source |= {"chunk_len": chunk_len, "data_seed": data_seed}
