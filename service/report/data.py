@@ -218,6 +218,7 @@ class RunData:
     n_examples: int
     # The one campaign the explanations and scores come from (None: nothing scored yet).
     campaign: str | None = None
+    campaign_id: int | None = None
 
     def score_sets(self, control: str = CONTROL_OWN) -> list[ScoreData]:
         return [score for score in self.scores if score.control == control]
@@ -381,4 +382,12 @@ def load_run_data(store: Store, run_name: str, campaign_id: int | None = None) -
             list(run.seeds),
         )
     label = describe(campaign) if campaign is not None else None
-    return RunData(info, hookpoints, explanations, scores, n_examples, label)
+    return RunData(
+        info,
+        hookpoints,
+        explanations,
+        scores,
+        n_examples,
+        label,
+        campaign.id if campaign is not None else None,
+    )

@@ -34,6 +34,7 @@ from pydantic import BaseModel, Field
 from sae.matching.multiseed import presence_statistics
 from service.config import ReportConfig
 from service.report.agreement import AgreementSection, Embed, explanation_agreement
+from service.report.columns import Columns, group_values, log_frequency
 from service.report.compare import CampaignComparison
 from service.report.data import (
     HookpointData,
@@ -282,45 +283,6 @@ def presence_counts(group: HookpointData, seed: int) -> np.ndarray | None:
     return present
 
 
-class _Columns:
-    """Per-latent values of one hookpoint's SAEs, concatenated over seeds."""
-
-    def __init__(self, group: HookpointData):
-        self.group = group
-        self.seeds = group.seeds
-        self.match_groups = group.match_groups()
-
-    def gather(self, per_seed: dict[int, np.ndarray | None], fill: float = np.nan) -> np.ndarray:
-        parts = []
-        for seed in self.seeds:
-            values = per_seed.get(seed)
-            n = self.group.saes[seed].n_latents
-            parts.append(np.full(n, fill) if values is None else values.astype(np.float64))
-        return np.concatenate(parts) if parts else np.zeros(0)
-
-    def scores(self, data: ScoreData | None) -> np.ndarray:
-        if data is None:
-            return self.gather({})
-        return self.gather(
-            {
-                seed: data.for_sae(sae.id).dense(sae.n_latents)
-                for seed, sae in self.group.saes.items()
-            }
-        )
-
-
-def _group_values(values: np.ndarray, groups: np.ndarray, ids: np.ndarray) -> np.ndarray:
-    """Per group of `ids`: the mean of its latents' finite `values` (NaN: none)."""
-    present, means, _ = unit_means(values, groups)
-    result = np.full(ids.size, np.nan)
-    if not present.size:
-        return result
-    where = np.searchsorted(present, ids)
-    found = (where < present.size) & (present[np.minimum(where, present.size - 1)] == ids)
-    result[found] = means[where[found]]
-    return result
-
-
 def _sharing_tests(
     values: np.ndarray,
     known: np.ndarray,
@@ -336,14 +298,12 @@ def _sharing_tests(
     ids, group_scores, _ = unit_means(values[scored], groups[scored])
     # A group is shared when its latents are (all of them, but for matchings stored both ways
     # that disagree: then any).
-    group_shared = _group_values(shared[scored].astype(np.float64), groups[scored], ids) > 0
+    group_shared = group_values(shared[scored].astype(np.float64), groups[scored], ids) > 0
     plain = stratified_difference(group_scores, group_shared, None, bootstrap)
     by_group = SharingTest(
         **plain.model_dump(), test=MATCH_GROUP_TEST, n_permutations=config.n_resamples
     )
-    with np.errstate(divide="ignore", invalid="ignore"):
-        log_frequency = np.where(frequency > 0, np.log10(frequency), np.nan)
-    group_frequency = _group_values(log_frequency, groups, ids)
+    group_frequency = group_values(log_frequency(frequency), groups, ids)
     if not np.isfinite(group_frequency).any():
         return by_group, None
     bins = quantile_bins(group_frequency, config.frequency_bins)
@@ -355,7 +315,7 @@ def _sharing_tests(
 
 def _scorer_section(
     group: HookpointData,
-    columns: _Columns,
+    columns: Columns,
     own: ScoreData,
     shuffled: ScoreData | None,
     config: ReportConfig,
@@ -510,7 +470,7 @@ def _cross_seed_sections(
 def hookpoint_report(
     group: HookpointData, data: RunData, config: ReportConfig, embed: Embed | None
 ) -> HookpointReport:
-    columns = _Columns(group)
+    columns = Columns(group)
     sae_ids = {sae.id for sae in group.saes.values()}
     scorers = []
     # By scorer first, so each LLM explainer's row sits beside the token baseline's.
