@@ -133,9 +133,7 @@ def _check_control_run(run: StudyRun, store: Store) -> None:
         )
 
 
-def _train(
-    run: StudyRun, store: Store, home: Path, console: Console, announce: Announce
-) -> None:
+def _train(run: StudyRun, store: Store, home: Path, console: Console, announce: Announce) -> None:
     config = run.train
     if run.tag:
         _check_control_run(run, store)
@@ -173,9 +171,7 @@ def _match(run: StudyRun, study: StudyConfig, store: Store, announce: Announce) 
         )
 
 
-def _cache(
-    run: StudyRun, study: StudyConfig, store: Store, home: Path, announce: Announce
-) -> None:
+def _cache(run: StudyRun, study: StudyConfig, store: Store, home: Path, announce: Announce) -> None:
     stage = run.stage("cache")
     summary = cache_run(
         store, run.name, home, study.cache, announce=lambda line: announce(stage, line)
