@@ -530,7 +530,7 @@ def _random_model_missing(data: RunData, control: RunData | None) -> list[str]:
     if control is None:
         return [
             "no random-model baseline: SAEs of a model with random weights can score about as "
-            "well (Heap et al., 2025); set `random_model_seed` in the study file and rerun "
+            "well (Heap et al.); set `random_model_seed` in the study file and rerun "
             "`autointerp run`"
         ]
     if not control.score_sets(CONTROL_OWN):
