@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rich.console import Console
+from sqlalchemy import select
 
 from sae.errors import UserError
 from sae.model_spec import random_model_spec
@@ -28,7 +29,8 @@ from service.scoring.worker import run_score
 from service.store.engine import Store, open_store, upgrade
 from service.store.imported import record_import
 from service.store.matches import matching_recorded, record_matching
-from service.store.runs import get_run, random_control_name, record_training
+from service.store.models import Run
+from service.store.runs import random_control_name, record_training
 from service.store.sampling import queue_run
 from service.study.config import StudyConfig
 
@@ -122,11 +124,10 @@ def _check_control_run(run: StudyRun, store: Store) -> None:
     """A control run already in the store must be of the same re-initialised model: a
     changed `random_model_seed` would otherwise mix two models' SAEs under one name."""
     with store.read_session() as session:
-        try:
-            recorded = get_run(session, run.name).subject_model
-        except UserError:
-            return
-    if recorded != run.train.model:
+        recorded = session.scalars(
+            select(Run.subject_model).where(Run.name == run.name)
+        ).one_or_none()
+    if recorded is not None and recorded != run.train.model:
         raise UserError(
             f"run {run.name!r} in the store was trained on {recorded}, not {run.train.model}: "
             "keep the study's random_model_seed, or give the study another name"
