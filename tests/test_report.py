@@ -46,9 +46,9 @@ def test_report_numbers_match_the_study(store: Store, minilm: Embedder):
     study = populate(store)
     result = make(store, "study", minilm)
     report = result.report
-    assert report.missing == [
-        "no example windows: run `autointerp cache --run study`",
-    ]
+    assert report.missing[0] == "no example windows: run `autointerp cache --run study`"
+    assert report.missing[1].startswith("no random-model baseline")
+    assert len(report.missing) == 2
     (group,) = report.hookpoints
     assert group.seeds == list(SEEDS) and group.firing_statistics
 

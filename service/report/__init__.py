@@ -16,7 +16,7 @@ import numpy as np
 from sae.errors import UserError
 from service.config import ReportConfig
 from service.report.compare import compare_campaigns
-from service.report.data import RunData, load_run_data
+from service.report.data import RunData, load_random_control, load_run_data
 from service.report.html import render_html
 from service.report.plots import hookpoint_plots
 from service.report.report import Report, bootstrap_of, build_report
@@ -37,17 +37,20 @@ def make_report(
     compare: int | None = None,
 ) -> ReportResult:
     """Load the run and compute its report on the scores of campaign `campaign` (None: the
-    newest with scores for the run), beside campaign `compare`'s when given; the embedding
-    model loads only when explanation agreement has matched explanations to compare."""
+    newest with scores for the run), beside campaign `compare`'s when given, and beside its
+    random-model control's scores of the same campaign when the run has a control; the
+    embedding model loads only when explanation agreement has matched explanations to
+    compare."""
     config = config or ReportConfig()
     data = load_run_data(store, run_name, campaign)
+    control = load_random_control(store, data)
 
     def embed(texts: Sequence[str]) -> np.ndarray:
         from service.scorers.embedder import load_embedder
 
         return load_embedder(config.embedding_model).embed(texts)
 
-    report = build_report(data, config, embed if config.agreement else None)
+    report = build_report(data, config, embed if config.agreement else None, control)
     report.campaign = data.campaign
     if compare is not None:
         other = load_run_data(store, run_name, compare)

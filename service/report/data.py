@@ -26,6 +26,7 @@ for matched partners). Each latent keeps one explanation per explainer, whicheve
 from __future__ import annotations
 
 import itertools
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -48,7 +49,7 @@ from service.store.models import (
     Sae,
 )
 from service.store.report_reads import ScoreRow, latent_columns, latest_score_rows
-from service.store.runs import get_run
+from service.store.runs import find_random_control, get_run
 from service.store.scores import latest_explanations
 from service.store.windows import count_windows, latest_cache_version
 
@@ -167,7 +168,12 @@ class ScoreData:
     undefined_reason: np.ndarray
 
     def for_sae(self, sae_id: int) -> ScoreData:
-        keep = self.sae_id == sae_id
+        return self._where(self.sae_id == sae_id)
+
+    def for_saes(self, sae_ids: Iterable[int]) -> ScoreData:
+        return self._where(np.isin(self.sae_id, list(sae_ids)))
+
+    def _where(self, keep: np.ndarray) -> ScoreData:
         return ScoreData(
             self.explainer,
             self.scorer,
@@ -218,6 +224,7 @@ class RunData:
     n_examples: int
     # The one campaign the explanations and scores come from (None: nothing scored yet).
     campaign: str | None = None
+    campaign_id: int | None = None
 
     def score_sets(self, control: str = CONTROL_OWN) -> list[ScoreData]:
         return [score for score in self.scores if score.control == control]
@@ -381,4 +388,26 @@ def load_run_data(store: Store, run_name: str, campaign_id: int | None = None) -
             list(run.seeds),
         )
     label = describe(campaign) if campaign is not None else None
-    return RunData(info, hookpoints, explanations, scores, n_examples, label)
+    return RunData(
+        info,
+        hookpoints,
+        explanations,
+        scores,
+        n_examples,
+        label,
+        campaign.id if campaign is not None else None,
+    )
+
+
+def load_random_control(store: Store, data: RunData) -> RunData | None:
+    """The random-model control of the run `data` holds, with the explanations and scores of
+    `data`'s campaign (never another's: without a campaign, none); None without a control."""
+    with store.read_session() as session:
+        control = find_random_control(session, get_run(session, data.run.name))
+        name = control.name if control is not None else None
+    if name is None:
+        return None
+    if data.campaign_id is None:
+        loaded = load_run_data(store, name, None)
+        return RunData(loaded.run, loaded.hookpoints, {}, [], loaded.n_examples)
+    return load_run_data(store, name, data.campaign_id)

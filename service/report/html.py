@@ -14,7 +14,9 @@ import re
 from collections.abc import Sequence
 from datetime import UTC, datetime
 
+from sae.model_spec import describe_model
 from service.report.plots import Plot
+from service.report.random_model import verdict
 from service.report.report import HookpointReport, Report, ScorerSection
 from service.report.statistics import Summary
 
@@ -572,6 +574,118 @@ def _cross_seed_sharing_table(group: HookpointReport) -> str:
     )
 
 
+def _random_control_verdict(informative: bool | None) -> str:
+    if informative is None:
+        return "too few latents for a verdict"
+    return "informative" if informative else "uninformative"
+
+
+def _random_model_scores_table(group: HookpointReport) -> str:
+    rows: list[Row] = []
+    for row in group.random_model:
+        label = f"{row.explainer} / {row.scorer}"
+        if _failed_control(group, row.explainer, row.scorer):
+            rows.append((label, [f"note:{UNINFORMATIVE}"]))
+            continue
+        if row.by_match_group is None:
+            rows.append((label, ["note:the random model is not scored with this pair"]))
+            continue
+        control = row.random_control
+        rows.append(
+            (
+                label,
+                [
+                    row.metric.replace("_", " "),
+                    *_summary_cells(row.trained),
+                    *_summary_cells(row.random),
+                    _number(sum(row.random_undefined.values())),
+                    "no control yet" if control is None else _number(control.gap.mean),
+                    DASH if control is None else _random_control_verdict(control.informative),
+                ],
+            )
+        )
+    columns = ["explainer / scorer", "metric"]
+    for side in ("trained model", "random model"):
+        columns += [
+            f"{side} latents",
+            f"{side} mean",
+            f"{side} median",
+            f"{side} mean CI low",
+            f"{side} mean CI high",
+        ]
+    columns += [
+        "random model: metric undefined (NULL, left out)",
+        "random model: own minus shuffled explanation",
+        "random model: control",
+    ]
+    return _table(
+        "Scores of the trained model beside the random-model baseline: the same study on the "
+        "subject model with re-initialised weights, scored in the same campaign (its run is "
+        "named in the run settings)",
+        columns,
+        rows,
+    )
+
+
+def _random_model_tests_table(group: HookpointReport) -> str:
+    rows: list[Row] = []
+    tests: dict[str, str] = {}
+    for row in group.random_model:
+        for name, test in (
+            ("match groups", row.by_match_group),
+            ("frequency-adjusted", row.frequency_adjusted),
+        ):
+            if test is None:
+                continue
+            label = f"{row.explainer} / {row.scorer}, {name}"
+            tests[name] = test.test
+            if _failed_control(group, row.explainer, row.scorer):
+                rows.append((label, [f"note:{UNINFORMATIVE}"]))
+                continue
+            if test.difference is None:
+                rows.append((label, ["note:no frequency bin holds groups of both models"]))
+                continue
+            rows.append(
+                (
+                    label,
+                    [
+                        _number(test.n_trained),
+                        _number(test.n_random),
+                        _number(test.n_strata),
+                        _number(test.difference),
+                        _number(test.ci_low),
+                        _number(test.ci_high),
+                        _number(test.n_permutations),
+                        _p_value(test.p_value),
+                        _p_value(test.p_holm),
+                        verdict(test) or DASH,
+                    ],
+                )
+            )
+    if not rows:
+        return ""
+    legend = " ".join(f"{name.capitalize()}: {text}." for name, text in tests.items())
+    return _table(
+        "Trained vs random model tested with match groups as the unit",
+        [
+            "explainer / scorer, test",
+            "trained-model groups (in strata with both)",
+            "random-model groups (in strata with both)",
+            "frequency bins with both (strata)",
+            "trained minus random",
+            "CI low",
+            "CI high",
+            "permutations",
+            "p-value",
+            "p-value, Holm-adjusted over the report's trained vs random tests",
+            "verdict",
+        ],
+        rows,
+        note=f"{legend} The verdict reads the interval: above zero, better than a random "
+        "model; holding zero, no better than a random model; below zero, worse.",
+    )
+
+
 def _figure(plot: Plot) -> str:
     data = base64.b64encode(plot.png).decode("ascii")
     return (
@@ -584,7 +698,7 @@ def _figure(plot: Plot) -> str:
 def _run_table(report: Report) -> str:
     config = report.config
     rows: list[Row] = [
-        ("subject model", [report.subject_model]),
+        ("subject model", [describe_model(report.subject_model)]),
         ("dataset", [report.dataset]),
         ("architecture", [report.architecture]),
         ("k (active latents per token)", [_number(report.k)]),
@@ -599,6 +713,12 @@ def _run_table(report: Report) -> str:
         ("shared vs seed-specific tests (Holm's family)", [_number(report.n_sharing_tests)]),
         ("embedding model (agreement)", [config.embedding_model]),
     ]
+    baseline = report.random_model
+    if baseline is not None:
+        rows += [
+            ("random-model baseline", [f"{baseline.run}: {baseline.model}"]),
+            ("trained vs random tests (Holm's family)", [_number(baseline.n_tests)]),
+        ]
     return _table("Run and report settings", ["what", "value"], rows)
 
 
@@ -618,6 +738,9 @@ def _hookpoint_section(group: HookpointReport, plots: Sequence[Plot], report: Re
     parts.append(_agreement_table(group))
     parts.append(_cross_seed_table(group))
     parts.append(_cross_seed_sharing_table(group))
+    if report.random_model is not None and group.random_model:
+        parts.append(_random_model_scores_table(group))
+        parts.append(_random_model_tests_table(group))
     parts.extend(_figure(plot) for plot in plots)
     return "\n".join(part for part in parts if part)
 

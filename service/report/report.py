@@ -7,7 +7,8 @@ control (own vs shuffled explanation), shared vs seed-specific interpretability,
 against firing frequency and against matched similarity, the share of latents that score
 well yet are seed-specific and the score by presence count; explanation agreement; and
 cross-seed scoring (explanation of a latent's partner in another seed, scored on the latent),
-split by whether the latent is shared with that partner's seed.
+split by whether the latent is shared with that partner's seed; and, when the run has a
+random-model control, its scores beside the control's (`random_model`).
 
 A latent is *shared* here when it is shared with at least one other seed of its hookpoint
 (the same test as the stratified queue); *seed-specific* when it was matched against other
@@ -32,8 +33,10 @@ import numpy as np
 from pydantic import BaseModel, Field
 
 from sae.matching.multiseed import presence_statistics
+from sae.model_spec import describe_model, parse_model_spec
 from service.config import ReportConfig
 from service.report.agreement import AgreementSection, Embed, explanation_agreement
+from service.report.columns import Columns, group_values, log_frequency
 from service.report.compare import CampaignComparison
 from service.report.data import (
     HookpointData,
@@ -41,6 +44,7 @@ from service.report.data import (
     SaeData,
     ScoreData,
 )
+from service.report.random_model import RandomModelBaseline, RandomModelRow, random_model_rows
 from service.report.statistics import (
     Bootstrap,
     Comparison,
@@ -195,6 +199,10 @@ class HookpointReport(BaseModel):
     scorers: list[ScorerSection]
     agreement: list[AgreementSection]
     cross_seed: list[CrossSeedSection]
+    random_model: list[RandomModelRow] = Field(
+        default_factory=list,
+        description="per explainer and scorer, these latents beside the random-model control's",
+    )
 
 
 class Report(BaseModel):
@@ -216,6 +224,9 @@ class Report(BaseModel):
     )
     n_sharing_tests: int = Field(
         default=0, description="shared vs seed-specific tests with a p-value: Holm's family"
+    )
+    random_model: RandomModelBaseline | None = Field(
+        default=None, description="the random-model control run the scores are set beside"
     )
 
 
@@ -282,45 +293,6 @@ def presence_counts(group: HookpointData, seed: int) -> np.ndarray | None:
     return present
 
 
-class _Columns:
-    """Per-latent values of one hookpoint's SAEs, concatenated over seeds."""
-
-    def __init__(self, group: HookpointData):
-        self.group = group
-        self.seeds = group.seeds
-        self.match_groups = group.match_groups()
-
-    def gather(self, per_seed: dict[int, np.ndarray | None], fill: float = np.nan) -> np.ndarray:
-        parts = []
-        for seed in self.seeds:
-            values = per_seed.get(seed)
-            n = self.group.saes[seed].n_latents
-            parts.append(np.full(n, fill) if values is None else values.astype(np.float64))
-        return np.concatenate(parts) if parts else np.zeros(0)
-
-    def scores(self, data: ScoreData | None) -> np.ndarray:
-        if data is None:
-            return self.gather({})
-        return self.gather(
-            {
-                seed: data.for_sae(sae.id).dense(sae.n_latents)
-                for seed, sae in self.group.saes.items()
-            }
-        )
-
-
-def _group_values(values: np.ndarray, groups: np.ndarray, ids: np.ndarray) -> np.ndarray:
-    """Per group of `ids`: the mean of its latents' finite `values` (NaN: none)."""
-    present, means, _ = unit_means(values, groups)
-    result = np.full(ids.size, np.nan)
-    if not present.size:
-        return result
-    where = np.searchsorted(present, ids)
-    found = (where < present.size) & (present[np.minimum(where, present.size - 1)] == ids)
-    result[found] = means[where[found]]
-    return result
-
-
 def _sharing_tests(
     values: np.ndarray,
     known: np.ndarray,
@@ -336,14 +308,12 @@ def _sharing_tests(
     ids, group_scores, _ = unit_means(values[scored], groups[scored])
     # A group is shared when its latents are (all of them, but for matchings stored both ways
     # that disagree: then any).
-    group_shared = _group_values(shared[scored].astype(np.float64), groups[scored], ids) > 0
+    group_shared = group_values(shared[scored].astype(np.float64), groups[scored], ids) > 0
     plain = stratified_difference(group_scores, group_shared, None, bootstrap)
     by_group = SharingTest(
         **plain.model_dump(), test=MATCH_GROUP_TEST, n_permutations=config.n_resamples
     )
-    with np.errstate(divide="ignore", invalid="ignore"):
-        log_frequency = np.where(frequency > 0, np.log10(frequency), np.nan)
-    group_frequency = _group_values(log_frequency, groups, ids)
+    group_frequency = group_values(log_frequency(frequency), groups, ids)
     if not np.isfinite(group_frequency).any():
         return by_group, None
     bins = quantile_bins(group_frequency, config.frequency_bins)
@@ -355,7 +325,7 @@ def _sharing_tests(
 
 def _scorer_section(
     group: HookpointData,
-    columns: _Columns,
+    columns: Columns,
     own: ScoreData,
     shuffled: ScoreData | None,
     config: ReportConfig,
@@ -508,9 +478,13 @@ def _cross_seed_sections(
 
 
 def hookpoint_report(
-    group: HookpointData, data: RunData, config: ReportConfig, embed: Embed | None
+    group: HookpointData,
+    data: RunData,
+    config: ReportConfig,
+    embed: Embed | None,
+    control: RunData | None = None,
 ) -> HookpointReport:
-    columns = _Columns(group)
+    columns = Columns(group)
     sae_ids = {sae.id for sae in group.saes.values()}
     scorers = []
     # By scorer first, so each LLM explainer's row sits beside the token baseline's.
@@ -538,10 +512,39 @@ def hookpoint_report(
         scorers=scorers,
         agreement=agreement,
         cross_seed=_cross_seed_sections(group, data, config),
+        random_model=[]
+        if control is None
+        else random_model_rows(
+            group,
+            data,
+            next((g for g in control.hookpoints if g.hookpoint == group.hookpoint), None),
+            control,
+            config,
+        ),
     )
 
 
-def missing_parts(data: RunData, report: Report, config: ReportConfig) -> list[str]:
+def _random_model_missing(data: RunData, control: RunData | None) -> list[str]:
+    if not data.score_sets(CONTROL_OWN) or parse_model_spec(data.run.subject_model).is_random:
+        return []
+    if control is None:
+        return [
+            "no random-model baseline: SAEs of a model with random weights can score about as "
+            "well (Heap et al.); set `random_model_seed` in the study file and rerun "
+            "`autointerp run`"
+        ]
+    if not control.score_sets(CONTROL_OWN):
+        return [
+            f"the random-model control `{control.run.name}` has no scores in this campaign: "
+            f"queue it in the same campaign (`autointerp queue --run {control.run.name}` with "
+            "this campaign's config and LLM), then `autointerp score`"
+        ]
+    return []
+
+
+def missing_parts(
+    data: RunData, report: Report, config: ReportConfig, control: RunData | None = None
+) -> list[str]:
     """What the run lacks for a full report, each with the step that adds it."""
     name = data.run.name
     missing = []
@@ -586,13 +589,19 @@ def missing_parts(data: RunData, report: Report, config: ReportConfig) -> list[s
         missing.append(
             "no explanation agreement: it needs explanations of matched latents in two seeds"
         )
+    missing.extend(_random_model_missing(data, control))
     return missing
 
 
 def build_report(
-    data: RunData, config: ReportConfig | None = None, embed: Embed | None = None
+    data: RunData,
+    config: ReportConfig | None = None,
+    embed: Embed | None = None,
+    control: RunData | None = None,
 ) -> Report:
-    """The report on `data`; `embed` (texts -> unit rows) enables explanation agreement."""
+    """The report on `data`; `embed` (texts -> unit rows) enables explanation agreement;
+    `control`, the run's random-model control with scores of the same campaign, adds the
+    random-model baseline."""
     config = config or ReportConfig()
     if embed is None:
         config = config.model_copy(update={"agreement": False})
@@ -605,10 +614,12 @@ def build_report(
         seeds=data.run.seeds,
         n_examples=data.n_examples,
         config=config,
-        hookpoints=[hookpoint_report(group, data, config, embed) for group in data.hookpoints],
+        hookpoints=[
+            hookpoint_report(group, data, config, embed, control) for group in data.hookpoints
+        ],
         missing=[],
     )
-    report.missing = missing_parts(data, report, config)
+    report.missing = missing_parts(data, report, config, control)
     tests = [
         test
         for group in report.hookpoints
@@ -619,4 +630,21 @@ def build_report(
     for test, adjusted in zip(tests, holm([test.p_value for test in tests]), strict=True):
         test.p_holm = adjusted
     report.n_sharing_tests = len(tests)
+    if control is not None:
+        report.random_model = RandomModelBaseline(
+            run=control.run.name,
+            subject_model=control.run.subject_model,
+            model=describe_model(control.run.subject_model),
+        )
+        random_tests = [
+            random_test
+            for group in report.hookpoints
+            for row in group.random_model
+            for random_test in (row.by_match_group, row.frequency_adjusted)
+            if random_test is not None and random_test.p_value is not None
+        ]
+        adjusted_p = holm([random_test.p_value for random_test in random_tests])
+        for random_test, adjusted in zip(random_tests, adjusted_p, strict=True):
+            random_test.p_holm = adjusted
+        report.random_model.n_tests = len(random_tests)
     return report

@@ -2,8 +2,8 @@
 presence table, each scorer's control verdict with shared vs seed-specific interpretability
 and the latents that score well yet are seed-specific, the tests of the difference (match
 groups as the unit, plain and frequency-adjusted, p-values raw and Holm-adjusted),
-explanation agreement, cross-seed scoring (shared vs seed-specific), and what the run is
-missing."""
+explanation agreement, cross-seed scoring (shared vs seed-specific), the scores beside the
+random-model control's, and what the run is missing."""
 
 from __future__ import annotations
 
@@ -11,7 +11,9 @@ from rich.console import RenderableType
 from rich.table import Table
 from rich.text import Text
 
+from sae.model_spec import describe_model
 from service.report.compare import CampaignComparison
+from service.report.random_model import BETTER, NO_BETTER, RandomModelBaseline, verdict
 from service.report.report import HookpointReport, Report, ScorerSection
 from service.report.statistics import Summary
 
@@ -219,6 +221,83 @@ def _cross_seed(group: HookpointReport) -> Table:
     return table
 
 
+def _random_verdict(text: str | None) -> Text:
+    if text is None:
+        return Text(DASH)
+    style = {BETTER: "green", NO_BETTER: "bold red"}.get(text, "yellow")
+    return Text(text, style=style)
+
+
+def _random_model(group: HookpointReport, baseline: RandomModelBaseline) -> list[RenderableType]:
+    table = Table(
+        "explainer / scorer",
+        "test",
+        "trained: mean [95% CI]",
+        "random model: mean [95% CI]",
+        "trained - random [95% CI]",
+        "p",
+        f"p, Holm ({baseline.n_tests} tests)",
+        "verdict",
+        title=f"{group.hookpoint}: trained model vs random-model baseline "
+        f"(run {baseline.run}: {baseline.model})",
+    )
+    notes: list[RenderableType] = []
+    failed = {(s.explainer, s.scorer) for s in group.scorers if s.informative is False}
+    for row in group.random_model:
+        label = f"{row.explainer} / {row.scorer} ({row.metric})"
+        if (row.explainer, row.scorer) in failed:
+            table.add_row(label, "not shown: scorer failed its control", "", "", "", "", "", "")
+            continue
+        if row.by_match_group is None:
+            table.add_row(
+                label, "", _with_ci(row.trained), "random model not scored with this pair"
+            )
+            continue
+        for name, test in (
+            ("match groups", row.by_match_group),
+            ("frequency-adjusted", row.frequency_adjusted),
+        ):
+            if test is None:
+                continue
+            plain = test is row.by_match_group
+            if test.difference is None:
+                detail = "no frequency bin holds both" if test.n_units else "no scored groups"
+                table.add_row(label, name, "", "", detail)
+                continue
+            plural = "" if test.n_strata == 1 else "s"
+            table.add_row(
+                label,
+                name if plain else f"{name}, {test.n_strata} bin{plural}",
+                _with_ci(row.trained) if plain else "",
+                _with_ci(row.random) if plain else "",
+                f"{test.difference:.3f} [{_number(test.ci_low)}, {_number(test.ci_high)}] "
+                f"({test.n_trained} / {test.n_random} groups)",
+                _p(test.p_value),
+                _p(test.p_holm),
+                _random_verdict(verdict(test)),
+            )
+        if row.random_undefined:
+            notes.append(
+                Text(
+                    f"{row.explainer} / {row.scorer} on the random model: {row.metric} undefined "
+                    f"(NULL, left out) for {row.undefined_text()}",
+                    style="yellow",
+                )
+            )
+        if row.random_control is not None and row.random_control.informative is False:
+            notes.append(
+                Text(
+                    f"{row.explainer} / {row.scorer} on the random model: own explanations do "
+                    "not beat shuffled ones",
+                    style="dim",
+                )
+            )
+    section = next((r.by_match_group for r in group.random_model if r.by_match_group), None)
+    if section is not None:
+        notes.append(Text(f"match groups: {section.test}", style="dim"))
+    return [table, *notes]
+
+
 def _comparison(comparison: CampaignComparison) -> Table:
     table = Table(
         "explainer / scorer",
@@ -246,10 +325,17 @@ def _comparison(comparison: CampaignComparison) -> Table:
 def headline(report: Report) -> list[RenderableType]:
     """What `autointerp report` prints."""
     parts: list[RenderableType] = [
-        Text(f"report on run {report.run} ({report.subject_model})", style="bold")
+        Text(f"report on run {report.run} ({describe_model(report.subject_model)})", style="bold")
     ]
     if report.campaign is not None:
         parts.append(Text(f"scores of {report.campaign}"))
+    if report.random_model is not None:
+        parts.append(
+            Text(
+                f"random-model baseline: run {report.random_model.run} "
+                f"({report.random_model.model}), same campaign"
+            )
+        )
     for group in report.hookpoints:
         if group.pairs:
             parts.append(_pairs(group))
@@ -273,6 +359,8 @@ def headline(report: Report) -> list[RenderableType]:
             parts.append(_agreement(group))
         if group.cross_seed:
             parts.append(_cross_seed(group))
+        if report.random_model is not None and group.random_model:
+            parts.extend(_random_model(group, report.random_model))
     if report.comparison is not None:
         parts.append(_comparison(report.comparison))
     for line in report.missing:

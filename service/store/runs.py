@@ -2,6 +2,11 @@
 and SAEs (one `latent` row per latent), recording what `sae.train` trained, and the latents'
 firing statistics. Arrays come in as anything numpy can read. The register and store
 functions work in the caller's session; the caller commits.
+
+A run's random-model control (the same study on the subject model with re-initialised
+weights, `autointerp run` with `random_model_seed`) is the run named
+`random_control_name(run)`, recorded with the model spec `MODEL@random:SEED`;
+`find_random_control` is how readers find it.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from sqlalchemy.orm import Session
 
 from sae.checkpoint import load_sae
 from sae.errors import UserError
+from sae.model_spec import parse_model_spec
 from sae.train import TrainConfig, TrainedSae
 from service.store.engine import Store
 from service.store.models import Latent, Run, Sae
@@ -34,6 +40,32 @@ def get_run(session: Session, name: str) -> Run:
         listing = ", ".join(known) if known else "none yet"
         raise UserError(f"no run named {name!r} in the store (runs: {listing}); check --run")
     return run
+
+
+def random_control_name(run_name: str) -> str:
+    """The name of the random-model control run of `run_name`."""
+    return f"{run_name}-random"
+
+
+def find_random_control(session: Session, run: Run) -> Run | None:
+    """The random-model control of `run`: the run `random_control_name(run.name)`, when it is
+    one (its model is `run`'s re-initialised, and its data and SAE settings are `run`'s);
+    None otherwise, or when `run` is itself on a re-initialised model."""
+    if parse_model_spec(run.subject_model).is_random:
+        return None
+    control = session.scalars(
+        select(Run).where(Run.name == random_control_name(run.name))
+    ).one_or_none()
+    if control is None:
+        return None
+    spec = parse_model_spec(control.subject_model)
+    same = (control.dataset, control.architecture, control.n_latents, control.k) == (
+        run.dataset,
+        run.architecture,
+        run.n_latents,
+        run.k,
+    )
+    return control if spec.is_random and spec.name == run.subject_model and same else None
 
 
 def register_run(

@@ -6,6 +6,10 @@
 config does not know is an error, and a key left out takes that config's default.
 `[import_saes]` (`sae.checkpoint_import.ImportConfig`) takes the place of `[train]` for SAEs
 trained elsewhere; a study has one or the other.
+
+`random_model_seed`, a key of the study itself, adds the random-model control: the same
+study again on the subject model with its weights re-initialised under that seed, as a run
+of its own (`service.study.run`).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from sae.checkpoint_import import ImportConfig
 from sae.errors import UserError
 from sae.latent_stats import CacheConfig
 from sae.matching import MatchConfig
+from sae.model_spec import random_model_spec
 from sae.train import TrainConfig
 from service.config import QueueConfig, ReportConfig, ScoringConfig
 
@@ -31,6 +36,15 @@ class StudyConfig(BaseModel):
 
     name: str = Field(description="run name in the store")
     out: Path = Field(description="folder for checkpoints, matchings and the activation cache")
+    random_model_seed: int | None = Field(
+        default=None,
+        ge=0,
+        lt=2**64,
+        description="also run the study on the subject model with every weight re-initialised "
+        "under this seed (same architecture, tokenizer, data, seeds and configs), as the run "
+        "NAME-random, the baseline the report sets the scores beside; doubles train, cache "
+        "and score (default: no control)",
+    )
     train: TrainConfig = Field(default_factory=TrainConfig)
     import_saes: ImportConfig | None = Field(
         default=None, description="SAEs trained elsewhere, recorded instead of training"
@@ -64,6 +78,13 @@ def load_study(path: Path) -> StudyConfig:
             f"{path}: [train] and [import_saes] both given; a study trains its SAEs or imports "
             "them, keep one"
         )
+    if study.random_model_seed is not None and study.import_saes is not None:
+        raise UserError(
+            f"{path}: random_model_seed needs [train]: SAEs imported from elsewhere cannot be "
+            "trained again on a re-initialised model; remove the key or train the SAEs here"
+        )
+    if study.random_model_seed is not None:
+        random_model_spec(study.train.model, study.random_model_seed)  # a bad model: one line
     base = path.parent
     study.out = base / study.out
     if study.import_saes is not None:

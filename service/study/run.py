@@ -4,14 +4,23 @@ train (or import SAEs trained elsewhere) -> record in the store -> match -> cach
 score -> report. Each stage is skipped when its outputs are already there, so rerunning an
 interrupted study resumes it.
 The resolved study config is written to `OUT/study_config.json` before any stage runs.
+
+With `random_model_seed`, every stage up to scoring also runs for the random-model control:
+the run `NAME-random`, trained with the same config on `MODEL@random:SEED` (the subject
+model re-initialised under that seed) in `OUT/random-model/`, its latents queued with the
+same selection in the same campaign; the report sets the two runs' scores side by side.
 """
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from rich.console import Console
+from sqlalchemy import select
 
-from sae.train import TrainProgress, cache_activations, train
+from sae.errors import UserError
+from sae.model_spec import random_model_spec
+from sae.train import TrainConfig, TrainProgress, cache_activations, train
 from service.cache.stage import cache_run
 from service.progress import token_progress
 from service.report import ReportResult, make_report, write_html
@@ -20,11 +29,46 @@ from service.scoring.worker import run_score
 from service.store.engine import Store, open_store, upgrade
 from service.store.imported import record_import
 from service.store.matches import matching_recorded, record_matching
-from service.store.runs import record_training
+from service.store.models import Run
+from service.store.runs import random_control_name, record_training
 from service.store.sampling import queue_run
 from service.study.config import StudyConfig
 
 Announce = Callable[[str, str], None]
+
+RANDOM_MODEL_FOLDER = "random-model"
+
+
+@dataclass(frozen=True)
+class StudyRun:
+    """One run the study trains: the subject model's, or its random-model control."""
+
+    name: str
+    train: TrainConfig
+    out: Path
+    tag: str = ""  # how announcements name the run: "" for the subject model's own
+
+    def stage(self, stage: str) -> str:
+        return f"{stage} {self.tag}" if self.tag else stage
+
+
+def study_runs(study: StudyConfig) -> list[StudyRun]:
+    """The runs `study` trains: its own, then its random-model control when asked for. The
+    control reads its data through the model (an activation cache holds the trained model's
+    activations), so it builds its own cache when several epochs need one."""
+    runs = [StudyRun(study.name, study.train, study.out)]
+    if study.random_model_seed is not None:
+        spec = random_model_spec(study.train.model, study.random_model_seed)
+        control = study.train.model_copy(update={"model": spec, "activation_cache": None})
+        runs.append(
+            StudyRun(
+                random_control_name(study.name),
+                control,
+                study.out / RANDOM_MODEL_FOLDER,
+                "(random model)",
+            )
+        )
+    return runs
 
 
 def run_study(study: StudyConfig, db_url: str, home: Path, console: Console) -> ReportResult:
@@ -38,27 +82,36 @@ def run_study(study: StudyConfig, db_url: str, home: Path, console: Console) -> 
     upgrade(db_url)
     store = open_store(db_url)
     try:
+        runs = study_runs(study)
         if study.import_saes is not None:
             saes = record_import(store, study.name, study.import_saes, home, path=study.out)
             kinds = ", ".join(f"seed {s.seed}: {s.layout} {s.architecture}" for s in saes)
             announce("import", f"recorded {len(saes)} SAEs ({kinds})")
         else:
-            _train(study, store, home, console, announce)
-        _match(study, store, announce)
-        _cache(study, store, home, announce)
-        queued = queue_run(
-            store,
-            study.name,
-            lambda session: open_campaign(session, study.score.job, study.score.llm),
-            study.queue,
-        )
-        announce(
-            "queue", f"{queued.selected} latents, {queued.inserted} new jobs ({queued.campaign})"
-        )
+            for run in runs:
+                _train(run, store, home, console, announce)
+        for run in runs:
+            _match(run, study, store, announce)
+        for run in runs:
+            _cache(run, study, store, home, announce)
+        # One campaign for every run: the control's scores are comparable by construction.
+        campaigns = []
+        for run in runs:
+            queued = queue_run(
+                store,
+                run.name,
+                lambda session: open_campaign(session, study.score.job, study.score.llm),
+                study.queue,
+            )
+            campaigns.append(queued.campaign_id)
+            announce(
+                run.stage("queue"),
+                f"{queued.selected} latents, {queued.inserted} new jobs ({queued.campaign})",
+            )
         scoring = study.score.model_copy(update={"stage": study.queue.stage})
         stats = run_score(db_url, home, scoring, console=console)
         announce("score", f"{stats.completed} latents explained and scored in this call")
-        result = make_report(store, study.name, study.report, campaign=queued.campaign_id)
+        result = make_report(store, study.name, study.report, campaign=campaigns[0])
         if study.report.html is not None:
             write_html(result, study.report.html)
             announce("report", f"HTML written to {study.report.html}")
@@ -67,54 +120,69 @@ def run_study(study: StudyConfig, db_url: str, home: Path, console: Console) -> 
         store.dispose()
 
 
-def _train(
-    study: StudyConfig, store: Store, home: Path, console: Console, announce: Announce
-) -> None:
-    config = study.train
+def _check_control_run(run: StudyRun, store: Store) -> None:
+    """A control run already in the store must be of the same re-initialised model: a
+    changed `random_model_seed` would otherwise mix two models' SAEs under one name."""
+    with store.read_session() as session:
+        recorded = session.scalars(
+            select(Run.subject_model).where(Run.name == run.name)
+        ).one_or_none()
+    if recorded is not None and recorded != run.train.model:
+        raise UserError(
+            f"run {run.name!r} in the store was trained on {recorded}, not {run.train.model}: "
+            "keep the study's random_model_seed, or give the study another name"
+        )
+
+
+def _train(run: StudyRun, store: Store, home: Path, console: Console, announce: Announce) -> None:
+    config = run.train
+    if run.tag:
+        _check_control_run(run, store)
     if config.epochs > 1 and config.activation_cache is None:
         # Several epochs read activations from a disk cache instead of rerunning the model.
-        activation_cache = study.out / "activations"
-        with token_progress("caching activations", console) as update:
+        activation_cache = run.out / "activations"
+        with token_progress(run.stage("caching activations"), console) as update:
             cache_activations(config, activation_cache, home, on_progress=update)
         config = config.model_copy(update={"activation_cache": str(activation_cache)})
-    with token_progress("train", console) as update:
+    with token_progress(run.stage("train"), console) as update:
 
         def on_progress(state: TrainProgress) -> None:
             update(state.tokens, state.total_tokens, f"FVU {state.fvu:.3f}")
 
-        result = train(config, study.out, home, on_progress)
+        result = train(config, run.out, home, on_progress)
     if result.interrupted:
         raise KeyboardInterrupt
     verb = "already trained" if result.already_finished else "trained"
     fvus = ", ".join(f"seed {s.seed}: FVU {s.fvu:.3f}, L0 {s.l0:.1f}" for s in result.saes)
-    announce("train", f"{verb} {len(result.saes)} SAEs ({fvus})")
-    record_training(store, study.name, config, study.out, result.saes)
+    announce(run.stage("train"), f"{verb} {len(result.saes)} SAEs on {config.model} ({fvus})")
+    record_training(store, run.name, config, run.out, result.saes)
 
 
-def _match(study: StudyConfig, store: Store, announce: Announce) -> None:
-    if matching_recorded(store, study.name):
-        announce("match", "already stored")
+def _match(run: StudyRun, study: StudyConfig, store: Store, announce: Announce) -> None:
+    if matching_recorded(store, run.name):
+        announce(run.stage("match"), "already stored")
         return
-    matches = record_matching(store, study.name, study.match)
+    matches = record_matching(store, run.name, study.match)
     for hookpoint, pairs in matches.items():
         shared = [m.summary.shared_fraction for m in pairs.values()]
         announce(
-            "match",
+            run.stage("match"),
             f"{hookpoint}: {len(pairs)} ordered pairs, shared fraction "
             f"{min(shared):.1%}..{max(shared):.1%}",
         )
 
 
-def _cache(study: StudyConfig, store: Store, home: Path, announce: Announce) -> None:
+def _cache(run: StudyRun, study: StudyConfig, store: Store, home: Path, announce: Announce) -> None:
+    stage = run.stage("cache")
     summary = cache_run(
-        store, study.name, home, study.cache, announce=lambda line: announce("cache", line)
+        store, run.name, home, study.cache, announce=lambda line: announce(stage, line)
     )
     if not summary.written:
-        announce("cache", f"already stored (cache version {summary.version})")
+        announce(stage, f"already stored (cache version {summary.version})")
         return
     dead = sum(s.dead for s in summary.saes)
     announce(
-        "cache",
+        stage,
         f"{summary.n_tokens:,} tokens, {sum(s.n_examples for s in summary.saes):,} windows, "
         f"{dead} dead latents",
     )
