@@ -1,9 +1,13 @@
 """Benchmark: training S seeds in one pass against S separate runs, on SmolLM2.
 
-Prints, for one hookpoint:
-- the truncated model forward alone (the floor every end-to-end step pays),
-- end-to-end training tokens/s (model forward + every seed's SAE step) for S = 1, 2, 4,
-  the cost of S together relative to one seed, and relative to S separate runs,
+Prints, for one hookpoint (SmolLM2's residual stream after layer 6 by default):
+- the truncated model forward alone, in float32 and under bfloat16 autocast (the floor every
+  end-to-end step pays),
+- end-to-end training tokens/s (model forward + every seed's SAE step) for S = 1, 2, 4, with
+  `precision` auto (bfloat16 where this CPU runs it faster) and float32, the cost of S
+  together relative to one seed, and relative to S separate runs,
+- EleutherAI's sparsify on the same model, hookpoint, sizes and tokens, 2 seeds, in the same
+  run (`bench.sparsify_rate`, in the environment `make interop` installs), and the ratio,
 - training tokens/s from an activation cache on disk (no model) for S = 1 and 4,
 - training tokens/s from the cache with 1 and 2 processes (`torchrun`, gloo), 2 seeds,
   the same global batch: the point on 2 cores is that the same command runs, not speed,
@@ -11,16 +15,18 @@ Prints, for one hookpoint:
   matrix products, time and bitwise equality,
 - peak resident memory of the process.
 
-Rates are steady-state: measured between the first and the last progress report of a run,
-so model loading, tokenisation and initialisation are not counted.
+Rates are steady-state: one batch's tokens over the median step time of a run, so model
+loading, tokenisation and initialisation are not counted.
 
     python -m bench.train [--latents 4608] [--k 32] [--steps 16] [--batch-tokens 1024]
 """
 
 import argparse
+import itertools
 import os
 import re
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -33,32 +39,69 @@ import torch
 from sae.activation_cache import build_activation_cache
 from sae.architectures import SaeConfig
 from sae.data import load_chunks
-from sae.subject_model import capture_activations, load_model
+from sae.precision import Precision, compute_dtype
+from sae.subject_model import capture_activations, converted_folder, load_model
 from sae.train import TrainConfig, TrainProgress, config_from_cache, train
 from service.config import get_settings
 
+SPARSIFY_VERSION = "1.3.3"  # as `make interop` installs it
+PRECISIONS: tuple[Precision, ...] = ("auto", "float32")
+
 
 def steady_rate(config: TrainConfig, out: Path, home: Path, steps: int) -> float:
-    """Tokens/s between the first and last of `steps` steps (setup excluded)."""
-    stamps: list[tuple[float, int]] = []
+    """One batch's tokens over the median time between consecutive steps (setup and the
+    first step excluded), as `bench.sparsify_rate` measures sparsify."""
+    stamps: list[float] = []
 
-    def record(state: TrainProgress) -> None:
-        stamps.append((time.perf_counter(), state.tokens))
+    def record(_state: TrainProgress) -> None:
+        stamps.append(time.perf_counter())
 
     train(config, out, home, record, stop_after_steps=steps, checkpoint_seconds=1e9)
-    (t0, n0), (t1, n1) = stamps[0], stamps[-1]
-    return (n1 - n0) / (t1 - t0)
+    return config.batch_tokens / statistics.median(b - a for a, b in itertools.pairwise(stamps))
 
 
-def forward_rate(home: Path, hookpoint: str, batch_chunks: int, repeats: int = 3) -> float:
+def sparsify_rate(home: Path, args: argparse.Namespace, seeds: int, scratch: Path) -> float:
+    """Sparsify's steady tokens/s on the same model, hookpoint, sizes and tokens, in the
+    interop environment (`make interop`), with the same number of threads."""
+    python = Path(".venv-interop/bin/python")
+    if not python.exists():
+        raise SystemExit("sparsify's environment is missing: run `make interop` first")
+    _, tokenizer = load_model("smollm2", home)
+    tokens = load_chunks("embedded", tokenizer, 256, args.steps * args.batch_tokens)
+    tokens_file = scratch / "tokens.pt"
+    torch.save(tokens, tokens_file)
+    # sparsify names modules from the transformer body (`layers.6`), not the causal LM.
+    hookpoint = args.hookpoint.removeprefix("model.")
+    command = [str(python), "-m", "bench.sparsify_rate", str(converted_folder("smollm2", home))]
+    command += [str(tokens_file), hookpoint, str(args.latents), str(args.k)]
+    command += [",".join(map(str, range(seeds))), str(args.batch_tokens // 256)]
+    threads = str(torch.get_num_threads())
+    finished = subprocess.run(
+        command,
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "OMP_NUM_THREADS": threads},
+    )
+    rate = re.search(r"^RATE ([\d.]+)", finished.stdout, re.MULTILINE)
+    if rate is None:
+        raise RuntimeError(f"no rate in sparsify's output: {finished.stdout}")
+    return float(rate.group(1))
+
+
+def forward_rate(
+    home: Path, hookpoint: str, batch_chunks: int, precision: str, repeats: int = 3
+) -> float:
+    """Tokens/s of the model forward stopped after the hookpoint, as training runs it."""
     model, tokenizer = load_model("smollm2", home)
     ids = load_chunks("embedded", tokenizer, 256, batch_chunks * 256)
-    capture_activations(model, ids, [hookpoint])
     best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bfloat16"):
         capture_activations(model, ids, [hookpoint])
-        best = min(best, time.perf_counter() - start)
+        for _ in range(repeats):
+            start = time.perf_counter()
+            capture_activations(model, ids, [hookpoint])
+            best = min(best, time.perf_counter() - start)
     return ids.numel() / best
 
 
@@ -109,7 +152,7 @@ def stacking_check(d: int, n: int, tokens: int, seeds: int) -> tuple[float, floa
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--hookpoint", default="model.layers.6.mlp")
+    parser.add_argument("--hookpoint", default="model.layers.6")
     parser.add_argument("--latents", type=int, default=4608)
     parser.add_argument("--k", type=int, default=32)
     parser.add_argument("--steps", type=int, default=16, help="training steps per measurement")
@@ -126,29 +169,46 @@ def main() -> None:
         f"{torch.get_num_threads()}, load average {os.getloadavg()[0]:.1f}"
     )
 
-    forward = forward_rate(home, args.hookpoint, args.batch_tokens // 256)
-    print(f"truncated model forward alone: {forward:,.0f} tokens/s")
+    low = compute_dtype("auto")
+    print(f"precision auto is {str(low).removeprefix('torch.')} on this machine")
+    for precision in ("float32", "bfloat16"):
+        forward = forward_rate(home, args.hookpoint, args.batch_tokens // 256, precision)
+        print(f"truncated model forward alone, {precision}: {forward:,.0f} tokens/s")
 
-    rates: dict[int, float] = {}
+    rates: dict[tuple[str, int], float] = {}
     with tempfile.TemporaryDirectory() as scratch:
         # Interleaved repeats, best of each: a shared machine's load drifts between runs.
         for repeat in range(args.repeats):
-            for seeds in (1, 2, 4):
-                config = TrainConfig(
-                    hookpoints=[args.hookpoint],
-                    max_tokens=tokens,
-                    sae=sae,
-                    seeds=list(range(seeds)),
-                    batch_tokens=args.batch_tokens,
-                )
-                out = Path(scratch) / f"model-s{seeds}-{repeat}"
-                rate = steady_rate(config, out, home, args.steps)
-                rates[seeds] = max(rates.get(seeds, 0.0), rate)
+            for precision in PRECISIONS:
+                for seeds in (1, 2, 4):
+                    config = TrainConfig(
+                        hookpoints=[args.hookpoint],
+                        max_tokens=tokens,
+                        sae=sae,
+                        seeds=list(range(seeds)),
+                        batch_tokens=args.batch_tokens,
+                        precision=precision,
+                    )
+                    out = Path(scratch) / f"model-{precision}-s{seeds}-{repeat}"
+                    rate = steady_rate(config, out, home, args.steps)
+                    rates[precision, seeds] = max(rates.get((precision, seeds), 0.0), rate)
+            rate = sparsify_rate(home, args, 2, Path(scratch))
+            rates["sparsify", 2] = max(rates.get(("sparsify", 2), 0.0), rate)
     print("\nend to end (model forward + SAE steps):")
-    print(f"{'seeds':>5} {'tokens/s':>10} {'cost vs 1 seed':>15} {'vs S separate runs':>19}")
-    for seeds, rate in rates.items():
-        cost = rates[1] / rate
-        print(f"{seeds:>5} {rate:>10,.0f} {cost:>14.2f}x {cost / seeds:>18.2f}x")
+    header = ("precision", "seeds", "tokens/s", "cost vs 1 seed", "vs S runs")
+    print("{:>9} {:>5} {:>10} {:>15} {:>10}".format(*header))
+    for precision in PRECISIONS:
+        for seeds in (1, 2, 4):
+            rate = rates[precision, seeds]
+            cost = rates[precision, 1] / rate
+            print(f"{precision:>9} {seeds:>5} {rate:>10,.0f} {cost:>14.2f}x {cost / seeds:>9.2f}x")
+    theirs = rates["sparsify", 2]
+    print(
+        f"sparsify {SPARSIFY_VERSION}, same model, hookpoint, sizes and tokens, 2 seeds "
+        f"(init_seeds, Adam): {theirs:,.0f} tokens/s; autointerp train is "
+        f"{rates['auto', 2] / theirs:.1f}x it (precision auto), "
+        f"{rates['float32', 2] / theirs:.1f}x (float32)"
+    )
 
     with tempfile.TemporaryDirectory() as scratch:
         cache_folder = args.cache

@@ -259,3 +259,27 @@ def test_exact_too_large_for_memory_is_a_user_error(monkeypatch: pytest.MonkeyPa
         match_saes(sae_from(a, a), sae_from(a, a), MatchConfig(solver="exact"))
     sparse = match_saes(sae_from(a, a), sae_from(a, a), MatchConfig(solver="sparse"))
     assert sparse.summary.shared_fraction == 1.0
+
+
+def test_widened_graph_is_solved_again_only_when_its_edges_break_the_duals() -> None:
+    from sae.matching import solvers
+
+    a, b = random_unit(300, 16, 11), random_unit(300, 16, 12)
+    cand = solvers.top_candidates(a, b, k=4, block_rows=64, spare=16)
+    graph = solvers.candidate_graph(a, b, cand)
+    partner, cosine = solvers._solve(graph)
+    price = np.maximum(solvers._residual_prices(graph, partner, None, "prices"), 0.0)
+    objective = float(cosine.sum())
+    assert solvers._duals_prove(graph, price, objective)
+    # Row 0's spare list, with its true cosines: the duals hold unless an edge beats them.
+    members = cand.row_spare.members[0]
+    values = (a[0] @ b[members].T).double().numpy()
+    extra = solvers.Edges(np.zeros(members.shape[0], np.int64), members.numpy(), values)
+    wider = solvers.candidate_graph(a, b, cand, extra)
+    # Row 0's dual is its matched edge's reduced value (complementary slackness).
+    holds = (values - price[members.numpy()]).max() <= cosine[0] - price[partner[0]] + 1e-6
+    assert solvers._duals_prove(wider, price, objective) == holds
+    # An edge far above every dual, outside the graph, breaks them.
+    outside = np.setdiff1d(np.arange(300), graph.cols[graph.rows == 0])[0]
+    better = solvers.Edges(np.array([0]), np.array([outside]), np.array([5.0]))
+    assert not solvers._duals_prove(solvers.candidate_graph(a, b, cand, better), price, objective)

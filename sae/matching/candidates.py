@@ -137,13 +137,26 @@ def scan_error(
 
 
 @dataclass
+class Spare:
+    """Each line's longer list from the same scan, kept for a first widening: its best
+    entries by scanned value (not rescored) and a bound on the cosine of every entry left
+    out (-inf when none is)."""
+
+    members: torch.Tensor  # int64 (lines, size)
+    cutoff: np.ndarray  # float64 (lines,)
+
+
+@dataclass
 class Candidates:
-    """Each row's top-k columns and each column's top-k rows, with their float32 cosines."""
+    """Each row's top-k columns and each column's top-k rows, with their float32 cosines,
+    and the spare lists of rows (`row_spare`: columns) and of columns (`col_spare`: rows)."""
 
     row_cols: torch.Tensor  # int64 (p, k_row)
     row_vals: torch.Tensor  # float32 (p, k_row), descending
     col_rows: torch.Tensor  # int64 (k_col, q)
     col_vals: torch.Tensor  # float32 (k_col, q), descending
+    row_spare: Spare
+    col_spare: Spare
 
     def row_cutoff(self, q: int) -> np.ndarray:
         """Upper bound on the cosine of any edge of a row outside its top-k (-inf if none)."""
@@ -206,7 +219,13 @@ class RowSearch:
     their block is done."""
 
     def __init__(
-        self, a: torch.Tensor, b: torch.Tensor, k: int, device: torch.device, dtype: torch.dtype
+        self,
+        a: torch.Tensor,
+        b: torch.Tensor,
+        k: int,
+        device: torch.device,
+        dtype: torch.dtype,
+        spare: int = 0,
     ):
         self.a, self.b = a.to(device), b.to(device)
         p, q = a.shape[0], b.shape[0]
@@ -214,29 +233,38 @@ class RowSearch:
         # A scanned list longer than k, so that a row's k best float32 cosines are almost
         # always in it (checked per row; a row where they may not be is redone).
         self.list = min(q, LIST_FACTOR * k)
+        # A longer list still, scanned values only, kept for widening the row later.
+        self.spare = min(q, max(spare, self.list))
         self.scan_a, self.scan_b = self.a.to(dtype), self.b.to(dtype)
         self.err = scan_error(self.a, self.b, self.scan_a, self.scan_b)
         self.cols = torch.empty((p, self.k), dtype=torch.int64)
         self.vals = torch.empty((p, self.k))
-        self.group = GROUP if q % GROUP == 0 and q // GROUP >= self.list else 1
+        self.spare_members = torch.empty((p, self.spare), dtype=torch.int64)
+        self.spare_cutoff = np.full(p, -np.inf)
+        self.group = GROUP if q % GROUP == 0 and q // GROUP >= self.spare else 1
         self.redone = 0
         self.gathered = Gathered(a.shape[1], device)
 
-    def scanned_list(self, block: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each row's `list` best scanned values (descending) and their columns."""
+    def scanned_list(self, block: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each row's `size` best scanned values (descending) and their columns."""
         count, q = block.shape
-        # The best `list` groups of columns hold the row's `list` best scanned entries.
+        # The best `size` groups of columns hold the row's `size` best scanned entries.
         width = q // self.group
         group_max = block.view(count, self.group, width).amax(dim=1)
-        _, groups = group_max.float().topk(self.list, dim=1)
+        _, groups = group_max.float().topk(size, dim=1)
         spread = torch.arange(self.group, device=block.device) * width
         cols = (groups[:, :, None] + spread).reshape(count, -1)
-        scanned, position = block.gather(1, cols).float().topk(self.list, dim=1)
+        scanned, position = block.gather(1, cols).float().topk(size, dim=1)
         return scanned, cols.gather(1, position)
 
     def block(self, start: int, block: torch.Tensor) -> None:
         count, q = block.shape
-        scanned, cols = self.scanned_list(block)
+        longer, longer_cols = self.scanned_list(block, self.spare)
+        self.spare_members[start : start + count] = longer_cols.cpu()
+        if self.spare < q:
+            cutoff = self.err.greatest_cosine(longer[:, -1]).cpu().numpy()
+            self.spare_cutoff[start : start + count] = cutoff
+        scanned, cols = longer[:, : self.list], longer_cols[:, : self.list]
         true = self.gathered.pair_dots(self.b, cols, self.a[start : start + count])
         vals, index = true.topk(self.k, dim=1)
         kept = cols.gather(1, index)
@@ -281,12 +309,13 @@ def row_candidates(
     dtype: torch.dtype | None = None,
     done_before: int = 0,
     total: int | None = None,
+    spare: int = 0,
 ) -> RowSearch:
-    """Each row's k best partners by float32 cosine, in one pass over `a @ b.T`. `device`
-    and the scan's `dtype` default to the GPU if any and `scan_dtype`; the answer is the
-    same for any."""
+    """Each row's k best partners by float32 cosine, in one pass over `a @ b.T`, and its
+    `spare` best by scanned value. `device` and the scan's `dtype` default to the GPU if any
+    and `scan_dtype`; the answer is the same for any."""
     device = device or scan_device()
-    search = RowSearch(a, b, k, device, dtype or scan_dtype(device))
+    search = RowSearch(a, b, k, device, dtype or scan_dtype(device), spare)
     total = total or a.shape[0]
     for start, block in cosine_blocks(search.scan_a, search.scan_b, block_rows):
         search.block(start, block)
@@ -314,7 +343,7 @@ def scanned_lists(
     values = torch.empty((p, search.list))
     cutoff = np.full(p, -np.inf)
     for start, block in cosine_blocks(search.scan_a, search.scan_b, block_rows):
-        scanned, found = search.scanned_list(block)
+        scanned, found = search.scanned_list(block, search.list)
         count = block.shape[0]
         values[start : start + count] = search.gathered.pair_dots(
             search.b, found, search.a[start : start + count]
@@ -334,11 +363,21 @@ def top_candidates(
     stage: str = "candidates",
     device: torch.device | None = None,
     dtype: torch.dtype | None = None,
+    spare: int = 0,
 ) -> Candidates:
-    """Each row's and each column's k best partners by float32 cosine: a pass over the rows
-    of `a @ b.T`, then one over the rows of `b @ a.T` (a second product costs less than
-    merging every block into the columns' lists)."""
+    """Each row's and each column's k best partners by float32 cosine, and their `spare`
+    best by scanned value: a pass over the rows of `a @ b.T`, then one over the rows of
+    `b @ a.T` (a second product costs less than merging every block into the columns'
+    lists)."""
     total = a.shape[0] + b.shape[0]
-    rows = row_candidates(a, b, k, block_rows, progress, stage, device, dtype, 0, total)
-    cols = row_candidates(b, a, k, block_rows, progress, stage, device, dtype, a.shape[0], total)
-    return Candidates(rows.cols, rows.vals, cols.cols.T.contiguous(), cols.vals.T.contiguous())
+    p = a.shape[0]
+    rows = row_candidates(a, b, k, block_rows, progress, stage, device, dtype, 0, total, spare)
+    cols = row_candidates(b, a, k, block_rows, progress, stage, device, dtype, p, total, spare)
+    return Candidates(
+        rows.cols,
+        rows.vals,
+        cols.cols.T.contiguous(),
+        cols.vals.T.contiguous(),
+        Spare(rows.spare_members, rows.spare_cutoff),
+        Spare(cols.spare_members, cols.spare_cutoff),
+    )

@@ -34,7 +34,9 @@ from scipy.sparse.csgraph import min_weight_full_bipartite_matching
 
 from sae.matching.candidates import (
     Candidates,
+    Gathered,
     Progress,
+    Spare,
     cosine_blocks,
     report,
     scanned_lists,
@@ -63,6 +65,8 @@ PROVEN_GAP = 1e-6
 WIDEN_ROUNDS = 2
 WIDEN_FACTOR = 4
 WIDEN_MAX_SHARE = 0.5
+# Lines whose spare lists are rescored at a time (1,024 x 128 rows of 576 floats: 0.3 GB).
+RESCORE_LINES = 1024
 
 
 @dataclass
@@ -318,6 +322,14 @@ def _solve(graph: CandidateGraph) -> tuple[np.ndarray, np.ndarray]:
     return partner, cosine
 
 
+def _duals_prove(graph: CandidateGraph, price: np.ndarray, objective: float) -> bool:
+    """Whether column prices `price` (feasible: >= the floor) prove a matching of value
+    `objective` optimal on `graph`: the dual value sum_i max_j (C_ij - v_j) + sum_j v_j
+    over the graph's edges bounds the graph's optimum from above."""
+    row_dual = _sparse_row_max(graph.matrix(graph.cosine), price)
+    return float(row_dual.sum() + price.sum()) - objective <= PROVEN_GAP
+
+
 def _suspects(
     graph: CandidateGraph, row_cut: np.ndarray, col_cut: np.ndarray, price: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -336,12 +348,23 @@ def _widen(
     b: torch.Tensor,
     lines: np.ndarray,
     size: int,
+    spare: Spare,
     block_rows: int,
     dtype: torch.dtype | None,
 ) -> tuple[Edges, np.ndarray]:
     """About the `size` best partners in `b` of the given rows of `a` (by scanned value), as
-    edges (row of `a`, partner in `b`), and each line's new cutoff."""
-    cols, values, cut = scanned_lists(a[torch.from_numpy(lines)], b, size, block_rows, dtype=dtype)
+    edges (row of `a`, partner in `b`), and each line's new cutoff. The scan's spare lists
+    serve when they are long enough; longer lists need a new scan of those rows."""
+    index = torch.from_numpy(lines)
+    if size <= spare.members.shape[1]:
+        cols, cut = spare.members[index], spare.cutoff[lines]
+        values = torch.empty(cols.shape)
+        gathered = Gathered(a.shape[1], a.device)
+        for start in range(0, lines.shape[0], RESCORE_LINES):
+            part = slice(start, start + RESCORE_LINES)
+            values[part] = gathered.pair_dots(b, cols[part], a[index[part]])
+    else:
+        cols, values, cut = scanned_lists(a[index], b, size, block_rows, dtype=dtype)
     edges = Edges(
         np.repeat(lines, cols.shape[1]),
         cols.reshape(-1).numpy(),
@@ -370,17 +393,25 @@ def assign_sparse(
         widen_rounds = WIDEN_ROUNDS
     started = time.perf_counter()
     p, q = a.shape[0], b.shape[0]
-    cand = top_candidates(a, b, k, block_rows, progress, f"{stage} candidates", dtype=dtype)
+    cand = top_candidates(
+        a, b, k, block_rows, progress, f"{stage} candidates", dtype=dtype, spare=WIDEN_FACTOR * k
+    )
     row_cut, col_cut = cand.row_cutoff(q), cand.col_cutoff(p)
     extra = Edges.none()
     searched = time.perf_counter()
     size = k
+    price: np.ndarray | None = None
+    objective = -np.inf
     for round_ in range(widen_rounds + 1):
         report(progress, f"{stage} solve", round_, widen_rounds + 1)
         graph = candidate_graph(a, b, cand, extra)
-        partner, cosine = _solve(graph)
-        residual = _residual_prices(graph, partner, progress, f"{stage} prices")
-        price = np.maximum(residual, price_floor(p, q))
+        # A widened graph is solved again only when its new edges break the last optimum's
+        # duals; where they do not, that matching is still optimal on the larger graph.
+        if price is None or not _duals_prove(graph, price, objective):
+            partner, cosine = _solve(graph)
+            objective = float(cosine.sum())
+            residual = _residual_prices(graph, partner, progress, f"{stage} prices")
+            price = np.maximum(residual, price_floor(p, q))
         rows, cols = _suspects(graph, row_cut, col_cut, price)
         if round_ == widen_rounds or rows.size + cols.size == 0:
             break
@@ -389,15 +420,14 @@ def assign_sparse(
         size *= WIDEN_FACTOR
         # Every cutoff a line has had stays valid for the edges still left out: keep the least.
         if rows.size:
-            edges, cut = _widen(a, b, rows, size, block_rows, dtype)
+            edges, cut = _widen(a, b, rows, size, cand.row_spare, block_rows, dtype)
             row_cut[rows] = np.minimum(row_cut[rows], cut)
             extra = extra.plus(edges)
         if cols.size:
-            edges, cut = _widen(b, a, cols, size, block_rows, dtype)
+            edges, cut = _widen(b, a, cols, size, cand.col_spare, block_rows, dtype)
             col_cut[cols] = np.minimum(col_cut[cols], cut)
             extra = extra.plus(Edges(edges.cols, edges.rows, edges.cosine))
     report(progress, f"{stage} solve", widen_rounds + 1, widen_rounds + 1)
-    objective = float(cosine.sum())
     solved = time.perf_counter()
     gap_bound = gap_upper_bound(
         graph, row_cut, col_cut, residual, objective, progress, f"{stage} bound"
