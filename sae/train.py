@@ -465,7 +465,11 @@ def _read_saved_config(out: Path) -> TrainConfig | None:
     if not path.is_file():
         return None
     try:
-        return TrainConfig.model_validate_json(path.read_text())
+        saved = json.loads(path.read_text())
+        # Runs saved before `precision` existed ran in float32.
+        if isinstance(saved, dict):
+            saved.setdefault("precision", "float32")
+        return TrainConfig.model_validate(saved)
     except (OSError, ValueError) as error:
         raise UserError(
             f"{path} is unreadable ({str(error).splitlines()[0]}): use another --out"

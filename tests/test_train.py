@@ -257,3 +257,17 @@ def test_bfloat16_precision_trains_as_well_as_float32(
         sae_tensors(tmp_path / "float32", 0)["W_dec"],
         sae_tensors(tmp_path / "bfloat16", 0)["W_dec"],
     )
+
+
+def test_a_run_saved_before_precision_resumes_as_float32(
+    smollm2_activation_cache: Path, tmp_path: Path
+):
+    config = small_config(smollm2_activation_cache, seeds=[0], precision="float32")
+    train(config, tmp_path, UNUSED_HOME, stop_after_steps=1)
+    saved = json.loads((tmp_path / "train_config.json").read_text())
+    del saved["precision"]
+    (tmp_path / "train_config.json").write_text(json.dumps(saved))
+    with pytest.raises(UserError, match="precision"):
+        train(small_config(smollm2_activation_cache, seeds=[0]), tmp_path, UNUSED_HOME)
+    result = train(config, tmp_path, UNUSED_HOME)
+    assert result.start_step == 1 and not result.interrupted
