@@ -2,9 +2,10 @@
 
 A request is prefilled alone, with no padding, and then joins the running batch between two
 steps (continuous batching): its cache is left-padded to the batch's length, the attention
-mask hides the padding, and its position ids count only its own tokens, so that what a row
-computes does not depend on its neighbours. A batch of one is the same code, so a request
-answered alone and one answered beside others follow the same path.
+mask hides the padding, and its position ids count only its own tokens, so that a row's
+tokens do not depend on its neighbours (the last bits of its logits do: matrix products over
+more rows round differently). A batch of one is the same code, so a request answered alone
+and one answered beside others follow the same path.
 
 At every step each row picks its next token by its own rules: greedy, or temperature and
 top-p sampling from a generator seeded with its own seed; masked to its JSON schema by its
@@ -50,7 +51,7 @@ class _Row:
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[tuple[float, dict[str, float]]] = field(default_factory=list)
     finish_reason: str | None = None
-    # Set when this row alone cannot go on (its token broke its schema).
+    # Set when this row alone cannot go on (e.g. its token broke its schema).
     error: Exception | None = None
 
     @property
@@ -230,15 +231,19 @@ class BatchDecoder:
             allowed = logits.clone()
             xgrammar.apply_token_bitmask_inplace(allowed, bitmask, indices=constrained)
         for i, row in enumerate(rows):
-            token = self._pick(row, allowed[i])
-            if row.params.logprobs:
-                row.logprobs.append(self._logprobs(allowed[i], token, row.params.top_logprobs))
-            row.token_ids.append(token)
-            if row.matcher is not None and not row.matcher.accept_token(token):
-                row.error = RuntimeError(f"token {token} does not fit the JSON schema")
-                row.finish_reason = "error"
-            else:
-                self._check_end(row)
+            try:
+                self._advance(row, allowed[i])
+            except Exception as error:  # noqa: BLE001 - fails this row alone
+                row.error, row.finish_reason = error, "error"
+
+    def _advance(self, row: _Row, logits: torch.Tensor) -> None:
+        token = self._pick(row, logits)
+        if row.params.logprobs:
+            row.logprobs.append(self._logprobs(logits, token, row.params.top_logprobs))
+        row.token_ids.append(token)
+        if row.matcher is not None and not row.matcher.accept_token(token):
+            raise RuntimeError(f"token {token} does not fit the JSON schema")
+        self._check_end(row)
 
     @staticmethod
     def _pick(row: _Row, logits: torch.Tensor) -> int:

@@ -5,10 +5,11 @@ The embedded default for machines without a vLLM server (SmolLM2 by default, via
 queue, and one decoding thread takes in as many as the batch has room for
 (`LLMConfig.max_batch`) whenever a step ends, so a request joins the running batch rather
 than waiting for it to finish (`service.llm.decoding` holds the decode loop). The event loop
-stays responsive meanwhile. Greedy answers are the same whether a request is answered alone
-or in a batch. A request's JSON schema is enforced as vLLM enforces it, by masking the logits
-at every step to the tokens the schema allows (xgrammar): a small model that ignores the
-format asked for in the prompt still answers in it.
+stays responsive meanwhile. A greedy answer's text and tokens are the same whether the
+request is answered alone or in a batch (its log-probabilities to ~1e-5: matrix products over
+more rows round differently). A request's JSON schema is enforced as vLLM enforces it, by
+masking the logits at every step to the tokens the schema allows (xgrammar): a small model
+that ignores the format asked for in the prompt still answers in it.
 """
 
 from __future__ import annotations
@@ -84,6 +85,7 @@ class TransformersClient(LLMClient):
         self.home = home
         self.max_batch = max_batch
         self._loaded = loaded
+        self._loading = threading.Lock()
         self._decoder: BatchDecoder | None = None
         self._waiting: deque[Request] = deque()
         # Guards `_waiting` and `_thread`; the decoding thread runs while there is work.
@@ -91,11 +93,12 @@ class TransformersClient(LLMClient):
         self._thread: threading.Thread | None = None
 
     def _load(self) -> tuple[Any, Any]:
-        if self._loaded is None:
-            from sae.subject_model import load_model
+        with self._loading:  # `check` and the decoding thread may both ask first
+            if self._loaded is None:
+                from sae.subject_model import load_model
 
-            self._loaded = load_model(self.model, self.home)
-        return self._loaded
+                self._loaded = load_model(self.model, self.home)
+            return self._loaded
 
     async def check(self) -> None:
         await asyncio.to_thread(self._load)
@@ -112,6 +115,7 @@ class TransformersClient(LLMClient):
 
         self._submit(Request(messages, params, deliver, answer.cancelled))
         outcome = await answer
+        # As a server's latency: from the call to the answer, the time in the queue included.
         latency = time.monotonic() - started
         if isinstance(outcome, RuntimeError):  # e.g. a prompt longer than the model's context
             record = CallRecord(self.model, IN_PROCESS, latency, error=str(outcome))
