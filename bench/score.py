@@ -305,6 +305,10 @@ class Timed:
     def rate(self) -> float:
         return self.generated / self.seconds
 
+    @property
+    def decode_rate(self) -> float:
+        return self.generated / (self.seconds - self.prefill_seconds)
+
 
 def in_process_rates(
     requests: list[tuple[list[Message], SamplingParams]], home: Path, max_batch: int
@@ -381,7 +385,9 @@ def in_process(home: Path, n_requests: int, max_batch: int, seed: int) -> None:
         )
     print(
         f"{len(requests)} at once / one at a time: {together.rate / alone.rate:.1f}x generated "
-        f"tokens/s (target >= 5x); load average {os.getloadavg()[0]:.2f} after",
+        f"tokens/s (target >= 5x); decoding alone (prefill time left out) "
+        f"{together.decode_rate / alone.decode_rate:.1f}x ({alone.decode_rate:.1f} -> "
+        f"{together.decode_rate:.1f} tokens/s); load average {os.getloadavg()[0]:.2f} after",
         flush=True,
     )
 
