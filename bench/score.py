@@ -33,6 +33,13 @@ counts instead, through the store and the worker and with no LLM (the token base
 explains, the embedding scorer scores, each latent also scored with a shuffled control's
 explanation), how many explanations are made per latent: with an LLM explainer each is one
 explain request.
+
+    python -m bench.score --in-process [--requests 8]
+
+times the in-process (transformers) backend on the scoring requests the pipeline makes for
+one planted latent (detection and fuzzing, 10 windows per request, JSON schema, logprobs,
+greedy): generated tokens/s with the requests sent one at a time, then all at once (decoded
+in batches of `LLMConfig.max_batch`), and the ratio.
 """
 
 # The sys.path fix below must run before the imports:
@@ -49,6 +56,8 @@ sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != HE
 
 import argparse
 import asyncio
+import json
+import os
 import time
 from collections.abc import Awaitable
 from contextlib import ExitStack
@@ -59,6 +68,8 @@ from sae.data import load_chunks
 from sae.subject_model import load_tokenizer
 from service.cache.windows import LatentExamples
 from service.config import LLMConfig, ScoreConfig, get_settings
+from service.config.llm import DEFAULT_MAX_BATCH
+from service.llm.base import CallRecord, Completion, LLMClient, Message, SamplingParams
 from service.llm.openai_client import OpenAIClient
 from service.llm.serve import free_port, running_server
 from service.scoring.pipeline import LatentResult, explain_and_score
@@ -247,6 +258,140 @@ def explanations_per_latent(tokenizer: Any, home: Path, n_latents: int) -> float
     return made / n_latents
 
 
+class PromptRecorder(LLMClient):
+    """Keeps the requests the pipeline makes and answers each in the asked-for JSON, so that
+    the scoring requests exist without an LLM."""
+
+    model = "recorder"
+    backend = "recorder"
+    enforces_json_schema = True
+
+    def __init__(self) -> None:
+        self.requests: list[tuple[list[Message], SamplingParams]] = []
+
+    async def check(self) -> None:
+        pass
+
+    async def chat(self, messages: list[Message], params: SamplingParams) -> Completion:
+        self.requests.append((messages, params))
+        answers = (params.json_schema or {}).get("properties", {}).get("answers")
+        if answers is None:
+            text = json.dumps({"explanation": "the marked word"})
+        else:
+            text = json.dumps({"answers": [0] * answers["minItems"]})
+        return Completion(text, None, "stop", [CallRecord(self.model, "none", 0.0)])
+
+
+def scoring_requests(tokenizer: Any, seed: int) -> list[tuple[list[Message], SamplingParams]]:
+    """The detection and fuzzing requests `autointerp score` makes for one planted latent
+    (with its controls), in the order it makes them."""
+    latents = planted(tokenizer, 2, seed)
+    recorder = PromptRecorder()
+    asyncio.run(explain_and_score(latents[0], CONFIGS["with controls"], recorder, latents[1]))
+    return [
+        (messages, params)
+        for messages, params in recorder.requests
+        if "answers" in (params.json_schema or {}).get("properties", {})
+    ]
+
+
+@dataclass
+class Timed:
+    generated: int
+    seconds: float
+    prefill_seconds: float
+
+    @property
+    def rate(self) -> float:
+        return self.generated / self.seconds
+
+    @property
+    def decode_rate(self) -> float:
+        return self.generated / (self.seconds - self.prefill_seconds)
+
+
+def in_process_rates(
+    requests: list[tuple[list[Message], SamplingParams]], home: Path, max_batch: int
+) -> tuple[Timed, Timed]:
+    """Generated tokens/s of the in-process backend with `requests` sent one at a time, then
+    all at once; with the seconds spent prefilling (forward passes over more than one token)."""
+    import torch
+
+    from sae.subject_model import load_model
+    from service.llm.transformers_client import TransformersClient
+
+    loaded = load_model("smollm2", home)
+    client = TransformersClient("smollm2", home, loaded=loaded, max_batch=max_batch)
+    prefill = [0.0]
+
+    def started(module: Any, args: Any, kwargs: dict[str, Any]) -> None:
+        kwargs["_bench_started"] = time.monotonic()
+
+    def ended(module: Any, args: Any, kwargs: dict[str, Any], output: Any) -> None:
+        if kwargs["input_ids"].shape[1] > 1:
+            prefill[0] += time.monotonic() - kwargs.pop("_bench_started")
+
+    async def timed(together: bool) -> Timed:
+        prefill[0] = 0.0
+        begun = time.monotonic()
+        if together:
+            answers = await asyncio.gather(*(client.chat(m, p) for m, p in requests))
+        else:
+            answers = [await client.chat(m, p) for m, p in requests]
+        seconds = time.monotonic() - begun
+        return Timed(sum(a.completion_tokens for a in answers), seconds, prefill[0])
+
+    async def run() -> tuple[Timed, Timed]:
+        # Warm up: the first call compiles the JSON schema's grammar.
+        messages, params = requests[0]
+        await client.chat(messages, params.model_copy(update={"max_tokens": 2}))
+        return await timed(together=False), await timed(together=True)
+
+    hooks = [
+        loaded[0].register_forward_pre_hook(started, with_kwargs=True),
+        loaded[0].register_forward_hook(ended, with_kwargs=True),
+    ]
+    try:
+        print(
+            f"in-process smollm2 (float32, {torch.get_num_threads()} torch threads), "
+            f"max_batch {max_batch}; load average {os.getloadavg()[0]:.2f} before",
+            flush=True,
+        )
+        return asyncio.run(run())
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+def in_process(home: Path, n_requests: int, max_batch: int, seed: int) -> None:
+    tokenizer = load_tokenizer("smollm2", home)
+    requests = scoring_requests(tokenizer, seed)[:n_requests]
+    encoded = [
+        tokenizer.apply_chat_template([dict(m) for m in messages], add_generation_prompt=True)
+        for messages, _ in requests
+    ]
+    lengths = [len(prompt["input_ids"]) for prompt in encoded]
+    print(
+        f"{len(requests)} scoring requests of one planted latent (seed {seed}): prompts of "
+        f"{min(lengths)}-{max(lengths)} tokens, at most {requests[0][1].max_tokens} generated",
+        flush=True,
+    )
+    alone, together = in_process_rates(requests, home, max_batch)
+    for name, timed in (("one at a time", alone), (f"{len(requests)} at once", together)):
+        print(
+            f"{name:>13}: {timed.generated} tokens in {timed.seconds:.1f} s = "
+            f"{timed.rate:.1f} generated tokens/s ({timed.prefill_seconds:.1f} s prefilling)",
+            flush=True,
+        )
+    print(
+        f"{len(requests)} at once / one at a time: {together.rate / alone.rate:.1f}x generated "
+        f"tokens/s (target >= 5x); decoding alone (prefill time left out) "
+        f"{together.decode_rate / alone.decode_rate:.1f}x ({alone.decode_rate:.1f} -> "
+        f"{together.decode_rate:.1f} tokens/s); load average {os.getloadavg()[0]:.2f} after",
+        flush=True,
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--llm-url", help="a running OpenAI-compatible server (default: start)")
@@ -261,7 +406,15 @@ def main() -> None:
     parser.add_argument(
         "--explain-calls", action="store_true", help="count explanations per latent, no LLM"
     )
+    parser.add_argument(
+        "--in-process", action="store_true", help="time the in-process backend's batches"
+    )
+    parser.add_argument("--requests", type=int, default=8, help="in-process: requests timed")
+    parser.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH)
     args = parser.parse_args()
+    if args.in_process:
+        in_process(get_settings().home, args.requests, args.max_batch, args.seed)
+        return
     if args.explain_calls:
         home = get_settings().home
         per_latent = explanations_per_latent(load_tokenizer("smollm2", home), home, args.latents)

@@ -12,6 +12,8 @@ DEFAULT_URL = "http://127.0.0.1:8011/v1"
 API_KEY_ENV = "AUTOINTERP_LLM_API_KEY"
 # Requests in flight per process when nothing sets it (the score stage sets 4 per worker).
 DEFAULT_CONCURRENCY = 32
+# Requests the in-process backend generates together.
+DEFAULT_MAX_BATCH = 8
 
 
 class LLMConfig(BaseModel):
@@ -38,6 +40,11 @@ class LLMConfig(BaseModel):
     def concurrency(self) -> int:
         return self.max_concurrency or DEFAULT_CONCURRENCY
 
+    max_batch: int = Field(
+        default=DEFAULT_MAX_BATCH,
+        ge=1,
+        description="in-process (transformers) backend: requests generated together",
+    )
     timeout_s: float = Field(default=180.0, gt=0, description="one HTTP request")
     retry_for_s: float = Field(default=900.0, ge=0, description="keep retrying a request this long")
     structured_output: bool = True

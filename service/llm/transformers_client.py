@@ -1,23 +1,31 @@
 """The `transformers` backend: the model runs in this process, no server needed.
 
 The embedded default for machines without a vLLM server (SmolLM2 by default, via
-`sae.subject_model.load_model`). One generation runs at a time, in a worker thread so the event loop
-stays responsive; log-probabilities come from the model's raw logits. A request's JSON schema
-is enforced as vLLM enforces it, by masking the logits at every step to the tokens the schema
-allows (xgrammar, the library vLLM uses for it): a small model that ignores the format asked
-for in the prompt still answers in it.
+`sae.subject_model.load_model`). Concurrent requests are generated together: they wait in a
+queue, and one decoding thread takes in as many as the batch has room for
+(`LLMConfig.max_batch`) whenever a step ends, so a request joins the running batch rather
+than waiting for it to finish (`service.llm.decoding` holds the decode loop). The event loop
+stays responsive meanwhile. A greedy answer's text and tokens are the same whether the
+request is answered alone or in a batch (its log-probabilities to ~1e-5: matrix products over
+more rows round differently). A request's JSON schema is enforced as vLLM enforces it, by
+masking the logits at every step to the tokens the schema allows (xgrammar): a small model
+that ignores the format asked for in the prompt still answers in it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
+import contextlib
+import threading
 import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from sae.token_text import token_strings
 from service.config import LLMConfig
+from service.config.llm import DEFAULT_MAX_BATCH
 from service.llm.base import (
     CallRecord,
     Completion,
@@ -29,7 +37,33 @@ from service.llm.base import (
     register_backend,
 )
 
+if TYPE_CHECKING:
+    from service.llm.decoding import BatchDecoder
+
 IN_PROCESS = "in-process"
+
+
+@dataclass
+class Generation:
+    """What one request produced: the generated token ids (EOS excluded) and their text."""
+
+    token_ids: list[int]
+    text: str
+    tokens: list[TokenLogprob] | None
+    finish_reason: str
+    prompt_tokens: int
+
+
+@dataclass
+class Request:
+    """One conversation to answer. `deliver` receives the Generation, or the exception that
+    failed this request alone; it is called from the decoding thread, exactly once, unless
+    `cancelled` turns true first."""
+
+    messages: list[Message]
+    params: SamplingParams
+    deliver: Callable[[Generation | BaseException], None]
+    cancelled: Callable[[], bool] = lambda: False
 
 
 class TransformersClient(LLMClient):
@@ -38,119 +72,123 @@ class TransformersClient(LLMClient):
     backend = "transformers"
     enforces_json_schema = True
 
-    def __init__(self, model: str, home: Path, loaded: tuple[Any, Any] | None = None):
-        """`loaded`: an already loaded (model, tokenizer) pair to use instead of loading."""
+    def __init__(
+        self,
+        model: str,
+        home: Path,
+        loaded: tuple[Any, Any] | None = None,
+        max_batch: int = DEFAULT_MAX_BATCH,
+    ):
+        """`loaded`: an already loaded (model, tokenizer) pair to use instead of loading.
+        `max_batch`: the most requests generated together."""
         self.model = model
         self.home = home
+        self.max_batch = max_batch
         self._loaded = loaded
-        self._lock = asyncio.Lock()
-        self._grammar_compiler: Any = None
+        self._loading = threading.Lock()
+        self._decoder: BatchDecoder | None = None
+        self._waiting: deque[Request] = deque()
+        # Guards `_waiting` and `_thread`; the decoding thread runs while there is work.
+        self._guard = threading.Lock()
+        self._thread: threading.Thread | None = None
 
     def _load(self) -> tuple[Any, Any]:
-        if self._loaded is None:
-            from sae.subject_model import load_model
+        with self._loading:  # `check` and the decoding thread may both ask first
+            if self._loaded is None:
+                from sae.subject_model import load_model
 
-            self._loaded = load_model(self.model, self.home)
-        return self._loaded
+                self._loaded = load_model(self.model, self.home)
+            return self._loaded
 
     async def check(self) -> None:
         await asyncio.to_thread(self._load)
 
     async def chat(self, messages: list[Message], params: SamplingParams) -> Completion:
-        async with self._lock:
-            started = time.monotonic()
-            try:
-                return await asyncio.to_thread(self._generate, messages, params, started)
-            except RuntimeError as error:  # e.g. a prompt longer than the model's context
-                record = CallRecord(
-                    self.model, IN_PROCESS, time.monotonic() - started, error=str(error)
-                )
-                raise LLMError(str(error), [record]) from None
+        started = time.monotonic()
+        loop = asyncio.get_running_loop()
+        answer: asyncio.Future[Generation | BaseException] = loop.create_future()
 
-    def _generate(
-        self, messages: list[Message], params: SamplingParams, started: float
-    ) -> Completion:
-        import torch
+        def deliver(outcome: Generation | BaseException) -> None:
+            # A closed event loop refuses the callback: nobody is waiting any more.
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(_settle, answer, outcome)
 
-        model, tokenizer = self._load()
-        encoded = tokenizer.apply_chat_template(
-            [dict(message) for message in messages],
-            add_generation_prompt=True,
-            return_tensors="pt",
-            return_dict=True,
-        )
-        input_ids = encoded["input_ids"]
-        sampling = params.temperature > 0
-        options: dict[str, Any] = {
-            "max_new_tokens": params.max_tokens,
-            "do_sample": sampling,
-            "output_logits": True,
-            "return_dict_in_generate": True,
-            "pad_token_id": tokenizer.pad_token_id or tokenizer.eos_token_id,
-        }
-        if sampling:
-            options.update(temperature=params.temperature, top_p=params.top_p, top_k=0)
-        else:
-            # The checkpoint's generation config may carry sampling defaults; greedy means
-            # none of them apply.
-            options.update(temperature=None, top_p=None, top_k=None)
-        if params.json_schema is not None:
-            options["logits_processor"] = [self._schema_processor(params.json_schema)]
-        if params.seed is not None:
-            torch.manual_seed(params.seed)
-        with torch.inference_mode():
-            output = model.generate(input_ids, attention_mask=encoded["attention_mask"], **options)
-        new_ids = output.sequences[0, input_ids.shape[1] :].tolist()
-        eos = tokenizer.eos_token_id
-        finish_reason = "length"
-        if eos in new_ids:
-            new_ids = new_ids[: new_ids.index(eos)]
-            finish_reason = "stop"
-        pieces = token_strings(tokenizer, new_ids)
-        text = "".join(pieces)
-        for stop in params.stop:
-            if stop in text:
-                text = text[: text.index(stop)]
-                finish_reason = "stop"
-        tokens = None
-        if params.logprobs:
-            tokens = []
-            for position, (token_id, piece) in enumerate(zip(new_ids, pieces, strict=True)):
-                logprobs = torch.log_softmax(output.logits[position][0].float(), dim=-1)
-                top = torch.topk(logprobs, max(params.top_logprobs, 1))
-                alternatives = {
-                    tokenizer.decode([int(index)]): float(value)
-                    for value, index in zip(top.values, top.indices, strict=True)
-                }
-                tokens.append(TokenLogprob(piece, float(logprobs[token_id]), alternatives))
+        self._submit(Request(messages, params, deliver, answer.cancelled))
+        outcome = await answer
+        # As a server's latency: from the call to the answer, the time in the queue included.
+        latency = time.monotonic() - started
+        if isinstance(outcome, RuntimeError):  # e.g. a prompt longer than the model's context
+            record = CallRecord(self.model, IN_PROCESS, latency, error=str(outcome))
+            raise LLMError(str(outcome), [record]) from None
+        if isinstance(outcome, BaseException):
+            raise outcome
         record = CallRecord(
             self.model,
             IN_PROCESS,
-            time.monotonic() - started,
-            prompt_tokens=int(input_ids.shape[1]),
-            completion_tokens=len(new_ids),
+            latency,
+            prompt_tokens=outcome.prompt_tokens,
+            completion_tokens=len(outcome.token_ids),
         )
-        return Completion(text, tokens, finish_reason, [record])
+        return Completion(outcome.text, outcome.tokens, outcome.finish_reason, [record])
 
-    def _schema_processor(self, schema: dict[str, Any]) -> Any:
-        """A fresh logits processor (one per generation) masking to `schema`'s tokens."""
-        import xgrammar
-        from xgrammar.contrib.hf import LogitsProcessor
+    async def aclose(self) -> None:
+        """Wait for the decoding thread to finish its work (a cancelled request leaves the
+        batch at the next step)."""
+        thread = self._thread
+        if thread is not None:
+            await asyncio.to_thread(thread.join)
 
-        model, tokenizer = self._load()
-        if self._grammar_compiler is None:
-            info = xgrammar.TokenizerInfo.from_huggingface(
-                tokenizer, vocab_size=model.config.vocab_size
-            )
-            self._grammar_compiler = xgrammar.GrammarCompiler(info)
-        # Compact JSON, as `autointerp llm serve` has vLLM produce it: free whitespace lets a
-        # small model spend its token budget on newlines. The compiler caches by schema text.
-        grammar = self._grammar_compiler.compile_json_schema(
-            json.dumps(schema, sort_keys=True), any_whitespace=False, separators=(",", ":")
-        )
-        return LogitsProcessor(grammar)
+    def _submit(self, request: Request) -> None:
+        with self._guard:
+            self._waiting.append(request)
+            if self._thread is not None:
+                return
+            # Not a daemon: at exit the interpreter waits for it to leave torch's code, which
+            # it does at the next step once the event loop has cancelled its callers.
+            self._thread = threading.Thread(target=self._work, name="transformers-decoding")
+            self._thread.start()
+
+    def _work(self) -> None:
+        """The decoding thread: admit waiting requests between steps until none is left.
+        Whatever stops it early fails every request it holds, so that none waits forever."""
+        try:
+            self._decode()
+        except BaseException as error:  # noqa: BLE001 - every caller gets the error
+            with self._guard:
+                waiting, self._waiting = list(self._waiting), deque()
+                self._thread = None
+            if self._decoder is not None:
+                self._decoder.fail_all(error)
+            for request in waiting:
+                request.deliver(error)
+
+    def _decode(self) -> None:
+        if self._decoder is None:
+            from service.llm.decoding import BatchDecoder
+
+            model, tokenizer = self._load()
+            self._decoder = BatchDecoder(model, tokenizer, self.max_batch)
+        decoder = self._decoder
+        while True:
+            with self._guard:
+                admitted = [
+                    self._waiting.popleft()
+                    for _ in range(min(decoder.free_slots, len(self._waiting)))
+                ]
+                if not admitted and decoder.idle:
+                    self._thread = None
+                    return
+            for request in admitted:
+                if not request.cancelled():
+                    decoder.admit(request)
+            decoder.step()
+
+
+def _settle(answer: asyncio.Future[Generation | BaseException], outcome: Any) -> None:
+    if not answer.done():
+        answer.set_result(outcome)
 
 
 @register_backend("transformers")
 def _create(config: LLMConfig, home: Path) -> LLMClient:
-    return TransformersClient(config.model, home)
+    return TransformersClient(config.model, home, max_batch=config.max_batch)

@@ -1,0 +1,433 @@
+"""Batched decoding for the in-process backend: several requests, one forward pass a step.
+
+A request is prefilled alone, with no padding, and then joins the running batch between two
+steps (continuous batching): its cache is left-padded to the batch's length, the attention
+mask hides the padding, and its position ids count only its own tokens, so that a row's
+tokens do not depend on its neighbours (the last bits of its logits do: matrix products over
+more rows round differently). A batch of one is the same code, so a request answered alone
+and one answered beside others follow the same path.
+
+At every step each row picks its next token by its own rules: greedy, or temperature and
+top-p sampling from a generator seeded with its own seed; masked to its JSON schema by its
+own xgrammar matcher (the library vLLM uses for it); stopped by EOS, its token budget, the
+model's context or a stop string. A finished or cancelled row leaves the batch at once.
+Log-probabilities come from the logits after the schema's mask, as vLLM reports them: the
+alternatives at an answer token are the answers the schema allows.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+from transformers.cache_utils import Cache, DynamicLayer
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from sae.token_text import token_strings
+from service.llm.base import SamplingParams, TokenLogprob
+from service.llm.transformers_client import Generation, Request
+
+# Decoding steps leave this many positions free in the cache for the tokens still to come.
+ROOM_STEP = 64
+
+
+@dataclass(eq=False)
+class _Row:
+    """A request in the batch and its decoding state."""
+
+    request: Request
+    prompt_tokens: int
+    generator: torch.Generator | None
+    matcher: Any  # xgrammar.GrammarMatcher, or None without a schema
+    # Tokens of this row in the cache: the prompt and every generated token fed back so far.
+    length: int = 0
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[tuple[float, dict[str, float]]] = field(default_factory=list)
+    finish_reason: str | None = None
+    # Set when this row alone cannot go on (e.g. its token broke its schema).
+    error: Exception | None = None
+
+    @property
+    def params(self) -> SamplingParams:
+        return self.request.params
+
+
+class BatchDecoder:
+    """The rows being generated and their shared KV cache; used by one thread at a time."""
+
+    def __init__(self, model: Any, tokenizer: Any, max_batch: int):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_batch = max_batch
+        self.context = int(getattr(model.config, "max_position_embeddings", 0) or 1 << 30)
+        eos = model.generation_config.eos_token_id
+        eos_ids = eos if isinstance(eos, list) else [eos]
+        self.eos_ids = {int(i) for i in [*eos_ids, tokenizer.eos_token_id] if i is not None}
+        self.rows: list[_Row] = []
+        # Per layer keys and values, each [rows, heads, positions, head_dim], left-padded.
+        self.cache: Cache | None = None
+        # [rows, positions]: 1 where the cache holds a real token, 0 on the padding.
+        self.mask = torch.zeros(0, 0, dtype=torch.long)
+        self._grammar_compiler: Any = None
+
+    @property
+    def free_slots(self) -> int:
+        return self.max_batch - len(self.rows)
+
+    @property
+    def idle(self) -> bool:
+        return not self.rows
+
+    def admit(self, request: Request) -> None:
+        """Prefill one request and add it to the batch (or deliver it, if already done).
+        An error fails this request alone."""
+        try:
+            with torch.inference_mode():
+                row, logits, cache = self._prefill(request)
+                self._choose([row], logits)
+        except Exception as error:  # noqa: BLE001 - delivered to the one caller it concerns
+            request.deliver(error)
+            return
+        if row.finish_reason is not None:
+            self._deliver(row)
+        else:
+            with torch.inference_mode():
+                self._join(row, cache)
+
+    def step(self) -> None:
+        """Feed every row its last token and choose the next; deliver the rows that end.
+        An error fails every row of the batch (no row can be blamed alone)."""
+        try:
+            with torch.inference_mode():
+                self._step()
+        except Exception as error:  # noqa: BLE001 - delivered to the callers it concerns
+            self.fail_all(error)
+
+    def fail_all(self, error: BaseException) -> None:
+        """Deliver `error` to every row of the batch and empty it."""
+        failed, self.rows = self.rows, []
+        self.cache, self.mask = None, torch.zeros(0, 0, dtype=torch.long)
+        for row in failed:
+            row.request.deliver(error)
+
+    def _step(self) -> None:
+        self._drop([row for row in self.rows if row.request.cancelled()])
+        if not self.rows:
+            return
+        input_ids = torch.tensor([[row.token_ids[-1]] for row in self.rows])
+        positions = torch.tensor([[row.length] for row in self.rows])
+        mask = torch.cat([self.mask, torch.ones(len(self.rows), 1, dtype=torch.long)], dim=1)
+        with _heads_shared(self.model):
+            output = self.model(
+                input_ids=input_ids,
+                attention_mask=mask,
+                position_ids=positions,
+                past_key_values=self.cache,
+                use_cache=True,
+            )
+        self.mask = mask
+        for row in self.rows:
+            row.length += 1
+        self._choose(self.rows, output.logits[:, -1, :].float())
+        finished = [row for row in self.rows if row.finish_reason is not None]
+        for row in finished:
+            self._deliver(row)
+        self._drop(finished)
+
+    # --- a request's way in ---------------------------------------------------------------
+
+    def _prefill(self, request: Request) -> tuple[_Row, torch.Tensor, Cache]:
+        params = request.params
+        encoded = self.tokenizer.apply_chat_template(
+            [dict(message) for message in request.messages],
+            add_generation_prompt=True,
+            return_tensors="pt",
+            return_dict=True,
+        )
+        input_ids = encoded["input_ids"]
+        prompt_tokens = int(input_ids.shape[1])
+        if params.max_tokens < 1:
+            raise RuntimeError(f"max_tokens is {params.max_tokens}: ask for at least 1")
+        if prompt_tokens >= self.context:
+            raise RuntimeError(
+                f"the prompt has {prompt_tokens} tokens, more than the model's context of "
+                f"{self.context}: shorten it"
+            )
+        generator = None
+        if params.temperature > 0:
+            generator = torch.Generator()
+            if params.seed is None:
+                generator.seed()
+            else:
+                generator.manual_seed(params.seed)
+        matcher = None
+        if params.json_schema is not None:
+            import xgrammar
+
+            matcher = xgrammar.GrammarMatcher(self._grammar(params.json_schema))
+        row = _Row(request, prompt_tokens, generator, matcher, length=prompt_tokens)
+        with _heads_shared(self.model):
+            output = self.model(input_ids=input_ids, use_cache=True, logits_to_keep=1)
+        return row, output.logits[:, -1, :].float(), output.past_key_values
+
+    def _grammar(self, schema: dict[str, Any]) -> Any:
+        import xgrammar
+
+        if self._grammar_compiler is None:
+            info = xgrammar.TokenizerInfo.from_huggingface(
+                self.tokenizer, vocab_size=self.model.config.vocab_size
+            )
+            self._grammar_compiler = xgrammar.GrammarCompiler(info)
+        # Compact JSON, as `autointerp llm serve` has vLLM produce it: free whitespace lets a
+        # small model spend its token budget on newlines. The compiler caches by schema text.
+        return self._grammar_compiler.compile_json_schema(
+            json.dumps(schema, sort_keys=True), any_whitespace=False, separators=(",", ":")
+        )
+
+    def _join(self, row: _Row, cache: Cache) -> None:
+        """Append a prefilled row to the batch, left-padding the shorter side."""
+        width = max(self.mask.shape[1], row.length)
+        layers = _tensors(cache)
+        if self.cache is not None:
+            layers = [
+                (
+                    torch.cat([_pad_left(old_keys, width), _pad_left(new_keys, width)]),
+                    torch.cat([_pad_left(old_values, width), _pad_left(new_values, width)]),
+                )
+                for (old_keys, old_values), (new_keys, new_values) in zip(
+                    _tensors(self.cache), layers, strict=True
+                )
+            ]
+        row_mask = torch.ones(1, row.length, dtype=torch.long)
+        self.mask = torch.cat([_pad_left(self.mask, width), _pad_left(row_mask, width)])
+        self.rows.append(row)
+        self.cache = self._roomy_cache(layers)
+
+    def _roomy_cache(self, layers: list[tuple[torch.Tensor, torch.Tensor]]) -> Cache:
+        """The batch's cache, with room for every row's remaining tokens."""
+        room = max(row.params.max_tokens - len(row.token_ids) for row in self.rows) + 1
+        room = min(room, ROOM_STEP)
+        return Cache(layers=[_RoomyLayer(keys, values, room) for keys, values in layers])
+
+    # --- choosing tokens ------------------------------------------------------------------
+
+    def _choose(self, rows: list[_Row], logits: torch.Tensor) -> None:
+        """Pick each row's next token from its logits [rows, vocab]; mark rows that end."""
+        allowed = logits
+        constrained = [i for i, row in enumerate(rows) if row.matcher is not None]
+        if constrained:
+            import xgrammar
+
+            bitmask = xgrammar.allocate_token_bitmask(len(rows), logits.shape[-1])
+            for i in constrained:
+                rows[i].matcher.fill_next_token_bitmask(bitmask, i)
+            allowed = logits.clone()
+            xgrammar.apply_token_bitmask_inplace(allowed, bitmask, indices=constrained)
+        for i, row in enumerate(rows):
+            try:
+                self._advance(row, allowed[i])
+            except Exception as error:  # noqa: BLE001 - fails this row alone
+                row.error, row.finish_reason = error, "error"
+
+    def _advance(self, row: _Row, logits: torch.Tensor) -> None:
+        token = self._pick(row, logits)
+        if row.params.logprobs:
+            row.logprobs.append(self._logprobs(logits, token, row.params.top_logprobs))
+        row.token_ids.append(token)
+        if row.matcher is not None and not row.matcher.accept_token(token):
+            raise RuntimeError(f"token {token} does not fit the JSON schema")
+        self._check_end(row)
+
+    @staticmethod
+    def _pick(row: _Row, logits: torch.Tensor) -> int:
+        if row.generator is None:
+            return int(torch.argmax(logits))
+        probs = torch.softmax(logits / row.params.temperature, dim=-1)
+        if row.params.top_p < 1.0:
+            # Keep the most likely tokens until their mass reaches top_p (always the first).
+            sorted_probs, order = torch.sort(probs, descending=True)
+            before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
+            sorted_probs[before >= row.params.top_p] = 0.0
+            probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+        return int(torch.multinomial(probs, 1, generator=row.generator))
+
+    def _logprobs(
+        self, logits: torch.Tensor, token: int, top: int
+    ) -> tuple[float, dict[str, float]]:
+        logprobs = torch.log_softmax(logits, dim=-1)
+        best = torch.topk(logprobs, max(top, 1))
+        alternatives = {
+            self.tokenizer.decode([int(index)]): float(value)
+            for value, index in zip(best.values, best.indices, strict=True)
+        }
+        return float(logprobs[token]), alternatives
+
+    def _check_end(self, row: _Row) -> None:
+        if row.token_ids[-1] in self.eos_ids or self._stopped(row):
+            row.finish_reason = "stop"
+        elif len(row.token_ids) >= row.params.max_tokens or row.length >= self.context:
+            row.finish_reason = "length"
+
+    def _stopped(self, row: _Row) -> bool:
+        """Whether the text so far holds one of the row's stop strings."""
+        if not row.params.stop:
+            return False
+        text = self.tokenizer.decode(row.token_ids, skip_special_tokens=True)
+        return any(stop in text for stop in row.params.stop)
+
+    # --- a request's way out --------------------------------------------------------------
+
+    def _deliver(self, row: _Row) -> None:
+        if row.error is not None:
+            row.request.deliver(row.error)
+            return
+        token_ids = row.token_ids
+        if token_ids and token_ids[-1] in self.eos_ids:
+            token_ids = token_ids[:-1]
+        pieces = token_strings(self.tokenizer, token_ids)
+        text = "".join(pieces)
+        cuts = [text.index(stop) for stop in row.params.stop if stop in text]
+        if cuts:
+            text = text[: min(cuts)]
+        tokens = None
+        if row.params.logprobs:
+            tokens = [
+                TokenLogprob(piece, logprob, top)
+                for piece, (logprob, top) in zip(pieces, row.logprobs, strict=False)
+            ]
+        assert row.finish_reason is not None
+        row.request.deliver(
+            Generation(token_ids, text, tokens, row.finish_reason, row.prompt_tokens)
+        )
+
+    def _drop(self, leaving: list[_Row]) -> None:
+        """Take rows out of the batch, and the padding no remaining row needs."""
+        if not leaving:
+            return
+        keep = [i for i, row in enumerate(self.rows) if all(row is not gone for gone in leaving)]
+        self.rows = [self.rows[i] for i in keep]
+        if not self.rows or self.cache is None:
+            self.cache, self.mask = None, torch.zeros(0, 0, dtype=torch.long)
+            return
+        start = self.mask.shape[1] - max(row.length for row in self.rows)
+        index = torch.tensor(keep)
+        self.cache = self._roomy_cache(
+            [
+                (keys[index, :, start:], values[index, :, start:])
+                for keys, values in _tensors(self.cache)
+            ]
+        )
+        self.mask = self.mask[index, start:]
+
+
+class _RoomyLayer(DynamicLayer):
+    """A layer's keys and values as views into buffers with room to grow, so that a step
+    writes its one new position instead of copying the whole cache (DynamicLayer's
+    torch.cat, the costliest part of a batched step with long prompts)."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, room: int):
+        super().__init__()
+        self.lazy_initialization(keys, values)
+        self._grow(keys, values, room)
+
+    def _grow(self, keys: torch.Tensor, values: torch.Tensor, room: int) -> None:
+        rows, heads, length, dim = keys.shape
+        self._key_buffer = keys.new_empty(rows, heads, length + room, dim)
+        self._value_buffer = values.new_empty(rows, heads, length + room, dim)
+        self._key_buffer[:, :, :length] = keys
+        self._value_buffer[:, :, :length] = values
+        self.keys = self._key_buffer[:, :, :length]
+        self.values = self._value_buffer[:, :, :length]
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        assert self.keys is not None and self.values is not None
+        length, new = self.keys.shape[2], key_states.shape[2]
+        if length + new > self._key_buffer.shape[2]:
+            self._grow(self.keys, self.values, max(new, ROOM_STEP))
+        self._key_buffer[:, :, length : length + new] = key_states
+        self._value_buffer[:, :, length : length + new] = value_states
+        self.keys = self._key_buffer[:, :, : length + new]
+        self.values = self._value_buffer[:, :, : length + new]
+        return self.keys, self.values
+
+
+# transformers' "sdpa" copies every key/value head once per query head that shares it
+# (SmolLM2: 3 query heads per key/value head) whenever an attention mask is given, as it is
+# for a batch with padding: three copies of the whole cache at every layer of every step.
+# torch's SDPA shares the heads itself (enable_gqa), mask or not.
+SHARED_HEADS_SDPA = "autointerp_sdpa_shared_heads"
+
+
+def _sdpa_shared_heads(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    groups = getattr(module, "num_key_value_groups", 1)
+    if attention_mask is None or groups == 1 or kwargs.get("position_bias") is not None:
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout, scaling, **kwargs
+        )
+    output = F.scaled_dot_product_attention(
+        query,
+        key,
+        value,
+        attn_mask=attention_mask,
+        dropout_p=dropout,
+        scale=scaling,
+        enable_gqa=True,
+    )
+    return output.transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(SHARED_HEADS_SDPA, _sdpa_shared_heads)
+AttentionMaskInterface.register(SHARED_HEADS_SDPA, sdpa_mask)
+
+
+@contextmanager
+def _heads_shared(model: Any) -> Iterator[None]:
+    """Run `model` (if it uses "sdpa") with the head-sharing SDPA while inside; the model's
+    own setting is restored on the way out, as other code may use the same model."""
+    config = model.config
+    previous = config._attn_implementation
+    if previous != "sdpa":
+        yield
+        return
+    config._attn_implementation = SHARED_HEADS_SDPA
+    try:
+        yield
+    finally:
+        config._attn_implementation = previous
+
+
+def _tensors(cache: Cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Each layer's keys and values, [rows, heads, positions, head_dim]."""
+    tensors = []
+    for layer in cache.layers:
+        keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
+        assert isinstance(keys, torch.Tensor) and isinstance(values, torch.Tensor)
+        tensors.append((keys, values))
+    return tensors
+
+
+def _pad_left(tensor: torch.Tensor, width: int) -> torch.Tensor:
+    """Zeros before the positions (dim 2 of a cache tensor, dim 1 of a mask) up to `width`."""
+    missing = width - tensor.shape[2 if tensor.dim() == 4 else 1]
+    if missing == 0:
+        return tensor
+    padding = [0, 0, missing, 0] if tensor.dim() == 4 else [missing, 0]
+    return F.pad(tensor, padding)
