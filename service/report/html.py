@@ -16,8 +16,8 @@ from datetime import UTC, datetime
 
 from sae.model_spec import describe_model
 from service.report.plots import Plot
-from service.report.random_model import verdict
-from service.report.report import HookpointReport, Report, ScorerSection
+from service.report.random_model import RandomModelTest, verdict
+from service.report.report import HookpointReport, Report, ScorerSection, SharingTest
 from service.report.statistics import Summary
 
 DASH = "\u2013"
@@ -280,6 +280,20 @@ def _interpretability_table(group: HookpointReport) -> str:
     )
 
 
+def _difference_cells(test: SharingTest | RandomModelTest) -> list[str]:
+    """A stratified difference test's cells after its two group counts: strata, the
+    difference with its CI, permutations, p and Holm-adjusted p."""
+    return [
+        _number(test.n_strata),
+        _number(test.difference),
+        _number(test.ci_low),
+        _number(test.ci_high),
+        _number(test.n_permutations),
+        _p_value(test.p_value),
+        _p_value(test.p_holm),
+    ]
+
+
 def _tests_table(group: HookpointReport) -> str:
     rows: list[Row] = []
     tests: dict[str, str] = {}
@@ -304,13 +318,7 @@ def _tests_table(group: HookpointReport) -> str:
                     [
                         _number(test.n_shared),
                         _number(test.n_seed_specific),
-                        _number(test.n_strata),
-                        _number(test.difference),
-                        _number(test.ci_low),
-                        _number(test.ci_high),
-                        _number(test.n_permutations),
-                        _p_value(test.p_value),
-                        _p_value(test.p_holm),
+                        *_difference_cells(test),
                     ],
                 )
             )
@@ -651,13 +659,7 @@ def _random_model_tests_table(group: HookpointReport) -> str:
                     [
                         _number(test.n_trained),
                         _number(test.n_random),
-                        _number(test.n_strata),
-                        _number(test.difference),
-                        _number(test.ci_low),
-                        _number(test.ci_high),
-                        _number(test.n_permutations),
-                        _p_value(test.p_value),
-                        _p_value(test.p_holm),
+                        *_difference_cells(test),
                         verdict(test) or DASH,
                     ],
                 )
