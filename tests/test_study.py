@@ -11,7 +11,7 @@ from sqlalchemy import func, select
 
 from sae.errors import UserError
 from service.store.engine import open_store
-from service.store.models import Example, Job, MatchPair, Score
+from service.store.models import CacheVersion, Example, Job, MatchPair, Sae, Score
 from service.study import load_study
 
 AUTOINTERP = str(Path(sys.executable).with_name("autointerp"))
@@ -102,6 +102,36 @@ def test_smallest_study_completes_and_resumes(tmp_path: Path, store_url: str):
     try:
         with store.read_session() as session:
             assert session.scalar(select(func.count()).select_from(Score)) == n_scores
+    finally:
+        store.dispose()
+
+
+def test_study_under_torchrun(tmp_path: Path, store_url: str):
+    # Two processes train and cache their shares; the main one alone writes the store and
+    # goes on to match, queue, score and report.
+    study = tmp_path / "study.toml"
+    study.write_text(SMALLEST)
+    torchrun = [str(Path(sys.executable).with_name("torchrun")), "--standalone"]
+    torchrun += ["--nproc-per-node", "2", "-m", "service.cli", "run", str(study)]
+    done = subprocess.run(
+        torchrun,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**os.environ, "AUTOINTERP_DB": store_url, "OMP_NUM_THREADS": "1"},
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("train: trained 2 SAEs") == 1
+    assert (tmp_path / "out" / "report.html").is_file()
+    store = open_store(store_url)
+    try:
+        with store.read_session() as session:
+            assert session.scalar(select(func.count()).select_from(Sae)) == 2
+            assert session.scalar(select(func.count()).select_from(CacheVersion)) == 1
+            assert session.scalar(select(func.count()).select_from(MatchPair)) == 2
+            assert session.scalar(select(func.count()).select_from(Example)) > 0
+            jobs = session.scalars(select(Job.state)).all()
+            assert jobs and set(jobs) == {"done"}
     finally:
         store.dispose()
 

@@ -901,7 +901,8 @@ def run_command(
 ) -> None:
     """The whole study from one config: train, match, cache, queue, score, report.
 
-    Every stage whose outputs are already there is skipped, so rerunning resumes."""
+    Every stage whose outputs are already there is skipped, so rerunning resumes. Under
+    `torchrun --nproc-per-node N -m service.cli run ...`, N processes train and cache."""
     from service.config import get_settings
     from service.report.terminal import headline
     from service.study import load_study, run_study
@@ -909,5 +910,7 @@ def run_command(
     settings = get_settings()
     config = load_study(study)
     result = run_study(config, settings.db, settings.home, console)
+    if result is None:  # a torchrun process other than the main one
+        return
     for part in headline(result.report):
         console.print(part)

@@ -1,6 +1,6 @@
 """`autointerp run study.toml`: the whole study from one config file.
 
-train (or import SAEs trained elsewhere) -> record in the store -> match -> cache -> queue ->
+train (or import SAEs trained elsewhere) -> record in the store -> cache -> match -> queue ->
 score -> report. Each stage is skipped when its outputs are already there, so rerunning an
 interrupted study resumes it.
 The resolved study config is written to `OUT/study_config.json` before any stage runs.
@@ -18,6 +18,7 @@ from pathlib import Path
 from rich.console import Console
 from sqlalchemy import select
 
+from sae.distributed import ProcessGroup, process_group
 from sae.errors import UserError
 from sae.model_spec import random_model_spec
 from sae.train import TrainConfig, TrainProgress, cache_activations, train
@@ -71,29 +72,45 @@ def study_runs(study: StudyConfig) -> list[StudyRun]:
     return runs
 
 
-def run_study(study: StudyConfig, db_url: str, home: Path, console: Console) -> ReportResult:
-    """Run every stage that has not finished yet, then build the report."""
+def run_study(study: StudyConfig, db_url: str, home: Path, console: Console) -> ReportResult | None:
+    """Run every stage that has not finished yet, then build the report.
+
+    Under torchrun every process trains and caches its share; the main process alone
+    writes to the store, then matches, queues, scores and reports, while the others end
+    after the cache (None: they have no report)."""
+    group = process_group()
 
     def announce(stage: str, detail: str) -> None:
-        console.print(f"[bold]{stage}[/]: {detail}", highlight=False)
+        if group.is_main:
+            console.print(f"[bold]{stage}[/]: {detail}", highlight=False)
 
-    study.out.mkdir(parents=True, exist_ok=True)
-    (study.out / "study_config.json").write_text(study.model_dump_json(indent=2))
-    upgrade(db_url)
+    if group.is_main:
+        study.out.mkdir(parents=True, exist_ok=True)
+        (study.out / "study_config.json").write_text(study.model_dump_json(indent=2))
+        upgrade(db_url)
+    group.barrier()
     store = open_store(db_url)
     try:
         runs = study_runs(study)
         if study.import_saes is not None:
+            if group.is_distributed:
+                raise UserError(
+                    "a study with [import_saes] trains nothing: run it without torchrun"
+                )
             saes = record_import(store, study.name, study.import_saes, home, path=study.out)
             kinds = ", ".join(f"seed {s.seed}: {s.layout} {s.architecture}" for s in saes)
             announce("import", f"recorded {len(saes)} SAEs ({kinds})")
         else:
             for run in runs:
-                _train(run, store, home, console, announce)
-        for run in runs:
-            _match(run, study, store, announce)
+                _train(run, store, home, console, announce, group)
+        # The latent cache needs the SAEs, not their matching: under torchrun every process
+        # takes part in it before the main one goes on alone.
         for run in runs:
             _cache(run, study, store, home, announce)
+        if not group.is_main:
+            return None
+        for run in runs:
+            _match(run, study, store, announce)
         # One campaign for every run: the control's scores are comparable by construction.
         campaigns = []
         for run in runs:
@@ -134,17 +151,27 @@ def _check_control_run(run: StudyRun, store: Store) -> None:
         )
 
 
-def _train(run: StudyRun, store: Store, home: Path, console: Console, announce: Announce) -> None:
+def _train(
+    run: StudyRun,
+    store: Store,
+    home: Path,
+    console: Console,
+    announce: Announce,
+    group: ProcessGroup,
+) -> None:
     config = run.train
     if run.tag:
         _check_control_run(run, store)
     if config.epochs > 1 and config.activation_cache is None:
-        # Several epochs read activations from a disk cache instead of rerunning the model.
+        # Several epochs read activations from a disk cache instead of rerunning the model;
+        # the main process writes it while the others wait.
         activation_cache = run.out / "activations"
-        with token_progress(run.stage("caching activations"), console) as update:
-            cache_activations(config, activation_cache, home, on_progress=update)
+        if group.is_main:
+            with token_progress(run.stage("caching activations"), console) as update:
+                cache_activations(config, activation_cache, home, on_progress=update)
+        group.barrier()
         config = config.model_copy(update={"activation_cache": str(activation_cache)})
-    with token_progress(run.stage("train"), console) as update:
+    with token_progress(run.stage("train"), console, show=group.is_main) as update:
 
         def on_progress(state: TrainProgress) -> None:
             update(state.tokens, state.total_tokens, f"FVU {state.fvu:.3f}")
@@ -155,7 +182,10 @@ def _train(run: StudyRun, store: Store, home: Path, console: Console, announce: 
     verb = "already trained" if result.already_finished else "trained"
     fvus = ", ".join(f"seed {s.seed}: FVU {s.fvu:.3f}, L0 {s.l0:.1f}" for s in result.saes)
     announce(run.stage("train"), f"{verb} {len(result.saes)} SAEs on {config.model} ({fvus})")
-    record_training(store, run.name, config, run.out, result.saes)
+    if group.is_main:
+        record_training(store, run.name, config, run.out, result.saes)
+    # The cache stage reads the recorded run on every process.
+    group.barrier()
 
 
 def _match(run: StudyRun, study: StudyConfig, store: Store, announce: Announce) -> None:
