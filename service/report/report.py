@@ -29,6 +29,8 @@ but its comparison is stated as uninformative wherever a person reads the report
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import numpy as np
 from pydantic import BaseModel, Field
 
@@ -44,7 +46,12 @@ from service.report.data import (
     SaeData,
     ScoreData,
 )
-from service.report.random_model import RandomModelBaseline, RandomModelRow, random_model_rows
+from service.report.random_model import (
+    RandomModelBaseline,
+    RandomModelRow,
+    RandomModelTest,
+    random_model_rows,
+)
 from service.report.statistics import (
     Bootstrap,
     Comparison,
@@ -620,31 +627,32 @@ def build_report(
         missing=[],
     )
     report.missing = missing_parts(data, report, config, control)
-    tests = [
+    report.n_sharing_tests = _holm_adjust(
         test
         for group in report.hookpoints
         for section in group.scorers
         for test in (section.by_match_group, section.frequency_adjusted)
-        if test is not None and test.p_value is not None
-    ]
-    for test, adjusted in zip(tests, holm([test.p_value for test in tests]), strict=True):
-        test.p_holm = adjusted
-    report.n_sharing_tests = len(tests)
+    )
     if control is not None:
         report.random_model = RandomModelBaseline(
             run=control.run.name,
             subject_model=control.run.subject_model,
             model=describe_model(control.run.subject_model),
         )
-        random_tests = [
-            random_test
+        report.random_model.n_tests = _holm_adjust(
+            test
             for group in report.hookpoints
             for row in group.random_model
-            for random_test in (row.by_match_group, row.frequency_adjusted)
-            if random_test is not None and random_test.p_value is not None
-        ]
-        adjusted_p = holm([random_test.p_value for random_test in random_tests])
-        for random_test, adjusted in zip(random_tests, adjusted_p, strict=True):
-            random_test.p_holm = adjusted
-        report.random_model.n_tests = len(random_tests)
+            for test in (row.by_match_group, row.frequency_adjusted)
+        )
     return report
+
+
+def _holm_adjust(tests: Iterable[SharingTest | RandomModelTest | None]) -> int:
+    """Set each test's Holm-adjusted p-value over the family of those with a p-value;
+    return the family's size."""
+    family = [test for test in tests if test is not None and test.p_value is not None]
+    adjusted = holm([test.p_value for test in family if test.p_value is not None])
+    for test, p_holm in zip(family, adjusted, strict=True):
+        test.p_holm = p_holm
+    return len(family)
