@@ -169,7 +169,8 @@ def test_study_with_a_random_model_control(tmp_path: Path, tiny_gpt2: Path, home
             n_scores = session.scalar(select(func.count()).select_from(Score))
     finally:
         store.dispose()
-    report = result.report
+    assert result is not None
+    report = result.report.report
     assert report.random_model is not None and report.random_model.run == "tiny-random"
     assert report.random_model.model == describe_model(spec)
     (row,) = report.hookpoints[0].random_model
@@ -179,7 +180,7 @@ def test_study_with_a_random_model_control(tmp_path: Path, tiny_gpt2: Path, home
     assert row.random.n + sum(row.random_undefined.values()) == 8
     assert row.by_match_group is not None and row.by_match_group.difference is not None
     assert row.trained.mean is not None and row.random.mean is not None
-    text = _headline_text(result)
+    text = _headline_text(result.report)
     assert "random-model baseline: run tiny-random" in text and "trained - random" in text
     page = (tmp_path / "out" / "report.html").read_text()
     check_every_number_labelled(page)

@@ -11,7 +11,7 @@ from sqlalchemy import func, select
 
 from sae.errors import UserError
 from service.store.engine import open_store
-from service.store.models import CacheVersion, Example, Job, MatchPair, Sae, Score
+from service.store.models import CacheVersion, Campaign, Example, Job, MatchPair, Sae, Score
 from service.study import load_study
 
 AUTOINTERP = str(Path(sys.executable).with_name("autointerp"))
@@ -134,6 +134,62 @@ def test_study_under_torchrun(tmp_path: Path, store_url: str):
             assert jobs and set(jobs) == {"done"}
     finally:
         store.dispose()
+
+
+# The LLM explains a few latents; the survey scores many more with the LLM-free pair.
+SURVEYED = (
+    SMALLEST.replace("latents = 6", "latents = 2").replace(
+        'explainers = ["token_baseline"]',
+        'explainers = ["llm", "token_baseline"]\nexplanation_max_tokens = 8\ncross_seed = 0',
+    )
+    + "\n[survey]\nlatents = 12\n"
+)
+
+
+def test_survey_scores_more_latents_in_a_campaign_of_its_own(tmp_path: Path):
+    study = tmp_path / "study.toml"
+    study.write_text(SURVEYED)
+    url = f"sqlite:///{tmp_path / 'store.db'}"
+    done = run_study(study, url)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "survey queue: 12 latents, 12 new jobs" in done.stdout
+    assert "survey: the LLM-free pairs on more latents" in done.stdout
+    assert (tmp_path / "out" / "report-survey.html").is_file()
+    store = open_store(url)
+    try:
+        with store.read_session() as session:
+            campaigns = {c.id: c for c in session.scalars(select(Campaign))}
+            assert len(campaigns) == 2
+            jobs = session.execute(select(Job.campaign_id, Job.state)).all()
+            assert {state for _, state in jobs} == {"done"}
+            per_campaign = {
+                campaign.llm_model: sum(1 for cid, _ in jobs if cid == campaign.id)
+                for campaign in campaigns.values()
+            }
+            assert per_campaign == {"smollm2": 2, None: 12}
+            survey = next(c for c in campaigns.values() if c.llm_model is None)
+            assert survey.config["explainers"] == ["token_baseline"]
+            assert survey.config["scorers"] == ["embedding"]
+            assert survey.config["n_positive"] == 4  # the rest from [score.job]
+            own = session.scalars(
+                select(Score.scorer).where(
+                    Score.campaign_id == survey.id, Score.control == "own"
+                )
+            ).all()
+            assert len(own) == 12 and set(own) == {"embedding"}
+    finally:
+        store.dispose()
+
+
+def test_survey_takes_llm_free_pairs_only(tmp_path: Path):
+    study = tmp_path / "study.toml"
+    study.write_text(SURVEYED.replace("latents = 12", 'latents = 12\nscorers = ["detection"]'))
+    with pytest.raises(UserError, match="needs the LLM") as error:
+        load_study(study)
+    assert "\n" not in str(error.value)
+    study.write_text(SMALLEST + "\n[survey]\nlatents = 12\n")
+    with pytest.raises(UserError, match="same campaign"):
+        load_study(study)
 
 
 def test_unknown_keys_are_named(tmp_path: Path):

@@ -842,8 +842,12 @@ def report_command(
     if json_output:
         print(result.report.model_dump_json(indent=2))
         return
-    for part in headline(result.report):
+    for part in headline(result.report.report):
         console.print(part)
+    if result.survey is not None:
+        console.rule("survey: the LLM-free pairs on more latents")
+        for part in headline(result.survey.report):
+            console.print(part)
     if html is not None:
         console.print(f"HTML report written to {html}", highlight=False)
 
@@ -912,5 +916,9 @@ def run_command(
     result = run_study(config, settings.db, settings.home, console)
     if result is None:  # a torchrun process other than the main one
         return
-    for part in headline(result.report):
+    for part in headline(result.report.report):
         console.print(part)
+    if result.survey is not None:
+        console.rule("survey: the LLM-free pairs on more latents")
+        for part in headline(result.survey.report):
+            console.print(part)

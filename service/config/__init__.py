@@ -11,7 +11,7 @@ from service.config.calibrate import CalibrationConfig
 from service.config.llm import API_KEY_ENV, DEFAULT_URL, LLMConfig
 from service.config.queue import QueueConfig, Selection
 from service.config.report import ReportConfig
-from service.config.score import DEFAULT_EMBEDDING_MODEL, ScoreConfig, ScoringConfig
+from service.config.score import DEFAULT_EMBEDDING_MODEL, ScoreConfig, ScoringConfig, SurveyConfig
 from service.config.settings import Settings, get_settings
 from service.config.ui import UIConfig
 
@@ -27,6 +27,7 @@ __all__ = [
     "ScoringConfig",
     "Selection",
     "Settings",
+    "SurveyConfig",
     "UIConfig",
     "get_settings",
 ]

@@ -124,3 +124,32 @@ class ScoringConfig(BaseModel):
         if self.llm.max_concurrency is not None:
             return self.llm
         return self.llm.model_copy(update={"max_concurrency": 4 * self.workers})
+
+
+class SurveyConfig(BaseModel):
+    """A second campaign beside the study's: only explainer/scorer pairs that need no LLM,
+    on many more latents than the LLM can score in the same time, so that a cheap pair can
+    pass its shuffled control where a dozen LLM-scored latents cannot. Its jobs take every
+    other setting (sample sizes, negatives, controls, seed) from the study's `[score.job]`
+    and its latents from the study's `[queue]` selection and seed, `latents` instead of
+    the queue's number."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    latents: int = Field(
+        ge=1, description="latents per group (stratified selection) or in all (sample)"
+    )
+    explainers: list[str] = Field(
+        default_factory=lambda: ["token_baseline"],
+        min_length=1,
+        description="explainers that need no LLM",
+    )
+    scorers: list[str] = Field(
+        default_factory=lambda: ["embedding"], min_length=1, description="scorers that need no LLM"
+    )
+
+    def job(self, base: ScoreConfig) -> ScoreConfig:
+        """The survey's score config: `base` with this survey's explainers and scorers."""
+        fields = base.model_dump()
+        fields.update(explainers=self.explainers, scorers=self.scorers)
+        return ScoreConfig.model_validate(fields)

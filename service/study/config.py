@@ -9,7 +9,8 @@ trained elsewhere; a study has one or the other.
 
 `random_model_seed`, a key of the study itself, adds the random-model control: the same
 study again on the subject model with its weights re-initialised under that seed, as a run
-of its own (`service.study.run`).
+of its own (`service.study.run`). `[survey]` (`SurveyConfig`) adds a second campaign of
+LLM-free explainer/scorer pairs on many more latents.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from sae.latent_stats import CacheConfig
 from sae.matching import MatchConfig
 from sae.model_spec import random_model_spec
 from sae.train import TrainConfig
-from service.config import QueueConfig, ReportConfig, ScoringConfig
+from service.config import QueueConfig, ReportConfig, ScoringConfig, SurveyConfig
+from service.scoring.pipeline import needs_llm
 
 
 class StudyConfig(BaseModel):
@@ -53,6 +55,10 @@ class StudyConfig(BaseModel):
     cache: CacheConfig = Field(default_factory=CacheConfig)
     queue: QueueConfig = Field(default_factory=QueueConfig)
     score: ScoringConfig = Field(default_factory=ScoringConfig)
+    survey: SurveyConfig | None = Field(
+        default=None,
+        description="LLM-free pairs on many more latents, as a second campaign (default: none)",
+    )
     report: ReportConfig = Field(default_factory=ReportConfig)
 
 
@@ -85,6 +91,18 @@ def load_study(path: Path) -> StudyConfig:
         )
     if study.random_model_seed is not None:
         random_model_spec(study.train.model, study.random_model_seed)  # a bad model: one line
+    if study.survey is not None:
+        survey = study.survey.job(study.score.job)
+        if needs_llm(survey):
+            raise UserError(
+                f"{path}: [survey] lists an explainer or scorer that needs the LLM; the survey "
+                "runs only LLM-free ones (explainer token_baseline, scorer embedding): remove it"
+            )
+        if survey == study.score.job:
+            raise UserError(
+                f"{path}: [survey] runs the same explainers and scorers as [score.job], so it "
+                "is the same campaign: remove [survey] and raise [queue] latents instead"
+            )
     base = path.parent
     study.out = base / study.out
     if study.import_saes is not None:

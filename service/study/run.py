@@ -9,6 +9,10 @@ With `random_model_seed`, every stage up to scoring also runs for the random-mod
 the run `NAME-random`, trained with the same config on `MODEL@random:SEED` (the subject
 model re-initialised under that seed) in `OUT/random-model/`, its latents queued with the
 same selection in the same campaign; the report sets the two runs' scores side by side.
+
+With `[survey]`, every run's latents are also queued, with the same selection at the
+survey's number, in a second campaign of LLM-free pairs, scored in the same score stage and
+reported on its own (its HTML page beside the study's, `NAME-survey.html`).
 """
 
 from collections.abc import Callable
@@ -23,6 +27,7 @@ from sae.errors import UserError
 from sae.model_spec import random_model_spec
 from sae.train import TrainConfig, TrainProgress, cache_activations, train
 from service.cache.stage import cache_run
+from service.config import QueueConfig, ScoreConfig
 from service.progress import token_progress
 from service.report import ReportResult, make_report, write_html
 from service.scoring.campaign import open_campaign
@@ -36,6 +41,15 @@ from service.store.sampling import queue_run
 from service.study.config import StudyConfig
 
 Announce = Callable[[str, str], None]
+
+
+@dataclass
+class StudyResult:
+    """The study's report on its campaign, and on its survey's when it has one."""
+
+    report: ReportResult
+    survey: ReportResult | None = None
+
 
 RANDOM_MODEL_FOLDER = "random-model"
 
@@ -72,7 +86,7 @@ def study_runs(study: StudyConfig) -> list[StudyRun]:
     return runs
 
 
-def run_study(study: StudyConfig, db_url: str, home: Path, console: Console) -> ReportResult | None:
+def run_study(study: StudyConfig, db_url: str, home: Path, console: Console) -> StudyResult | None:
     """Run every stage that has not finished yet, then build the report.
 
     Under torchrun every process trains and caches its share; the main process alone
@@ -112,29 +126,61 @@ def run_study(study: StudyConfig, db_url: str, home: Path, console: Console) -> 
         for run in runs:
             _match(run, study, store, announce)
         # One campaign for every run: the control's scores are comparable by construction.
-        campaigns = []
-        for run in runs:
-            queued = queue_run(
-                store,
-                run.name,
-                lambda session: open_campaign(session, study.score.job, study.score.llm),
-                study.queue,
-            )
-            campaigns.append(queued.campaign_id)
-            announce(
-                run.stage("queue"),
-                f"{queued.selected} latents, {queued.inserted} new jobs ({queued.campaign})",
+        campaign = _queue(runs, study.queue, study.score.job, study, store, announce)
+        survey = None
+        if study.survey is not None:
+            selection = study.queue.model_copy(update={"latents": study.survey.latents})
+            job = study.survey.job(study.score.job)
+            survey = _queue(
+                runs, selection, job, study, store, lambda s, d: announce(f"survey {s}", d)
             )
         scoring = study.score.model_copy(update={"stage": study.queue.stage})
         stats = run_score(db_url, home, scoring, console=console)
         announce("score", f"{stats.completed} latents explained and scored in this call")
-        result = make_report(store, study.name, study.report, campaign=campaigns[0])
-        if study.report.html is not None:
-            write_html(result, study.report.html)
-            announce("report", f"HTML written to {study.report.html}")
+        result = StudyResult(_report(study, store, campaign, study.report.html, announce))
+        if survey is not None:
+            html = study.report.html
+            if html is not None:
+                html = html.with_name(f"{html.stem}-survey{html.suffix}")
+            result.survey = _report(study, store, survey, html, announce)
         return result
     finally:
         store.dispose()
+
+
+def _queue(
+    runs: list[StudyRun],
+    selection: QueueConfig,
+    job: ScoreConfig,
+    study: StudyConfig,
+    store: Store,
+    announce: Announce,
+) -> int:
+    """Queue every run's chosen latents in the campaign of `job` and the study's LLM; its id."""
+    campaign = 0
+    for run in runs:
+        queued = queue_run(
+            store,
+            run.name,
+            lambda session: open_campaign(session, job, study.score.llm),
+            selection,
+        )
+        campaign = queued.campaign_id
+        announce(
+            run.stage("queue"),
+            f"{queued.selected} latents, {queued.inserted} new jobs ({queued.campaign})",
+        )
+    return campaign
+
+
+def _report(
+    study: StudyConfig, store: Store, campaign: int, html: Path | None, announce: Announce
+) -> ReportResult:
+    result = make_report(store, study.name, study.report, campaign=campaign)
+    if html is not None:
+        write_html(result, html)
+        announce("report", f"HTML written to {html}")
+    return result
 
 
 def _check_control_run(run: StudyRun, store: Store) -> None:
