@@ -172,9 +172,7 @@ def test_survey_scores_more_latents_in_a_campaign_of_its_own(tmp_path: Path):
             assert survey.config["scorers"] == ["embedding"]
             assert survey.config["n_positive"] == 4  # the rest from [score.job]
             own = session.scalars(
-                select(Score.scorer).where(
-                    Score.campaign_id == survey.id, Score.control == "own"
-                )
+                select(Score.scorer).where(Score.campaign_id == survey.id, Score.control == "own")
             ).all()
             assert len(own) == 12 and set(own) == {"embedding"}
     finally:

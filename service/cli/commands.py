@@ -842,12 +842,8 @@ def report_command(
     if json_output:
         print(result.report.model_dump_json(indent=2))
         return
-    for part in headline(result.report.report):
+    for part in headline(result.report):
         console.print(part)
-    if result.survey is not None:
-        console.rule("survey: the LLM-free pairs on more latents")
-        for part in headline(result.survey.report):
-            console.print(part)
     if html is not None:
         console.print(f"HTML report written to {html}", highlight=False)
 
