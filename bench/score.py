@@ -38,8 +38,9 @@ explain request.
 
 times the in-process (transformers) backend on the scoring requests the pipeline makes for
 one planted latent (detection and fuzzing, 10 windows per request, JSON schema, logprobs,
-greedy): generated tokens/s with the requests sent one at a time, then all at once (decoded
-in batches of `LLMConfig.max_batch`), and the ratio.
+greedy): generated tokens/s with the requests sent one at a time without the prefix cache
+(the backend before it), one at a time with it, then all at once (decoded in batches of
+`LLMConfig.max_batch`), and the ratios.
 """
 
 # The sys.path fix below must run before the imports:
@@ -68,7 +69,7 @@ from sae.data import load_chunks
 from sae.subject_model import load_tokenizer
 from service.cache.windows import LatentExamples
 from service.config import LLMConfig, ScoreConfig, get_settings
-from service.config.llm import DEFAULT_MAX_BATCH
+from service.config.llm import DEFAULT_MAX_BATCH, DEFAULT_PREFIX_CACHE_TOKENS
 from service.llm.base import CallRecord, Completion, LLMClient, Message, SamplingParams
 from service.llm.openai_client import OpenAIClient
 from service.llm.serve import free_port, running_server
@@ -310,18 +311,26 @@ class Timed:
         return self.generated / (self.seconds - self.prefill_seconds)
 
 
+# (label, prefix cache size in tokens, requests sent together)
+IN_PROCESS_MODES = (
+    ("one at a time, no prefix cache", 0, False),
+    ("one at a time", DEFAULT_PREFIX_CACHE_TOKENS, False),
+    ("all at once", DEFAULT_PREFIX_CACHE_TOKENS, True),
+)
+
+
 def in_process_rates(
     requests: list[tuple[list[Message], SamplingParams]], home: Path, max_batch: int
-) -> tuple[Timed, Timed]:
-    """Generated tokens/s of the in-process backend with `requests` sent one at a time, then
-    all at once; with the seconds spent prefilling (forward passes over more than one token)."""
+) -> list[Timed]:
+    """Generated tokens/s of the in-process backend in each of IN_PROCESS_MODES, each on a
+    fresh client (an empty prefix cache); with the seconds spent prefilling (forward passes
+    over more than one position)."""
     import torch
 
     from sae.subject_model import load_model
     from service.llm.transformers_client import TransformersClient
 
     loaded = load_model("smollm2", home)
-    client = TransformersClient("smollm2", home, loaded=loaded, max_batch=max_batch)
     prefill = [0.0]
 
     def started(module: Any, args: Any, kwargs: dict[str, Any]) -> None:
@@ -331,7 +340,18 @@ def in_process_rates(
         if kwargs["input_ids"].shape[1] > 1:
             prefill[0] += time.monotonic() - kwargs.pop("_bench_started")
 
-    async def timed(together: bool) -> Timed:
+    async def timed(prefix_cache_tokens: int, together: bool) -> Timed:
+        client = TransformersClient(
+            "smollm2",
+            home,
+            loaded=loaded,
+            max_batch=max_batch,
+            prefix_cache_tokens=prefix_cache_tokens,
+        )
+        # Warm up on a prompt that shares nothing with the timed ones: the first request
+        # compiles the JSON schema's grammar.
+        warm = requests[0][1].model_copy(update={"max_tokens": 2})
+        await client.chat([{"role": "user", "content": "hi"}], warm)
         prefill[0] = 0.0
         begun = time.monotonic()
         if together:
@@ -340,12 +360,6 @@ def in_process_rates(
             answers = [await client.chat(m, p) for m, p in requests]
         seconds = time.monotonic() - begun
         return Timed(sum(a.completion_tokens for a in answers), seconds, prefill[0])
-
-    async def run() -> tuple[Timed, Timed]:
-        # Warm up: the first call compiles the JSON schema's grammar.
-        messages, params = requests[0]
-        await client.chat(messages, params.model_copy(update={"max_tokens": 2}))
-        return await timed(together=False), await timed(together=True)
 
     hooks = [
         loaded[0].register_forward_pre_hook(started, with_kwargs=True),
@@ -357,7 +371,7 @@ def in_process_rates(
             f"max_batch {max_batch}; load average {os.getloadavg()[0]:.2f} before",
             flush=True,
         )
-        return asyncio.run(run())
+        return [asyncio.run(timed(tokens, together)) for _, tokens, together in IN_PROCESS_MODES]
     finally:
         for hook in hooks:
             hook.remove()
@@ -376,17 +390,19 @@ def in_process(home: Path, n_requests: int, max_batch: int, seed: int) -> None:
         f"{min(lengths)}-{max(lengths)} tokens, at most {requests[0][1].max_tokens} generated",
         flush=True,
     )
-    alone, together = in_process_rates(requests, home, max_batch)
-    for name, timed in (("one at a time", alone), (f"{len(requests)} at once", together)):
+    rates = in_process_rates(requests, home, max_batch)
+    for (name, _, _), timed in zip(IN_PROCESS_MODES, rates, strict=True):
         print(
-            f"{name:>13}: {timed.generated} tokens in {timed.seconds:.1f} s = "
+            f"{name:>30}: {timed.generated} tokens in {timed.seconds:.1f} s = "
             f"{timed.rate:.1f} generated tokens/s ({timed.prefill_seconds:.1f} s prefilling)",
             flush=True,
         )
+    plain, alone, together = rates
     print(
-        f"{len(requests)} at once / one at a time: {together.rate / alone.rate:.1f}x generated "
-        f"tokens/s (target >= 5x); decoding alone (prefill time left out) "
-        f"{together.decode_rate / alone.decode_rate:.1f}x ({alone.decode_rate:.1f} -> "
+        f"all {len(requests)} at once / one at a time without a prefix cache: "
+        f"{together.rate / plain.rate:.1f}x generated tokens/s (target >= 5x); / one at a "
+        f"time with it: {together.rate / alone.rate:.1f}x; decoding alone (prefill time left "
+        f"out) {together.decode_rate / plain.decode_rate:.1f}x ({plain.decode_rate:.1f} -> "
         f"{together.decode_rate:.1f} tokens/s); load average {os.getloadavg()[0]:.2f} after",
         flush=True,
     )

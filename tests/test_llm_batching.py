@@ -168,3 +168,52 @@ def test_a_batch_never_outgrows_max_batch(home: Path, smollm2):
         answers = asyncio.run(run())
     assert all(answer.text for answer in answers)
     assert max(sizes) == 2, sizes
+
+
+def test_a_shared_prompt_beginning_is_prefilled_once(home: Path, smollm2):
+    """Prompts that begin alike (the same windows, another question, as a latent's own and
+    control explanations are scored) are prefilled from where they part, and answer as they
+    do with the prefix cache off."""
+    windows = WINDOW * 10
+    prompts = [
+        windows + "Does the text mention a bird? Answer yes or no.",
+        windows + "Does the text mention a dog? Answer yes or no.",
+        windows + "Where did the cat sit?",
+    ]
+    params = SamplingParams(max_tokens=8, logprobs=True, top_logprobs=3)
+
+    def answers(prefix_cache_tokens: int) -> tuple[list[Completion], list[int]]:
+        async def run() -> list[Completion]:
+            client = TransformersClient(
+                "smollm2", home, loaded=smollm2, prefix_cache_tokens=prefix_cache_tokens
+            )
+            return [await ask(client, prompt, params) for prompt in prompts]
+
+        with fed_tokens(smollm2[0]) as fed:
+            completions = asyncio.run(run())
+        return completions, [n for n in fed if n > 1]
+
+    plain, plain_fed = answers(0)
+    cached, cached_fed = answers(4096)
+    for one, other in zip(plain, cached, strict=True):
+        assert_same(one, other)
+    prompt_tokens = [completion.prompt_tokens for completion in plain]
+    assert plain_fed == prompt_tokens
+    # The first prompt in full, the others from where they leave the first one's words.
+    assert cached_fed[0] == prompt_tokens[0]
+    assert all(n < 20 for n in cached_fed[1:]), (cached_fed, prompt_tokens)
+
+
+@contextmanager
+def fed_tokens(model: Any) -> Iterator[list[int]]:
+    """The number of positions fed at every forward pass of `model` while inside."""
+    fed: list[int] = []
+
+    def record(module: Any, args: Any, kwargs: dict[str, Any]) -> None:
+        fed.append(int(kwargs["input_ids"].shape[1]))
+
+    handle = model.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        yield fed
+    finally:
+        handle.remove()

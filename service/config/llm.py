@@ -14,6 +14,8 @@ API_KEY_ENV = "AUTOINTERP_LLM_API_KEY"
 DEFAULT_CONCURRENCY = 32
 # Requests the in-process backend generates together.
 DEFAULT_MAX_BATCH = 8
+# SmolLM2-135M keeps 46 KB of keys and values per token in float32: 8,192 tokens, 0.4 GB.
+DEFAULT_PREFIX_CACHE_TOKENS = 8192
 
 
 class LLMConfig(BaseModel):
@@ -44,6 +46,13 @@ class LLMConfig(BaseModel):
         default=DEFAULT_MAX_BATCH,
         ge=1,
         description="in-process (transformers) backend: requests generated together",
+    )
+    prefix_cache_tokens: int = Field(
+        default=DEFAULT_PREFIX_CACHE_TOKENS,
+        ge=0,
+        description="in-process (transformers) backend: tokens of recent prompts whose keys "
+        "and values are kept, so a prompt that begins the same way is prefilled from where "
+        "they part; 0: off",
     )
     timeout_s: float = Field(default=180.0, gt=0, description="one HTTP request")
     retry_for_s: float = Field(default=900.0, ge=0, description="keep retrying a request this long")

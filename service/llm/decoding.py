@@ -11,6 +11,8 @@ At every step each row picks its next token by its own rules: greedy, or tempera
 top-p sampling from a generator seeded with its own seed; masked to its JSON schema by its
 own xgrammar matcher (the library vLLM uses for it); stopped by EOS, its token budget, the
 model's context or a stop string. A finished or cancelled row leaves the batch at once.
+A prompt that begins as a recent one did is prefilled from where they part, on a copy of
+that prompt's keys and values (`service.llm.prefix_cache`).
 Log-probabilities come from the logits after the schema's mask, as vLLM reports them: the
 alternatives at an answer token are the answers the schema allows.
 """
@@ -32,6 +34,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from sae.token_text import token_strings
 from service.llm.base import SamplingParams, TokenLogprob
+from service.llm.prefix_cache import PrefixCache
 from service.llm.transformers_client import Generation, Request
 
 # Decoding steps leave this many positions free in the cache for the tokens still to come.
@@ -62,10 +65,11 @@ class _Row:
 class BatchDecoder:
     """The rows being generated and their shared KV cache; used by one thread at a time."""
 
-    def __init__(self, model: Any, tokenizer: Any, max_batch: int):
+    def __init__(self, model: Any, tokenizer: Any, max_batch: int, prefix_cache_tokens: int = 0):
         self.model = model
         self.tokenizer = tokenizer
         self.max_batch = max_batch
+        self.prefixes = PrefixCache(prefix_cache_tokens) if prefix_cache_tokens else None
         self.context = int(getattr(model.config, "max_position_embeddings", 0) or 1 << 30)
         eos = model.generation_config.eos_token_id
         eos_ids = eos if isinstance(eos, list) else [eos]
@@ -173,8 +177,27 @@ class BatchDecoder:
 
             matcher = xgrammar.GrammarMatcher(self._grammar(params.json_schema))
         row = _Row(request, prompt_tokens, generator, matcher, length=prompt_tokens)
+        tokens = input_ids[0].tolist()
+        shared, layers = self.prefixes.longest(tokens) if self.prefixes else (0, None)
+        past = None
+        if layers is not None:
+            # The stored prompt's first `shared` positions, copied into room for the rest.
+            past = Cache(
+                layers=[
+                    _RoomyLayer(keys[:, :, :shared], values[:, :, :shared], prompt_tokens - shared)
+                    for keys, values in layers
+                ]
+            )
         with _heads_shared(self.model):
-            output = self.model(input_ids=input_ids, use_cache=True, logits_to_keep=1)
+            output = self.model(
+                input_ids=input_ids[:, shared:],
+                position_ids=torch.arange(shared, prompt_tokens)[None],
+                past_key_values=past,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+        if self.prefixes is not None:
+            self.prefixes.add(tokens, _tensors(output.past_key_values))
         return row, output.logits[:, -1, :].float(), output.past_key_values
 
     def _grammar(self, schema: dict[str, Any]) -> Any:

@@ -7,7 +7,9 @@ queue, and one decoding thread takes in as many as the batch has room for
 than waiting for it to finish (`service.llm.decoding` holds the decode loop). The event loop
 stays responsive meanwhile. A greedy answer's text and tokens are the same whether the
 request is answered alone or in a batch (its log-probabilities to ~1e-5: matrix products over
-more rows round differently). A request's JSON schema is enforced as vLLM enforces it, by
+more rows round differently). A prompt that begins as a recent one did is prefilled only
+from where the two part (`LLMConfig.prefix_cache_tokens`; greedy answers are the same with
+it off). A request's JSON schema is enforced as vLLM enforces it, by
 masking the logits at every step to the tokens the schema allows (xgrammar): a small model
 that ignores the format asked for in the prompt still answers in it.
 """
@@ -25,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from service.config import LLMConfig
-from service.config.llm import DEFAULT_MAX_BATCH
+from service.config.llm import DEFAULT_MAX_BATCH, DEFAULT_PREFIX_CACHE_TOKENS
 from service.llm.base import (
     CallRecord,
     Completion,
@@ -78,12 +80,15 @@ class TransformersClient(LLMClient):
         home: Path,
         loaded: tuple[Any, Any] | None = None,
         max_batch: int = DEFAULT_MAX_BATCH,
+        prefix_cache_tokens: int = DEFAULT_PREFIX_CACHE_TOKENS,
     ):
         """`loaded`: an already loaded (model, tokenizer) pair to use instead of loading.
-        `max_batch`: the most requests generated together."""
+        `max_batch`: the most requests generated together. `prefix_cache_tokens`: the size
+        of the prefix cache in prompt tokens (0: none)."""
         self.model = model
         self.home = home
         self.max_batch = max_batch
+        self.prefix_cache_tokens = prefix_cache_tokens
         self._loaded = loaded
         self._loading = threading.Lock()
         self._decoder: BatchDecoder | None = None
@@ -167,7 +172,7 @@ class TransformersClient(LLMClient):
             from service.llm.decoding import BatchDecoder
 
             model, tokenizer = self._load()
-            self._decoder = BatchDecoder(model, tokenizer, self.max_batch)
+            self._decoder = BatchDecoder(model, tokenizer, self.max_batch, self.prefix_cache_tokens)
         decoder = self._decoder
         while True:
             with self._guard:
@@ -191,4 +196,9 @@ def _settle(answer: asyncio.Future[Generation | BaseException], outcome: Any) ->
 
 @register_backend("transformers")
 def _create(config: LLMConfig, home: Path) -> LLMClient:
-    return TransformersClient(config.model, home, max_batch=config.max_batch)
+    return TransformersClient(
+        config.model,
+        home,
+        max_batch=config.max_batch,
+        prefix_cache_tokens=config.prefix_cache_tokens,
+    )
