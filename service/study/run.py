@@ -125,8 +125,9 @@ def run_study(study: StudyConfig, db_url: str, home: Path, console: Console) -> 
             return None
         for run in runs:
             _match(run, study, store, announce)
-        # One campaign for every run: the control's scores are comparable by construction.
-        campaign = _queue(runs, study.queue, study.score.job, study, store, announce)
+        # Workers take jobs in the order queued: the survey's quick ones first, so that an
+        # interrupted study keeps them. One campaign for every run (the control's scores are
+        # comparable by construction).
         survey = None
         if study.survey is not None:
             selection = study.queue.model_copy(update={"latents": study.survey.latents})
@@ -134,6 +135,7 @@ def run_study(study: StudyConfig, db_url: str, home: Path, console: Console) -> 
             survey = _queue(
                 runs, selection, job, study, store, lambda s, d: announce(f"survey {s}", d)
             )
+        campaign = _queue(runs, study.queue, study.score.job, study, store, announce)
         scoring = study.score.model_copy(update={"stage": study.queue.stage})
         stats = run_score(db_url, home, scoring, console=console)
         announce("score", f"{stats.completed} latents explained and scored in this call")
