@@ -53,3 +53,24 @@ def test_loaded_once_and_unknown_model_is_a_user_error(minilm: Embedder, tmp_pat
         resolve_embedding_model("nobody/no-such-embedding-model")
     with pytest.raises(UserError, match="no config.json"):
         resolve_embedding_model(str(tmp_path))
+
+
+def test_a_text_seen_before_is_not_embedded_again(minilm: Embedder):
+    """The held-out windows of a latent are scored against several explanations: each is
+    embedded once, and a remembered row equals a freshly computed one."""
+    windows = [f"window number {n} of the latent" for n in range(6)]
+    fresh = Embedder()
+    fed: list[int] = []
+    handle = fresh.model.register_forward_pre_hook(
+        lambda module, args, kwargs: fed.append(int(kwargs["input_ids"].shape[0])),
+        with_kwargs=True,
+    )
+    try:
+        first = fresh.embed(["an explanation", *windows])
+        second = fresh.embed(["another explanation", *windows, windows[0]])
+    finally:
+        handle.remove()
+    assert fed == [7, 1]  # only the new explanation the second time
+    np.testing.assert_array_equal(second[1:7], first[1:])
+    np.testing.assert_array_equal(second[7], first[1])
+    np.testing.assert_allclose(second[0], minilm.embed(["another explanation"])[0], atol=1e-5)

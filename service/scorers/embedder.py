@@ -8,13 +8,17 @@ transformers: tokenize (truncated to the model's `max_seq_length`), pool the las
 states as the model's `1_Pooling/config.json` says (mean over real tokens by default, or the
 CLS token), then scale to unit length, so a dot product is a cosine.
 
-The report's explanation agreement uses it; so does the embedding scorer.
+The report's explanation agreement uses it; so does the embedding scorer, which embeds a
+latent's held-out windows once for each explanation it scores on them (own, shuffled,
+cross-seed): the embedder keeps the rows of recent texts and embeds only texts it has not
+seen (least recently used forgotten first beyond MEMO_ROWS).
 """
 
 from __future__ import annotations
 
 import json
 import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -29,6 +33,8 @@ EMBEDDED_NAMES = frozenset(
 )
 DEFAULT_BATCH = 64
 DEFAULT_MAX_LENGTH = 256
+# Rows of recent texts kept: 65,536 x 384 float32 (MiniLM) is 100 MB.
+MEMO_ROWS = 65_536
 
 
 def packaged_minilm_folder() -> Path:
@@ -107,15 +113,39 @@ class Embedder:
         self.tokenizer: Any = AutoTokenizer.from_pretrained(self.folder)
         self.model: Any = AutoModel.from_pretrained(self.folder).to(self.device).eval()
         self.dimension = int(self.model.config.hidden_size)
+        self._memo: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._memo_lock = threading.Lock()
 
     def embed(self, texts: Sequence[str], batch_size: int = DEFAULT_BATCH) -> np.ndarray:
-        """One unit-length row per text, shape (len(texts), dimension)."""
+        """One unit-length row per text, shape (len(texts), dimension). Safe to call from
+        several threads at once."""
+        rows = np.empty((len(texts), self.dimension), dtype=np.float32)
+        missing: dict[str, list[int]] = {}
+        with self._memo_lock:
+            for index, text in enumerate(texts):
+                row = self._memo.get(text)
+                if row is None:
+                    missing.setdefault(text, []).append(index)
+                else:
+                    self._memo.move_to_end(text)
+                    rows[index] = row
+        new = list(missing)
+        computed = self._compute(new, batch_size)
+        with self._memo_lock:
+            for text, row in zip(new, computed, strict=True):
+                rows[missing[text]] = row
+                self._memo[text] = row
+            while len(self._memo) > MEMO_ROWS:
+                self._memo.popitem(last=False)
+        return rows
+
+    def _compute(self, texts: list[str], batch_size: int) -> np.ndarray:
         import torch
 
         rows = np.zeros((len(texts), self.dimension), dtype=np.float32)
         with torch.inference_mode():
             for start in range(0, len(texts), batch_size):
-                batch = list(texts[start : start + batch_size])
+                batch = texts[start : start + batch_size]
                 encoded = self.tokenizer(
                     batch,
                     padding=True,
