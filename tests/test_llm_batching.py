@@ -43,16 +43,17 @@ REQUESTS: list[tuple[str, SamplingParams]] = [
 
 
 @contextmanager
-def batch_sizes(model: Any) -> Iterator[list[int]]:
-    """The number of rows of every forward pass of `model` while inside."""
-    sizes: list[int] = []
+def input_shapes(model: Any) -> Iterator[list[tuple[int, int]]]:
+    """(rows, positions) of the input ids of every forward pass of `model` while inside."""
+    shapes: list[tuple[int, int]] = []
 
     def record(module: Any, args: Any, kwargs: dict[str, Any]) -> None:
-        sizes.append(int(kwargs["input_ids"].shape[0]))
+        rows, positions = kwargs["input_ids"].shape
+        shapes.append((int(rows), int(positions)))
 
     handle = model.register_forward_pre_hook(record, with_kwargs=True)
     try:
-        yield sizes
+        yield shapes
     finally:
         handle.remove()
 
@@ -90,12 +91,12 @@ def test_a_batch_answers_as_one_request_at_a_time(home: Path, smollm2):
         client = TransformersClient("smollm2", home, loaded=smollm2, max_batch=8)
         return list(await asyncio.gather(*(ask(client, *request) for request in REQUESTS)))
 
-    with batch_sizes(smollm2[0]) as alone_sizes:
+    with input_shapes(smollm2[0]) as alone_shapes:
         alone = asyncio.run(one_at_a_time())
-    with batch_sizes(smollm2[0]) as sizes:
+    with input_shapes(smollm2[0]) as shapes:
         batched = asyncio.run(together())
-    assert set(alone_sizes) == {1}
-    assert max(sizes) >= 4, sizes  # rows really were decoded together
+    assert {rows for rows, _ in alone_shapes} == {1}
+    assert max(rows for rows, _ in shapes) >= 4, shapes  # rows really were decoded together
     for one, other in zip(alone, batched, strict=True):
         assert_same(one, other)
     schema_answers = [alone[1].text, alone[5].text]
@@ -147,14 +148,14 @@ def test_a_failing_request_fails_alone(home: Path, smollm2):
         await client.aclose()
         return list(results)
 
-    with batch_sizes(smollm2[0]) as sizes:
+    with input_shapes(smollm2[0]) as shapes:
         first, refused, last = asyncio.run(run())
     assert isinstance(first, Completion) and first.text
     assert isinstance(last, Completion) and last.text
     assert isinstance(refused, LLMError) and "context" in str(refused)
     (call,) = refused.calls
     assert call.error and call.base_url == "in-process"
-    assert len(sizes) < 20, sizes  # the cancelled request did not go on to 500 tokens
+    assert len(shapes) < 20, shapes  # the cancelled request did not go on to 500 tokens
 
 
 def test_a_batch_never_outgrows_max_batch(home: Path, smollm2):
@@ -164,10 +165,10 @@ def test_a_batch_never_outgrows_max_batch(home: Path, smollm2):
         params = SamplingParams(max_tokens=5)
         return list(await asyncio.gather(*(ask(client, prompt, params) for prompt in prompts)))
 
-    with batch_sizes(smollm2[0]) as sizes:
+    with input_shapes(smollm2[0]) as shapes:
         answers = asyncio.run(run())
     assert all(answer.text for answer in answers)
-    assert max(sizes) == 2, sizes
+    assert max(rows for rows, _ in shapes) == 2, shapes
 
 
 def test_a_shared_prompt_beginning_is_prefilled_once(home: Path, smollm2):
@@ -189,9 +190,9 @@ def test_a_shared_prompt_beginning_is_prefilled_once(home: Path, smollm2):
             )
             return [await ask(client, prompt, params) for prompt in prompts]
 
-        with fed_tokens(smollm2[0]) as fed:
+        with input_shapes(smollm2[0]) as shapes:
             completions = asyncio.run(run())
-        return completions, [n for n in fed if n > 1]
+        return completions, [positions for _, positions in shapes if positions > 1]
 
     plain, plain_fed = answers(0)
     cached, cached_fed = answers(4096)
@@ -202,18 +203,3 @@ def test_a_shared_prompt_beginning_is_prefilled_once(home: Path, smollm2):
     # The first prompt in full, the others from where they leave the first one's words.
     assert cached_fed[0] == prompt_tokens[0]
     assert all(n < 20 for n in cached_fed[1:]), (cached_fed, prompt_tokens)
-
-
-@contextmanager
-def fed_tokens(model: Any) -> Iterator[list[int]]:
-    """The number of positions fed at every forward pass of `model` while inside."""
-    fed: list[int] = []
-
-    def record(module: Any, args: Any, kwargs: dict[str, Any]) -> None:
-        fed.append(int(kwargs["input_ids"].shape[1]))
-
-    handle = model.register_forward_pre_hook(record, with_kwargs=True)
-    try:
-        yield fed
-    finally:
-        handle.remove()
