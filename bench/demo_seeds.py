@@ -74,10 +74,14 @@ def pair_line(section: ScorerSection) -> str:
     if section.informative and test is not None and test.difference is not None:
         line += (
             f"; shared - specific {test.difference:+.3f} [{test.ci_low or 0:+.3f}, "
-            f"{test.ci_high or 0:+.3f}] over {test.n_units} match groups, p {test.p_value}, "
-            f"Holm {test.p_holm}"
+            f"{test.ci_high or 0:+.3f}] over {test.n_units} match groups, p "
+            f"{_number(test.p_value)}, Holm {_number(test.p_holm)}"
         )
     return line
+
+
+def _number(value: float | None) -> str:
+    return "undefined" if value is None else f"{value:.3g}"
 
 
 def verdict_pairs(results: list[ReportResult]) -> list[str]:
