@@ -26,6 +26,7 @@ from service.config import (
     ReportConfig,
     ScoreConfig,
     ScoringConfig,
+    SurveyConfig,
 )
 from service.study import StudyConfig
 
@@ -95,6 +96,7 @@ def test_study_sections_are_the_stage_configs():
         "queue": QueueConfig,
         "score": ScoringConfig,
         "report": ReportConfig,
+        "survey": SurveyConfig | None,
     }
 
 
