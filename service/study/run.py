@@ -159,7 +159,7 @@ def _queue(
     announce: Announce,
 ) -> int:
     """Queue every run's chosen latents in the campaign of `job` and the study's LLM; its id."""
-    campaign = 0
+    campaigns = set()
     for run in runs:
         queued = queue_run(
             store,
@@ -167,11 +167,12 @@ def _queue(
             lambda session: open_campaign(session, job, study.score.llm),
             selection,
         )
-        campaign = queued.campaign_id
+        campaigns.add(queued.campaign_id)
         announce(
             run.stage("queue"),
             f"{queued.selected} latents, {queued.inserted} new jobs ({queued.campaign})",
         )
+    (campaign,) = campaigns  # the same job and LLM: one campaign
     return campaign
 
 
