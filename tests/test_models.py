@@ -61,7 +61,10 @@ def test_truncated_forward_matches_full(smollm2):
     ]
     truncated = capture_activations(model, ids, [HOOKPOINT], stop_early=True)[HOOKPOINT]
     full = capture_activations(model, ids, [HOOKPOINT], stop_early=False)[HOOKPOINT]
-    assert torch.equal(truncated, full)
+    # The same float32 kernels on the same inputs; bitwise equal alone, but once not in the
+    # full suite on an AMD EPYC (float32 products may round differently with buffer
+    # alignment): equal to float32 rounding, far below any other layer's difference.
+    torch.testing.assert_close(truncated, full, rtol=1e-5, atol=1e-6)
 
 
 def test_unknown_hookpoint_names_closest(smollm2):
