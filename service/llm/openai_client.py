@@ -75,12 +75,19 @@ class Endpoint:
         self.avoid_until = max(self.avoid_until, time.monotonic() + delay)
 
 
+def backoff_floor_s(attempt: int) -> float:
+    """The shortest back-off after failure number `attempt` (0-based): half its ceiling."""
+    return min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2**attempt) / 2
+
+
 def backoff_s(attempt: int, retry_after: float | None = None) -> float:
-    """Delay before retry number `attempt` (0-based): full jitter under an exponential cap,
-    or the server's Retry-After when it gave one."""
+    """Delay before retry number `attempt` (0-based): "equal jitter", between the floor and
+    twice it under an exponential cap, so a failing server is surely avoided a while; or the
+    server's Retry-After when it gave one."""
     if retry_after is not None:
         return min(retry_after, BACKOFF_CAP_S * 4)
-    return random.uniform(0, min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2**attempt))
+    floor = backoff_floor_s(attempt)
+    return random.uniform(floor, 2 * floor)
 
 
 def _retry_after(response: httpx.Response) -> float | None:
