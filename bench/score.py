@@ -38,9 +38,11 @@ explain request.
 
 times the in-process (transformers) backend on the scoring requests the pipeline makes for
 one planted latent (detection and fuzzing, 10 windows per request, JSON schema, logprobs,
-greedy): generated tokens/s with the requests sent one at a time without the prefix cache
-(the backend before it), one at a time with it, then all at once (decoded in batches of
-`LLMConfig.max_batch`), and the ratios.
+greedy): generated tokens/s with the requests sent one at a time in float32 without the
+prefix cache (the backend before both), one at a time with the defaults (the prefix cache,
+and bfloat16 where this CPU multiplies it faster), then all at once (decoded in batches of
+`LLMConfig.max_batch`), and the ratios. Every mode feeds the tokens a schema forces without
+a step of their own.
 """
 
 # The sys.path fix below must run before the imports:
@@ -66,6 +68,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sae.data import load_chunks
+from sae.precision import Precision
 from sae.subject_model import load_tokenizer
 from service.cache.windows import LatentExamples
 from service.config import LLMConfig, ScoreConfig, get_settings
@@ -311,11 +314,11 @@ class Timed:
         return self.generated / (self.seconds - self.prefill_seconds)
 
 
-# (label, prefix cache size in tokens, requests sent together)
-IN_PROCESS_MODES = (
-    ("one at a time, no prefix cache", 0, False),
-    ("one at a time", DEFAULT_PREFIX_CACHE_TOKENS, False),
-    ("all at once", DEFAULT_PREFIX_CACHE_TOKENS, True),
+# (label, precision, prefix cache size in tokens, requests sent together)
+IN_PROCESS_MODES: tuple[tuple[str, Precision, int, bool], ...] = (
+    ("one at a time, float32, no prefix cache", "float32", 0, False),
+    ("one at a time", "auto", DEFAULT_PREFIX_CACHE_TOKENS, False),
+    ("all at once", "auto", DEFAULT_PREFIX_CACHE_TOKENS, True),
 )
 
 
@@ -324,27 +327,32 @@ def in_process_rates(
 ) -> list[Timed]:
     """Generated tokens/s of the in-process backend in each of IN_PROCESS_MODES, each on a
     fresh client (an empty prefix cache); with the seconds spent prefilling (forward passes
-    over more than one position)."""
+    over a prompt: those without an attention mask)."""
     import torch
 
+    from sae.precision import compute_dtype
     from sae.subject_model import load_model
     from service.llm.transformers_client import TransformersClient
 
-    loaded = load_model("smollm2", home)
+    models = {
+        precision: load_model("smollm2", home, compute_dtype(precision))
+        for precision in ("float32", "auto")
+    }
     prefill = [0.0]
 
     def started(module: Any, args: Any, kwargs: dict[str, Any]) -> None:
         kwargs["_bench_started"] = time.monotonic()
 
     def ended(module: Any, args: Any, kwargs: dict[str, Any], output: Any) -> None:
-        if kwargs["input_ids"].shape[1] > 1:
-            prefill[0] += time.monotonic() - kwargs.pop("_bench_started")
+        started = kwargs.pop("_bench_started")
+        if kwargs.get("attention_mask") is None:
+            prefill[0] += time.monotonic() - started
 
-    async def timed(prefix_cache_tokens: int, together: bool) -> Timed:
+    async def timed(precision: Precision, prefix_cache_tokens: int, together: bool) -> Timed:
         client = TransformersClient(
             "smollm2",
             home,
-            loaded=loaded,
+            loaded=models[precision],
             max_batch=max_batch,
             prefix_cache_tokens=prefix_cache_tokens,
         )
@@ -362,16 +370,21 @@ def in_process_rates(
         return Timed(sum(a.completion_tokens for a in answers), seconds, prefill[0])
 
     hooks = [
-        loaded[0].register_forward_pre_hook(started, with_kwargs=True),
-        loaded[0].register_forward_hook(ended, with_kwargs=True),
+        hook
+        for model, _ in models.values()
+        for hook in (
+            model.register_forward_pre_hook(started, with_kwargs=True),
+            model.register_forward_hook(ended, with_kwargs=True),
+        )
     ]
     try:
         print(
-            f"in-process smollm2 (float32, {torch.get_num_threads()} torch threads), "
-            f"max_batch {max_batch}; load average {os.getloadavg()[0]:.2f} before",
+            f"in-process smollm2 (auto precision: {models['auto'][0].dtype}, "
+            f"{torch.get_num_threads()} torch threads), max_batch {max_batch}; load average "
+            f"{os.getloadavg()[0]:.2f} before",
             flush=True,
         )
-        return [asyncio.run(timed(tokens, together)) for _, tokens, together in IN_PROCESS_MODES]
+        return [asyncio.run(timed(*mode[1:])) for mode in IN_PROCESS_MODES]
     finally:
         for hook in hooks:
             hook.remove()
@@ -391,7 +404,7 @@ def in_process(home: Path, n_requests: int, max_batch: int, seed: int) -> None:
         flush=True,
     )
     rates = in_process_rates(requests, home, max_batch)
-    for (name, _, _), timed in zip(IN_PROCESS_MODES, rates, strict=True):
+    for (name, *_), timed in zip(IN_PROCESS_MODES, rates, strict=True):
         print(
             f"{name:>30}: {timed.generated} tokens in {timed.seconds:.1f} s = "
             f"{timed.rate:.1f} generated tokens/s ({timed.prefill_seconds:.1f} s prefilling)",
@@ -399,7 +412,7 @@ def in_process(home: Path, n_requests: int, max_batch: int, seed: int) -> None:
         )
     plain, alone, together = rates
     print(
-        f"all {len(requests)} at once / one at a time without a prefix cache: "
+        f"all {len(requests)} at once / one at a time in float32 without a prefix cache: "
         f"{together.rate / plain.rate:.1f}x generated tokens/s (target >= 5x); / one at a "
         f"time with it: {together.rate / alone.rate:.1f}x; decoding alone (prefill time left "
         f"out) {together.decode_rate / plain.decode_rate:.1f}x ({plain.decode_rate:.1f} -> "

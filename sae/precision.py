@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import functools
 import time
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 # bfloat16 is chosen only when a timed product runs at least this much faster.
 BFLOAT16_GAIN = 1.2
@@ -20,6 +21,8 @@ BFLOAT16_GAIN = 1.2
 
 def product_seconds(left: torch.Tensor, right: torch.Tensor, dtype: torch.dtype) -> float:
     """Best of 3 timings of `left @ right.T` in `dtype`, after one that warms the kernel up."""
+    import torch
+
     x, y = left.to(dtype), right.to(dtype)
     out = torch.empty((x.shape[0], y.shape[0]), dtype=dtype, device=x.device)
     seconds = []
@@ -35,18 +38,23 @@ def bfloat16_is_faster() -> bool:
     """Whether this CPU multiplies bfloat16 matrices BFLOAT16_GAIN times faster than float32:
     true with AMX or AVX-512 BF16 units, false where bfloat16 is emulated. Timed on products
     of a scan block's shape (1/4 s in all), once per process."""
+    import torch
+
     gen = torch.Generator().manual_seed(0)
     left, right = torch.randn(256, 576, generator=gen), torch.randn(4096, 576, generator=gen)
     bfloat16 = product_seconds(left, right, torch.bfloat16)
     return BFLOAT16_GAIN * bfloat16 < product_seconds(left, right, torch.float32)
 
 
+# Configs name it without importing torch: torch is imported where a dtype is decided.
 Precision = Literal["auto", "float32", "bfloat16"]
 
 
 def compute_dtype(precision: Precision) -> torch.dtype:
     """The dtype of training's heavy products for `precision` on this machine: `auto` is
     bfloat16 where this CPU multiplies it measurably faster, float32 elsewhere."""
+    import torch
+
     if precision == "auto":
         return torch.bfloat16 if bfloat16_is_faster() else torch.float32
     return torch.bfloat16 if precision == "bfloat16" else torch.float32

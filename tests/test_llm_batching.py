@@ -104,7 +104,7 @@ def test_a_batch_answers_as_one_request_at_a_time(home: Path, smollm2):
     assert alone[4].finish_reason == "stop" and "\n3" not in alone[4].text
     for completion in batched:
         (call,) = completion.calls
-        assert call.base_url == "in-process" and call.latency_s > 0
+        assert call.base_url == "in-process (float32)" and call.latency_s > 0
         assert call.completion_tokens == completion.completion_tokens
 
 
@@ -154,7 +154,7 @@ def test_a_failing_request_fails_alone(home: Path, smollm2):
     assert isinstance(last, Completion) and last.text
     assert isinstance(refused, LLMError) and "context" in str(refused)
     (call,) = refused.calls
-    assert call.error and call.base_url == "in-process"
+    assert call.error and call.base_url == "in-process (float32)"
     assert len(shapes) < 20, shapes  # the cancelled request did not go on to 500 tokens
 
 

@@ -156,4 +156,4 @@ def test_simulation_and_intruder_in_process(home: Path, smollm2):
     assert len(simulated.truth) == len(simulated.predicted) == 4 * simulated.n_parsed
     if simulated.n_parsed and simulated.correlation is None:  # undefined only when constant
         assert len(set(simulated.predicted)) == 1 or len(set(simulated.truth)) == 1
-    assert all(call.base_url == "in-process" for call in result.calls)
+    assert all(call.base_url == "in-process (float32)" for call in result.calls)

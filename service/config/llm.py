@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from sae.precision import Precision
+
 DEFAULT_URL = "http://127.0.0.1:8011/v1"
 API_KEY_ENV = "AUTOINTERP_LLM_API_KEY"
 # Requests in flight per process when nothing sets it (the score stage sets 4 per worker).
@@ -53,6 +55,12 @@ class LLMConfig(BaseModel):
         description="in-process (transformers) backend: tokens of recent prompts whose keys "
         "and values are kept, so a prompt that begins the same way is prefilled from where "
         "they part; 0: off",
+    )
+    precision: Precision = Field(
+        default="auto",
+        description="in-process (transformers) backend: the model's dtype, float32 or "
+        "bfloat16; auto: bfloat16 where this CPU multiplies it measurably faster (as "
+        "`autointerp llm serve` runs vLLM), float32 elsewhere",
     )
     timeout_s: float = Field(default=180.0, gt=0, description="one HTTP request")
     retry_for_s: float = Field(default=900.0, ge=0, description="keep retrying a request this long")

@@ -52,6 +52,8 @@ class _Row:
     # Tokens of this row in the cache: the prompt and every generated token fed back so far.
     length: int = 0
     token_ids: list[int] = field(default_factory=list)
+    # How many of `token_ids` are in the cache; the rest are fed at the next step.
+    fed: int = 0
     logprobs: list[tuple[float, dict[str, float]]] = field(default_factory=list)
     finish_reason: str | None = None
     # Set when this row alone cannot go on (e.g. its token broke its schema).
@@ -89,21 +91,26 @@ class BatchDecoder:
     def idle(self) -> bool:
         return not self.rows
 
-    def admit(self, request: Request) -> None:
-        """Prefill one request and add it to the batch (or deliver it, if already done).
-        An error fails this request alone."""
-        try:
+    def admit(self, requests: list[Request]) -> None:
+        """Prefill each request and add those not already done to the batch, all at once (the
+        batch's cache is rebuilt once, not once per request). An error fails its request
+        alone."""
+        joining: list[tuple[_Row, Cache]] = []
+        for request in requests:
+            try:
+                with torch.inference_mode():
+                    row, logits, cache = self._prefill(request)
+                    self._choose([row], logits)
+            except Exception as error:  # noqa: BLE001 - delivered to the one caller it concerns
+                request.deliver(error)
+                continue
+            if row.finish_reason is not None:
+                self._deliver(row)
+            else:
+                joining.append((row, cache))
+        if joining:
             with torch.inference_mode():
-                row, logits, cache = self._prefill(request)
-                self._choose([row], logits)
-        except Exception as error:  # noqa: BLE001 - delivered to the one caller it concerns
-            request.deliver(error)
-            return
-        if row.finish_reason is not None:
-            self._deliver(row)
-        else:
-            with torch.inference_mode():
-                self._join(row, cache)
+                self._join(joining)
 
     def step(self) -> None:
         """Feed every row its last token and choose the next; deliver the rows that end.
@@ -125,9 +132,19 @@ class BatchDecoder:
         self._drop([row for row in self.rows if row.request.cancelled()])
         if not self.rows:
             return
-        input_ids = torch.tensor([[row.token_ids[-1]] for row in self.rows])
-        positions = torch.tensor([[row.length] for row in self.rows])
-        mask = torch.cat([self.mask, torch.ones(len(self.rows), 1, dtype=torch.long)], dim=1)
+        # Each row feeds the tokens it chose since the last step (one, or more where its
+        # schema forced some), right-aligned: a shorter row's padding stays masked for good.
+        pending = [row.token_ids[row.fed :] for row in self.rows]
+        width = max(len(tokens) for tokens in pending)
+        input_ids = torch.tensor([[0] * (width - len(t)) + t for t in pending])
+        positions = torch.tensor(
+            [
+                [row.length] * (width - len(t)) + list(range(row.length, row.length + len(t)))
+                for row, t in zip(self.rows, pending, strict=True)
+            ]
+        )
+        fed = torch.tensor([[0] * (width - len(t)) + [1] * len(t) for t in pending])
+        mask = torch.cat([self.mask, fed], dim=1)
         with _heads_shared(self.model):
             output = self.model(
                 input_ids=input_ids,
@@ -135,10 +152,12 @@ class BatchDecoder:
                 position_ids=positions,
                 past_key_values=self.cache,
                 use_cache=True,
+                logits_to_keep=1,
             )
         self.mask = mask
-        for row in self.rows:
-            row.length += 1
+        for row, tokens in zip(self.rows, pending, strict=True):
+            row.length += len(tokens)
+            row.fed = len(row.token_ids)
         self._choose(self.rows, output.logits[:, -1, :].float())
         finished = [row for row in self.rows if row.finish_reason is not None]
         for row in finished:
@@ -182,9 +201,10 @@ class BatchDecoder:
         past = None
         if layers is not None:
             # The stored prompt's first `shared` positions, copied into room for the rest.
+            room = prompt_tokens - shared
             past = Cache(
                 layers=[
-                    _RoomyLayer(keys[:, :, :shared], values[:, :, :shared], prompt_tokens - shared)
+                    _RoomyLayer([keys[:, :, :shared]], [values[:, :, :shared]], room)
                     for keys, values in layers
                 ]
             )
@@ -214,30 +234,30 @@ class BatchDecoder:
             json.dumps(schema, sort_keys=True), any_whitespace=False, separators=(",", ":")
         )
 
-    def _join(self, row: _Row, cache: Cache) -> None:
-        """Append a prefilled row to the batch, left-padding the shorter side."""
-        width = max(self.mask.shape[1], row.length)
-        layers = _tensors(cache)
+    def _join(self, joining: list[tuple[_Row, Cache]]) -> None:
+        """Append prefilled rows to the batch, all left-padded to the longest."""
+        rows = [row for row, _ in joining]
+        width = max(self.mask.shape[1], *(row.length for row in rows))
+        parts = [_tensors(cache) for _, cache in joining]
+        masks = [torch.ones(1, row.length, dtype=torch.long) for row in rows]
         if self.cache is not None:
-            layers = [
-                (
-                    torch.cat([_pad_left(old_keys, width), _pad_left(new_keys, width)]),
-                    torch.cat([_pad_left(old_values, width), _pad_left(new_values, width)]),
-                )
-                for (old_keys, old_values), (new_keys, new_values) in zip(
-                    _tensors(self.cache), layers, strict=True
-                )
-            ]
-        row_mask = torch.ones(1, row.length, dtype=torch.long)
-        self.mask = torch.cat([_pad_left(self.mask, width), _pad_left(row_mask, width)])
-        self.rows.append(row)
-        self.cache = self._roomy_cache(layers)
+            parts.insert(0, _tensors(self.cache))
+            masks.insert(0, self.mask)
+        self.mask = torch.cat([_pad_left(mask, width) for mask in masks])
+        self.rows.extend(rows)
+        self.cache = self._roomy_cache([list(per_part) for per_part in zip(*parts, strict=True)])
 
-    def _roomy_cache(self, layers: list[tuple[torch.Tensor, torch.Tensor]]) -> Cache:
-        """The batch's cache, with room for every row's remaining tokens."""
+    def _roomy_cache(self, layers: list[list[tuple[torch.Tensor, torch.Tensor]]]) -> Cache:
+        """The batch's cache from each layer's row groups (keys and values), with room for
+        every row's remaining tokens."""
         room = max(row.params.max_tokens - len(row.token_ids) for row in self.rows) + 1
         room = min(room, ROOM_STEP)
-        return Cache(layers=[_RoomyLayer(keys, values, room) for keys, values in layers])
+        return Cache(
+            layers=[
+                _RoomyLayer([keys for keys, _ in groups], [values for _, values in groups], room)
+                for groups in layers
+            ]
+        )
 
     # --- choosing tokens ------------------------------------------------------------------
 
@@ -260,13 +280,37 @@ class BatchDecoder:
                 row.error, row.finish_reason = error, "error"
 
     def _advance(self, row: _Row, logits: torch.Tensor) -> None:
-        token = self._pick(row, logits)
+        """Take the row's next token, and then every token its schema forces (the only one
+        it allows) without a forward pass: all are fed together at the next step. A forced
+        token is what greedy decoding or sampling would pick, with log-probability 0 beside
+        alternatives the schema forbids, as from the masked logits."""
+        self._take(row, self._pick(row, logits), logits)
+        while row.finish_reason is None and (forced := self._forced(row)) is not None:
+            if row.params.logprobs:
+                logits = torch.full_like(logits, float("-inf"))
+                logits[forced] = 0.0
+            self._take(row, forced, logits)
+
+    def _take(self, row: _Row, token: int, logits: torch.Tensor) -> None:
         if row.params.logprobs:
             row.logprobs.append(self._logprobs(logits, token, row.params.top_logprobs))
         row.token_ids.append(token)
         if row.matcher is not None and not row.matcher.accept_token(token):
             raise RuntimeError(f"token {token} does not fit the JSON schema")
         self._check_end(row)
+
+    def _forced(self, row: _Row) -> int | None:
+        """The one token the row's schema allows next, or None (no schema, or a choice)."""
+        if row.matcher is None:
+            return None
+        import xgrammar
+
+        vocab = self.model.config.vocab_size
+        bitmask = xgrammar.allocate_token_bitmask(1, vocab)
+        row.matcher.fill_next_token_bitmask(bitmask)
+        bits = (bitmask[0, :, None] >> torch.arange(32, dtype=torch.int32)) & 1
+        allowed = torch.nonzero(bits.flatten()[:vocab])
+        return int(allowed[0, 0]) if len(allowed) == 1 else None
 
     @staticmethod
     def _pick(row: _Row, logits: torch.Tensor) -> int:
@@ -339,11 +383,12 @@ class BatchDecoder:
         if not self.rows or self.cache is None:
             self.cache, self.mask = None, torch.zeros(0, 0, dtype=torch.long)
             return
-        start = self.mask.shape[1] - max(row.length for row in self.rows)
         index = torch.tensor(keep)
+        # The first position any remaining row uses (argmax: its mask's first 1).
+        start = int(self.mask[index].argmax(dim=1).min())
         self.cache = self._roomy_cache(
             [
-                (keys[index, :, start:], values[index, :, start:])
+                [(keys[index, :, start:], values[index, :, start:])]
                 for keys, values in _tensors(self.cache)
             ]
         )
@@ -353,19 +398,17 @@ class BatchDecoder:
 class _RoomyLayer(DynamicLayer):
     """A layer's keys and values as views into buffers with room to grow, so that a step
     writes its one new position instead of copying the whole cache (DynamicLayer's
-    torch.cat, the costliest part of a batched step with long prompts)."""
+    torch.cat, the costliest part of a batched step with long prompts).
 
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, room: int):
+    Built from one or more row groups' keys and values, [rows, heads, positions, head_dim],
+    stacked and left-padded with zeros to the longest in a single copy."""
+
+    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], room: int):
         super().__init__()
-        self.lazy_initialization(keys, values)
-        self._grow(keys, values, room)
-
-    def _grow(self, keys: torch.Tensor, values: torch.Tensor, room: int) -> None:
-        rows, heads, length, dim = keys.shape
-        self._key_buffer = keys.new_empty(rows, heads, length + room, dim)
-        self._value_buffer = values.new_empty(rows, heads, length + room, dim)
-        self._key_buffer[:, :, :length] = keys
-        self._value_buffer[:, :, :length] = values
+        self.lazy_initialization(keys[0], values[0])
+        length = max(part.shape[2] for part in keys)
+        self._key_buffer = _stacked(keys, length + room)
+        self._value_buffer = _stacked(values, length + room)
         self.keys = self._key_buffer[:, :, :length]
         self.values = self._value_buffer[:, :, :length]
 
@@ -375,7 +418,9 @@ class _RoomyLayer(DynamicLayer):
         assert self.keys is not None and self.values is not None
         length, new = self.keys.shape[2], key_states.shape[2]
         if length + new > self._key_buffer.shape[2]:
-            self._grow(self.keys, self.values, max(new, ROOM_STEP))
+            room = max(new, ROOM_STEP)
+            self._key_buffer = _stacked([self.keys], length + room)
+            self._value_buffer = _stacked([self.values], length + room)
         self._key_buffer[:, :, length : length + new] = key_states
         self._value_buffer[:, :, length : length + new] = value_states
         self.keys = self._key_buffer[:, :, : length + new]
@@ -447,10 +492,23 @@ def _tensors(cache: Cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return tensors
 
 
-def _pad_left(tensor: torch.Tensor, width: int) -> torch.Tensor:
-    """Zeros before the positions (dim 2 of a cache tensor, dim 1 of a mask) up to `width`."""
-    missing = width - tensor.shape[2 if tensor.dim() == 4 else 1]
-    if missing == 0:
-        return tensor
-    padding = [0, 0, missing, 0] if tensor.dim() == 4 else [missing, 0]
-    return F.pad(tensor, padding)
+def _pad_left(mask: torch.Tensor, width: int) -> torch.Tensor:
+    """Zeros before a mask's positions [rows, positions] up to `width`."""
+    return F.pad(mask, [width - mask.shape[1], 0])
+
+
+def _stacked(parts: list[torch.Tensor], size: int) -> torch.Tensor:
+    """`parts` ([rows, heads, positions, head_dim] each) one after another along the rows,
+    each left-padded with zeros to the longest, in a buffer of `size` positions whose tail
+    (the room to grow) is left unwritten."""
+    first = parts[0]
+    length = max(part.shape[2] for part in parts)
+    rows = sum(part.shape[0] for part in parts)
+    buffer = first.new_empty(rows, first.shape[1], size, first.shape[3])
+    row = 0
+    for part in parts:
+        end, start = row + part.shape[0], length - part.shape[2]
+        buffer[row:end, :, :start] = 0
+        buffer[row:end, :, start:length] = part
+        row = end
+    return buffer
