@@ -158,6 +158,28 @@ def test_a_failing_request_fails_alone(home: Path, smollm2):
     assert len(shapes) < 20, shapes  # the cancelled request did not go on to 500 tokens
 
 
+def test_an_answer_stops_at_the_models_context(home: Path, smollm2):
+    """A row stops when its next token would fall past the model's context, forced tokens
+    (fed several at a time) included: with 5 positions left after the prompt, 6 tokens."""
+    model, tokenizer = smollm2
+    prompt = 'Answer with JSON only: {"answers": [0 or 1, 0 or 1, 0 or 1, 0 or 1]}'
+    prompt_tokens = len(
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True
+        )["input_ids"]
+    )
+    params = SamplingParams(max_tokens=30, json_schema=answers_schema(4))
+    context = model.config.max_position_embeddings
+    model.config.max_position_embeddings = prompt_tokens + 5
+    try:
+        client = TransformersClient("smollm2", home, loaded=smollm2)
+        answer = asyncio.run(ask(client, prompt, params))
+    finally:
+        model.config.max_position_embeddings = context
+    assert answer.finish_reason == "length" and answer.completion_tokens == 6, answer
+    assert answer.text.startswith('{"answers":[')
+
+
 def test_a_batch_never_outgrows_max_batch(home: Path, smollm2):
     async def run() -> list[Completion]:
         client = TransformersClient("smollm2", home, loaded=smollm2, max_batch=2)

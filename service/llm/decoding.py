@@ -337,9 +337,11 @@ class BatchDecoder:
         return float(logprobs[token]), alternatives
 
     def _check_end(self, row: _Row) -> None:
+        # The position the last token would be fed at (after the tokens still to be fed).
+        position = row.length + len(row.token_ids) - row.fed - 1
         if row.token_ids[-1] in self.eos_ids or self._stopped(row):
             row.finish_reason = "stop"
-        elif len(row.token_ids) >= row.params.max_tokens or row.length >= self.context:
+        elif len(row.token_ids) >= row.params.max_tokens or position >= self.context:
             row.finish_reason = "length"
 
     def _stopped(self, row: _Row) -> bool:
