@@ -49,8 +49,6 @@ class _Row:
     prompt_tokens: int
     generator: torch.Generator | None
     matcher: Any  # xgrammar.GrammarMatcher, or None without a schema
-    # Tokens of this row in the cache: the prompt and every generated token fed back so far.
-    length: int = 0
     token_ids: list[int] = field(default_factory=list)
     # How many of `token_ids` are in the cache; the rest are fed at the next step.
     fed: int = 0
@@ -58,6 +56,11 @@ class _Row:
     finish_reason: str | None = None
     # Set when this row alone cannot go on (e.g. its token broke its schema).
     error: Exception | None = None
+
+    @property
+    def length(self) -> int:
+        """Tokens of this row in the cache: the prompt and the generated tokens fed so far."""
+        return self.prompt_tokens + self.fed
 
     @property
     def params(self) -> SamplingParams:
@@ -155,8 +158,7 @@ class BatchDecoder:
                 logits_to_keep=1,
             )
         self.mask = mask
-        for row, tokens in zip(self.rows, pending, strict=True):
-            row.length += len(tokens)
+        for row in self.rows:
             row.fed = len(row.token_ids)
         self._choose(self.rows, output.logits[:, -1, :].float())
         finished = [row for row in self.rows if row.finish_reason is not None]
@@ -195,7 +197,7 @@ class BatchDecoder:
             import xgrammar
 
             matcher = xgrammar.GrammarMatcher(self._grammar(params.json_schema))
-        row = _Row(request, prompt_tokens, generator, matcher, length=prompt_tokens)
+        row = _Row(request, prompt_tokens, generator, matcher)
         tokens = input_ids[0].tolist()
         shared, layers = self.prefixes.longest(tokens) if self.prefixes else (0, None)
         past = None
@@ -338,7 +340,7 @@ class BatchDecoder:
 
     def _check_end(self, row: _Row) -> None:
         # The position the last token would be fed at (after the tokens still to be fed).
-        position = row.length + len(row.token_ids) - row.fed - 1
+        position = row.prompt_tokens + len(row.token_ids) - 1
         if row.token_ids[-1] in self.eos_ids or self._stopped(row):
             row.finish_reason = "stop"
         elif len(row.token_ids) >= row.params.max_tokens or position >= self.context:
