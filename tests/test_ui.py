@@ -29,6 +29,18 @@ def ui_study(store_url: str, tokenizer: Any) -> tuple[str, Study]:
     return store_url, build_ui_store(store_url, tokenizer)
 
 
+def _follow(driver: Any, element: Any) -> None:
+    """Click a link or a form's button and wait until the next page has replaced this one: a
+    click returns as soon as the event is dispatched, before a form's navigation ends."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    page = driver.find_element(By.TAG_NAME, "html")
+    element.click()
+    WebDriverWait(driver, 30).until(expected_conditions.staleness_of(page))
+
+
 def test_walk_through_the_browser(tmp_path: Path, tokenizer: Any, home: Path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select
@@ -39,19 +51,19 @@ def test_walk_through_the_browser(tmp_path: Path, tokenizer: Any, home: Path):
     try:
         with ui_server(url, home) as base:
             driver.get(base + "/")
-            driver.find_element(By.LINK_TEXT, "study").click()
+            _follow(driver, driver.find_element(By.LINK_TEXT, "study"))
             assert driver.find_element(By.TAG_NAME, "h1").text == "Run study"
             assert len(driver.find_elements(By.CSS_SELECTOR, "#pairs tr")) == 1 + 3
             assert driver.find_elements(By.CSS_SELECTOR, "svg.plot a circle")
             driver.save_screenshot(str(tmp_path / "run.png"))
 
             # Latents of seed 0 present in exactly one seed: the seed-specific ones.
-            driver.find_element(By.CSS_SELECTOR, "a[href$='seed=0&presence=1']").click()
+            _follow(driver, driver.find_element(By.CSS_SELECTOR, "a[href$='seed=0&presence=1']"))
             assert driver.find_element(By.ID, "total").text.startswith(
                 f"{N_LATENTS - N_SHARED} latents"
             )
             driver.save_screenshot(str(tmp_path / "list.png"))
-            driver.find_element(By.LINK_TEXT, "25").click()
+            _follow(driver, driver.find_element(By.LINK_TEXT, "25"))
             assert driver.find_element(By.TAG_NAME, "h1").text == "Seed 0 · latent 25"
             badges = driver.find_elements(By.CSS_SELECTOR, ".partner .badge")
             assert [badge.text for badge in badges] == ["seed-specific"] * 2
@@ -66,25 +78,25 @@ def test_walk_through_the_browser(tmp_path: Path, tokenizer: Any, home: Path):
             assert "rgb(215, 48, 31)" in token.get_attribute("style")
             driver.save_screenshot(str(tmp_path / "latent.png"))
 
-            driver.find_element(By.CSS_SELECTOR, "#partner-1 a.partner-link").click()
+            _follow(driver, driver.find_element(By.CSS_SELECTOR, "#partner-1 a.partner-link"))
             assert driver.current_url.endswith("/runs/study/latents/1/25")
             assert driver.find_element(By.TAG_NAME, "h1").text == "Seed 1 · latent 25"
             driver.save_screenshot(str(tmp_path / "partner.png"))
 
-            driver.find_element(By.ID, "nav-latents").click()
+            _follow(driver, driver.find_element(By.ID, "nav-latents"))
             Select(driver.find_element(By.ID, "f-seed")).select_by_value("1")
             Select(driver.find_element(By.ID, "f-status")).select_by_value("shared")
-            driver.find_element(By.ID, "f-apply").click()
+            _follow(driver, driver.find_element(By.ID, "f-apply"))
             assert "seed=1" in driver.current_url and "status=shared" in driver.current_url
             assert driver.find_element(By.ID, "total").text.startswith(f"{N_SHARED} latents")
             seeds = driver.find_elements(By.CSS_SELECTOR, "#latents tr td:first-child")
             assert [cell.text for cell in seeds] == ["1"] * N_SHARED
             driver.save_screenshot(str(tmp_path / "filtered.png"))
 
-            driver.find_element(By.ID, "nav-compare").click()
+            _follow(driver, driver.find_element(By.ID, "nav-compare"))
             sides = driver.find_elements(By.CSS_SELECTOR, ".columns h2 a")
             assert [side.text.split(" · ")[0] for side in sides] == ["Seed 0", "Seed 1"]
-            driver.find_element(By.ID, "next").click()
+            _follow(driver, driver.find_element(By.ID, "next"))
             assert "step=1" in driver.current_url
             driver.save_screenshot(str(tmp_path / "compare.png"))
 
