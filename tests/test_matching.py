@@ -275,11 +275,11 @@ def test_widened_graph_is_solved_again_only_when_its_edges_break_the_duals() -> 
     members = cand.row_spare.members[0]
     values = (a[0] @ b[members].T).double().numpy()
     extra = solvers.Edges(np.zeros(members.shape[0], np.int64), members.numpy(), values)
-    wider = solvers.candidate_graph(a, b, cand, extra)
+    wider = graph.plus(extra)
     # Row 0's dual is its matched edge's reduced value (complementary slackness).
     holds = (values - price[members.numpy()]).max() <= cosine[0] - price[partner[0]] + 1e-6
     assert solvers._duals_prove(wider, price, objective) == holds
     # An edge far above every dual, outside the graph, breaks them.
     outside = np.setdiff1d(np.arange(300), graph.cols[graph.rows == 0])[0]
     better = solvers.Edges(np.array([0]), np.array([outside]), np.array([5.0]))
-    assert not solvers._duals_prove(solvers.candidate_graph(a, b, cand, better), price, objective)
+    assert not solvers._duals_prove(graph.plus(better), price, objective)

@@ -12,7 +12,8 @@ cosines are therefore those of a float32 scan: the margin can add work, never dr
 candidate.
 
 Only two passes touch a whole block: the matrix product and a maximum over groups of columns;
-everything after works on the few groups that can hold a row's best entries.
+the maxima are grouped again (groups of groups), and everything after works on the few groups
+of each level that can hold a row's best entries.
 """
 
 from __future__ import annotations
@@ -29,8 +30,10 @@ Progress = Callable[[str, int, int], None]
 """Called as progress(stage, done, total) while work is done."""
 
 # Columns are grouped by this many for the maxima that decide which entries of a row are
-# looked at one by one.
+# looked at one by one, and those maxima again, up to LEVELS times while a level keeps at
+# least as many groups as the entries sought.
 GROUP = 8
+LEVELS = 3
 # Scanned lists of LIST_FACTOR * k entries per row are rescored in float32.
 LIST_FACTOR = 2
 RESCORE_CHUNK = 1 << 16
@@ -241,21 +244,32 @@ class RowSearch:
         self.vals = torch.empty((p, self.k))
         self.spare_members = torch.empty((p, self.spare), dtype=torch.int64)
         self.spare_cutoff = np.full(p, -np.inf)
-        self.group = GROUP if q % GROUP == 0 and q // GROUP >= self.spare else 1
         self.redone = 0
         self.gathered = Gathered(a.shape[1], device)
 
     def scanned_list(self, block: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Each row's `size` best scanned values (descending) and their columns."""
-        count, q = block.shape
-        # The best `size` groups of columns hold the row's `size` best scanned entries.
-        width = q // self.group
-        group_max = block.view(count, self.group, width).amax(dim=1)
-        _, groups = group_max.float().topk(size, dim=1)
-        spread = torch.arange(self.group, device=block.device) * width
-        cols = (groups[:, :, None] + spread).reshape(count, -1)
-        scanned, position = block.gather(1, cols).float().topk(size, dim=1)
-        return scanned, cols.gather(1, position)
+        count = block.shape[0]
+        # maxima[l + 1][:, g] is the maximum of maxima[l][:, g + i * width] for i < GROUP.
+        maxima = [block]
+        while len(maxima) <= LEVELS and _groups_fit(maxima[-1].shape[1], size):
+            below = maxima[-1]
+            maxima.append(below.view(count, GROUP, below.shape[1] // GROUP).amax(dim=1))
+        # The best `size` groups of a level hold the best `size` members of the level below:
+        # from the coarsest level down, only those groups' members are looked at.
+        members: torch.Tensor | None = None
+        for level in range(len(maxima) - 1, 0, -1):
+            above = maxima[level]
+            values = above if members is None else above.gather(1, members)
+            _, best = values.float().topk(size, dim=1)
+            groups = best if members is None else members.gather(1, best)
+            spread = torch.arange(GROUP, device=block.device) * above.shape[1]
+            members = (groups[:, :, None] + spread).reshape(count, -1)
+        if members is None:
+            scanned, cols = block.float().topk(size, dim=1)
+            return scanned, cols
+        scanned, position = block.gather(1, members).float().topk(size, dim=1)
+        return scanned, members.gather(1, position)
 
     def block(self, start: int, block: torch.Tensor) -> None:
         count, q = block.shape
@@ -281,6 +295,11 @@ class RowSearch:
                 vals[ids], kept[ids] = best, members
         self.vals[start : start + count] = vals.cpu()
         self.cols[start : start + count] = kept.cpu()
+
+
+def _groups_fit(width: int, size: int) -> bool:
+    """Whether `width` entries split into GROUP-strided groups, at least `size` of them."""
+    return width % GROUP == 0 and width // GROUP >= size
 
 
 def _entries_at_least(
@@ -338,7 +357,6 @@ def scanned_lists(
     search = RowSearch(a, b, size, device, dtype or scan_dtype(device))
     p, q = a.shape[0], b.shape[0]
     search.list = min(q, size)
-    search.group = GROUP if q % GROUP == 0 and q // GROUP >= search.list else 1
     cols = torch.empty((p, search.list), dtype=torch.int64)
     values = torch.empty((p, search.list))
     cutoff = np.full(p, -np.inf)

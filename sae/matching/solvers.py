@@ -124,21 +124,8 @@ def assign_exact(
 
 
 @dataclass
-class CandidateGraph:
-    """Deduplicated candidate edges (row, col, cosine), sorted by row then column."""
-
-    rows: np.ndarray
-    cols: np.ndarray
-    cosine: np.ndarray
-    shape: tuple[int, int]
-
-    def matrix(self, values: np.ndarray) -> sp.csr_matrix:
-        return sp.csr_matrix((values, (self.rows, self.cols)), shape=self.shape)
-
-
-@dataclass
 class Edges:
-    """Candidate edges beyond the top-k lists (from widening), with their float32 cosines."""
+    """Candidate edges (row, col) with their float32 cosines, in any order."""
 
     rows: np.ndarray
     cols: np.ndarray
@@ -156,34 +143,70 @@ class Edges:
         )
 
 
-def candidate_graph(
-    a: torch.Tensor, b: torch.Tensor, cand: Candidates, extra: Edges | None = None
-) -> CandidateGraph:
-    """Union of row top-k, column top-k, `extra` and identity edges (the fallback that makes a
-    full matching always exist: row i can always take column i, as p <= q)."""
+@dataclass
+class CandidateGraph:
+    """Deduplicated candidate edges (row, col, cosine), sorted by row then column; `indptr`
+    is where each row's edges start, as in a CSR matrix."""
+
+    rows: np.ndarray
+    cols: np.ndarray
+    cosine: np.ndarray
+    shape: tuple[int, int]
+
+    @staticmethod
+    def of(edges: Edges, shape: tuple[int, int]) -> CandidateGraph:
+        """The graph of `edges`; where an edge comes more than once, its first copy counts."""
+        _, first = np.unique(edges.rows.astype(np.int64) * shape[1] + edges.cols, return_index=True)
+        return CandidateGraph(edges.rows[first], edges.cols[first], edges.cosine[first], shape)
+
+    @property
+    def indptr(self) -> np.ndarray:
+        return np.searchsorted(self.rows, np.arange(self.shape[0] + 1))
+
+    def matrix(self, values: np.ndarray) -> sp.csr_matrix:
+        return sp.csr_matrix((values, self.cols, self.indptr), shape=self.shape)
+
+    def plus(self, edges: Edges) -> CandidateGraph:
+        """This graph and `edges`: an edge it holds keeps its value. Only the new edges are
+        sorted; they are then merged into place."""
+        q = self.shape[1]
+        keys = self.rows.astype(np.int64) * q + self.cols
+        added = CandidateGraph.of(edges, self.shape)
+        added_keys = added.rows.astype(np.int64) * q + added.cols
+        place = np.searchsorted(keys, added_keys)
+        held = keys[np.minimum(place, keys.shape[0] - 1)] == added_keys
+        fresh, place = ~held, place[~held]
+        return CandidateGraph(
+            np.insert(self.rows, place, added.rows[fresh]),
+            np.insert(self.cols, place, added.cols[fresh]),
+            np.insert(self.cosine, place, added.cosine[fresh]),
+            self.shape,
+        )
+
+
+def candidate_graph(a: torch.Tensor, b: torch.Tensor, cand: Candidates) -> CandidateGraph:
+    """Union of row top-k, column top-k and identity edges (the fallback that makes a full
+    matching always exist: row i can always take column i, as p <= q)."""
     p, q = a.shape[0], b.shape[0]
-    extra = extra or Edges.none()
     k_row, k_col = cand.row_cols.shape[1], cand.col_rows.shape[0]
     identity = np.arange(p)
     identity_cos = (a * b[:p]).sum(dim=1).double().numpy()
     rows = np.concatenate(
-        [np.repeat(identity, k_row), cand.col_rows.T.reshape(-1).numpy(), extra.rows, identity]
+        [np.repeat(identity, k_row), cand.col_rows.T.reshape(-1).numpy(), identity]
     )
     cols = np.concatenate(
-        [cand.row_cols.reshape(-1).numpy(), np.repeat(np.arange(q), k_col), extra.cols, identity]
+        [cand.row_cols.reshape(-1).numpy(), np.repeat(np.arange(q), k_col), identity]
     )
     cosine = np.concatenate(
         [
             cand.row_vals.reshape(-1).double().numpy(),
             cand.col_vals.T.reshape(-1).double().numpy(),
-            extra.cosine,
             identity_cos,
         ]
     )
-    # Keep the first copy of each edge: matrix-product values before the identity's dot
-    # products, so an edge has one value whichever list it came from.
-    _, first = np.unique(rows.astype(np.int64) * q + cols, return_index=True)
-    return CandidateGraph(rows[first], cols[first], cosine[first], (p, q))
+    # Matrix-product values before the identity's dot products, so an edge has one value
+    # whichever list it came from.
+    return CandidateGraph.of(Edges(rows, cols, cosine), (p, q))
 
 
 def _implicit_max(own_cutoff: np.ndarray, other_cutoff: np.ndarray, other_price: np.ndarray):
@@ -397,14 +420,13 @@ def assign_sparse(
         a, b, k, block_rows, progress, f"{stage} candidates", dtype=dtype, spare=WIDEN_FACTOR * k
     )
     row_cut, col_cut = cand.row_cutoff(q), cand.col_cutoff(p)
-    extra = Edges.none()
+    graph = candidate_graph(a, b, cand)
     searched = time.perf_counter()
     size = k
     price: np.ndarray | None = None
     objective = -np.inf
     for round_ in range(widen_rounds + 1):
         report(progress, f"{stage} solve", round_, widen_rounds + 1)
-        graph = candidate_graph(a, b, cand, extra)
         # A widened graph is solved again only when its new edges break the last optimum's
         # duals; where they do not, that matching is still optimal on the larger graph.
         if price is None or not _duals_prove(graph, price, objective):
@@ -419,14 +441,16 @@ def assign_sparse(
             break
         size *= WIDEN_FACTOR
         # Every cutoff a line has had stays valid for the edges still left out: keep the least.
+        added = Edges.none()
         if rows.size:
             edges, cut = _widen(a, b, rows, size, cand.row_spare, block_rows, dtype)
             row_cut[rows] = np.minimum(row_cut[rows], cut)
-            extra = extra.plus(edges)
+            added = added.plus(edges)
         if cols.size:
             edges, cut = _widen(b, a, cols, size, cand.col_spare, block_rows, dtype)
             col_cut[cols] = np.minimum(col_cut[cols], cut)
-            extra = extra.plus(Edges(edges.cols, edges.rows, edges.cosine))
+            added = added.plus(Edges(edges.cols, edges.rows, edges.cosine))
+        graph = graph.plus(added)
     report(progress, f"{stage} solve", widen_rounds + 1, widen_rounds + 1)
     solved = time.perf_counter()
     gap_bound = gap_upper_bound(
