@@ -283,3 +283,29 @@ def test_widened_graph_is_solved_again_only_when_its_edges_break_the_duals() -> 
     outside = np.setdiff1d(np.arange(300), graph.cols[graph.rows == 0])[0]
     better = solvers.Edges(np.array([0]), np.array([outside]), np.array([5.0]))
     assert not solvers._duals_prove(graph.plus(better), price, objective)
+
+
+@pytest.mark.parametrize("q", [300, 340])
+def test_a_warm_start_from_a_smaller_graphs_duals_finds_the_same_optimum(q: int) -> None:
+    from sae.matching import solvers
+
+    # Square (row and column duals) and rectangular (row duals only) problems.
+    a, b = random_unit(300, 16, 13), random_unit(q, 16, 14)
+    cand = solvers.top_candidates(a, b, k=3, block_rows=64, spare=24)
+    graph = solvers.candidate_graph(a, b, cand)
+    partner, old = solvers._solve(graph)
+    floor = solvers.price_floor(300, q)
+    price = np.maximum(solvers._residual_prices(graph, partner, None, "prices"), floor)
+    duals = (solvers._sparse_row_max(graph.matrix(graph.cosine), price), price)
+    # Every row's spare list: many new edges, some breaking the old duals.
+    members = cand.row_spare.members
+    values = torch.bmm(b[members], a[:, :, None])[:, :, 0].double().numpy()
+    rows = np.repeat(np.arange(300), members.shape[1])
+    wider = graph.plus(solvers.Edges(rows, members.reshape(-1).numpy(), values.reshape(-1)))
+    reduced = duals[0][wider.rows] + np.where(q == 300, price[wider.cols], 0.0) - wider.cosine
+    assert (reduced < -1e-9).any(), "no new edge breaks the duals: nothing to repair"
+    cold_partner, cold = solvers._solve(wider)
+    warm_partner, warm = solvers._solve(wider, duals)
+    assert warm.sum() == pytest.approx(cold.sum(), abs=1e-9)
+    assert warm.sum() > old.sum() + 1e-6
+    np.testing.assert_array_equal(warm_partner, cold_partner)

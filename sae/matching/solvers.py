@@ -333,10 +333,28 @@ def gap_upper_bound(
     return max(0.0, float(best_bound) - objective)
 
 
-def _solve(graph: CandidateGraph) -> tuple[np.ndarray, np.ndarray]:
-    """The optimal matching of the graph: each row's partner and cosine."""
+def _solve(
+    graph: CandidateGraph, duals: tuple[np.ndarray, np.ndarray] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """The optimal matching of the graph: each row's partner and cosine.
+
+    `duals` (row duals, column prices) of a smaller graph's optimum make a warm start: the
+    solver is given the reduced costs u_i + v_j - C_ij instead, zero on the old matching and
+    non-negative on the old graph's edges, so it only has to repair around the new edges that
+    break them. Every row is matched exactly once, so the row duals shift every full matching
+    by the same amount; so do the column prices when every column is matched too (p = q),
+    and only then are they used."""
     p, q = graph.shape
-    rows_idx, cols_idx = min_weight_full_bipartite_matching(graph.matrix(COST_SHIFT - graph.cosine))
+    if duals is None:
+        cost = COST_SHIFT - graph.cosine
+    else:
+        row_dual, price = duals
+        reduced = row_dual[graph.rows] - graph.cosine
+        if p == q:
+            reduced += price[graph.cols]
+        # Shifted so the least cost is 1: a zero would read as a missing edge.
+        cost = reduced + (1.0 - min(0.0, float(reduced.min())))
+    rows_idx, cols_idx = min_weight_full_bipartite_matching(graph.matrix(cost))
     partner = np.empty(p, dtype=np.int64)
     partner[rows_idx] = cols_idx
     # Edges are sorted by row then column, so each matched edge is found by bisection.
@@ -424,16 +442,18 @@ def assign_sparse(
     searched = time.perf_counter()
     size = k
     price: np.ndarray | None = None
+    duals: tuple[np.ndarray, np.ndarray] | None = None
     objective = -np.inf
     for round_ in range(widen_rounds + 1):
         report(progress, f"{stage} solve", round_, widen_rounds + 1)
         # A widened graph is solved again only when its new edges break the last optimum's
         # duals; where they do not, that matching is still optimal on the larger graph.
         if price is None or not _duals_prove(graph, price, objective):
-            partner, cosine = _solve(graph)
+            partner, cosine = _solve(graph, duals)
             objective = float(cosine.sum())
             residual = _residual_prices(graph, partner, progress, f"{stage} prices")
             price = np.maximum(residual, price_floor(p, q))
+            duals = (_sparse_row_max(graph.matrix(graph.cosine), price), price)
         rows, cols = _suspects(graph, row_cut, col_cut, price)
         if round_ == widen_rounds or rows.size + cols.size == 0:
             break
