@@ -309,3 +309,28 @@ def test_a_warm_start_from_a_smaller_graphs_duals_finds_the_same_optimum(q: int)
     assert warm.sum() == pytest.approx(cold.sum(), abs=1e-9)
     assert warm.sum() > old.sum() + 1e-6
     np.testing.assert_array_equal(warm_partner, cold_partner)
+
+
+def test_auction_prices_are_duals_within_epsilon_per_row() -> None:
+    from sae.matching import auction, solvers
+
+    # Two rows that both prefer column 0: row 1 needs it more (0.85 against 0.1 elsewhere).
+    indptr, cols = np.array([0, 2, 4]), np.array([0, 1, 0, 1])
+    price = auction.auction_prices(indptr, cols, np.array([0.9, 0.8, 0.85, 0.1]), 2)
+    net = np.array([[0.9, 0.8], [0.85, 0.1]]) - price
+    # Each row's column of the optimum is within epsilon of its best net value; the other
+    # assignment is not.
+    slack = net.max(axis=1, keepdims=True) - net
+    assert max(slack[0, 1], slack[1, 0]) <= auction.EPSILON + 1e-12
+    assert slack[1, 1] > auction.EPSILON
+
+    a, b = random_unit(200, 8, 15), random_unit(200, 8, 16)
+    graph = solvers.candidate_graph(a, b, solvers.top_candidates(a, b, k=6, block_rows=64))
+    price = auction.auction_prices(graph.indptr, graph.cols, graph.cosine, 200)
+    row_dual = solvers._sparse_row_max(graph.matrix(graph.cosine), price)
+    partner, cosine = solvers._solve(graph)
+    # Weak duality bounds the optimum from above; a finished auction is within epsilon a row.
+    dual = row_dual.sum() + price.sum()
+    assert cosine.sum() - 1e-9 <= dual <= cosine.sum() + 200 * auction.EPSILON
+    warm_partner, _ = solvers._solve(graph, (row_dual, price))
+    np.testing.assert_array_equal(warm_partner, partner)

@@ -32,6 +32,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from scipy.sparse.csgraph import min_weight_full_bipartite_matching
 
+from sae.matching.auction import auction_prices
 from sae.matching.candidates import (
     Candidates,
     Gathered,
@@ -338,12 +339,12 @@ def _solve(
 ) -> tuple[np.ndarray, np.ndarray]:
     """The optimal matching of the graph: each row's partner and cosine.
 
-    `duals` (row duals, column prices) of a smaller graph's optimum make a warm start: the
-    solver is given the reduced costs u_i + v_j - C_ij instead, zero on the old matching and
-    non-negative on the old graph's edges, so it only has to repair around the new edges that
-    break them. Every row is matched exactly once, so the row duals shift every full matching
-    by the same amount; so do the column prices when every column is matched too (p = q),
-    and only then are they used."""
+    `duals` (row duals u, column prices v) make a warm start: the solver is given the reduced
+    costs u_i + v_j - C_ij instead. Every row is matched exactly once, so the row duals shift
+    every full matching by the same amount; so do the column prices when every column is
+    matched too (p = q), and only then are they used. The optimum is the same for any duals;
+    near-optimal ones (a smaller graph's optimum, an auction's prices) leave the solver little
+    to repair."""
     p, q = graph.shape
     if duals is None:
         cost = COST_SHIFT - graph.cosine
@@ -449,6 +450,9 @@ def assign_sparse(
         # A widened graph is solved again only when its new edges break the last optimum's
         # duals; where they do not, that matching is still optimal on the larger graph.
         if price is None or not _duals_prove(graph, price, objective):
+            if duals is None and p == q:
+                start = auction_prices(graph.indptr, graph.cols, graph.cosine, q)
+                duals = (_sparse_row_max(graph.matrix(graph.cosine), start), start)
             partner, cosine = _solve(graph, duals)
             objective = float(cosine.sum())
             residual = _residual_prices(graph, partner, progress, f"{stage} prices")
