@@ -163,12 +163,19 @@ def test_reversed_pair_matches_direct_matching() -> None:
     assert reversed_.summary.shared_fraction == backward.summary.shared_fraction
 
 
-def test_zero_and_nan_rows_are_unmatched_and_counted() -> None:
+def test_zero_and_nan_rows_are_unmatched_and_counted(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sae.matching.pair
+
+    monkeypatch.setattr(sae.matching.pair, "UNIT_CHUNK", 16)  # rows normalised 16 at a time
     a, b, _ = planted(50, 8, 50, 0.1, seed=12)
     a[3] = 0.0
     b[7] = float("nan")
     unit_a, valid = unit_rows(a)
     assert not valid[3] and valid.sum() == 49
+    norms = torch.linalg.vector_norm(unit_a, dim=1)
+    torch.testing.assert_close(norms[torch.from_numpy(valid)], torch.ones(49))
+    assert norms[3] == 0.0
+    torch.testing.assert_close(unit_a[40], a[40] / a[40].norm())
     result = match_saes(sae_from(a, a), sae_from(b, b))
     assert result.decoder.partner[3] == -1 and math.isnan(result.decoder.cosine[3])
     assert result.summary.invalid_rows == {

@@ -180,15 +180,23 @@ def shared_mask(cos_decoder: np.ndarray, cos_encoder: np.ndarray, threshold: flo
         return (cos_decoder > threshold) & (cos_encoder > threshold)
 
 
+# Rows normalised at a time: a float64 copy of a whole 131K x 576 matrix is 0.6 GB.
+UNIT_CHUNK = 8192
+
+
 def unit_rows(weight: torch.Tensor) -> tuple[torch.Tensor, np.ndarray]:
     """Rows scaled to unit L2 norm in float32, and which rows could be normalised.
 
     Norms are taken in float64 so large weights do not overflow to inf."""
-    rows = weight.detach().to(torch.float64)
-    norms = torch.linalg.vector_norm(rows, dim=1)
-    valid = torch.isfinite(norms) & (norms > 0)
-    unit = torch.zeros_like(rows, dtype=torch.float32)
-    unit[valid] = (rows[valid] / norms[valid, None]).to(torch.float32)
+    weight = weight.detach()
+    unit = torch.zeros(weight.shape, dtype=torch.float32)
+    valid = torch.zeros(weight.shape[0], dtype=torch.bool)
+    for start in range(0, weight.shape[0], UNIT_CHUNK):
+        rows = weight[start : start + UNIT_CHUNK].to(torch.float64)
+        norms = torch.linalg.vector_norm(rows, dim=1)
+        fine = torch.isfinite(norms) & (norms > 0)
+        unit[start : start + rows.shape[0]][fine] = (rows[fine] / norms[fine, None]).float()
+        valid[start : start + rows.shape[0]] = fine
     return unit, valid.numpy()
 
 
@@ -233,7 +241,9 @@ def match_directions(
     cosine = np.full(a.shape[0], np.nan)
     result: Assignment | None = None
     if index_a.size and index_b.size:
-        rows, cols = unit_a[torch.from_numpy(index_a)], unit_b[torch.from_numpy(index_b)]
+        # Only rows that could be normalised take part (no copy when all could).
+        rows = unit_a if index_a.size == a.shape[0] else unit_a[torch.from_numpy(index_a)]
+        cols = unit_b if index_b.size == b.shape[0] else unit_b[torch.from_numpy(index_b)]
         # The solvers cover every row of the smaller side; transpose when A is larger.
         flipped = rows.shape[0] > cols.shape[0]
         if flipped:
