@@ -341,3 +341,16 @@ def test_auction_prices_are_duals_within_epsilon_per_row() -> None:
     assert cosine.sum() - 1e-9 <= dual <= cosine.sum() + 200 * auction.EPSILON
     warm_partner, _ = solvers._solve(graph, (row_dual, price))
     np.testing.assert_array_equal(warm_partner, partner)
+
+
+def test_rows_edges_are_gathered_and_split_by_edge_count() -> None:
+    from sae.matching.csr import row_chunks, row_edges
+
+    indptr = np.array([0, 3, 3, 8, 9, 11])  # rows of 3, 0, 5, 1 and 2 edges
+    edges, counts = row_edges(indptr, np.array([4, 0, 2]))
+    np.testing.assert_array_equal(edges, [9, 10, 0, 1, 2, 3, 4, 5, 6, 7])
+    np.testing.assert_array_equal(counts, [2, 3, 5])
+    pieces = row_chunks(indptr, np.array([0, 1, 2, 3, 4]), limit=4)
+    # 3 edges, then row 2's 5 alone (more than the limit), then 1 + 2.
+    assert [piece.tolist() for piece in pieces] == [[0, 1], [2], [3, 4]]
+    assert row_chunks(indptr, np.array([], dtype=np.int64), limit=4) == []

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from sae.matching.csr import row_edges
+
 EPSILON = 1e-3
 # The auction stops once its rounds have looked at this many times the graph's edges.
 WORK_BUDGET = 50
@@ -32,10 +34,8 @@ def auction_prices(
     bidders = np.arange(n_rows)
     work, budget = 0, WORK_BUDGET * cols.shape[0]
     while bidders.size and work < budget:
-        starts = indptr[bidders]
-        counts = indptr[bidders + 1] - starts
+        edges, counts = row_edges(indptr, bidders)
         offsets = np.cumsum(counts) - counts
-        edges = np.repeat(starts - offsets, counts) + np.arange(int(counts.sum()))
         work += edges.shape[0]
         net = cosine[edges] - price[cols[edges]]
         best = np.maximum.reduceat(net, offsets)

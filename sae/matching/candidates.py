@@ -37,6 +37,9 @@ LEVELS = 3
 # Scanned lists of LIST_FACTOR * k entries per row are rescored in float32.
 LIST_FACTOR = 2
 RESCORE_CHUNK = 1 << 16
+# Rows gathered at a time to rescore lists in float32 (151 MB at d = 576): blocks with longer
+# lists have fewer rows.
+GATHERED_ROWS = 1 << 16
 # Rows (or columns) redone from the scan at a time when their list may miss a top-k entry.
 REDO_CHUNK = 64
 
@@ -360,7 +363,8 @@ def scanned_lists(
     cols = torch.empty((p, search.list), dtype=torch.int64)
     values = torch.empty((p, search.list))
     cutoff = np.full(p, -np.inf)
-    for start, block in cosine_blocks(search.scan_a, search.scan_b, block_rows):
+    rows_per_block = max(1, min(block_rows, GATHERED_ROWS // search.list))
+    for start, block in cosine_blocks(search.scan_a, search.scan_b, rows_per_block):
         scanned, found = search.scanned_list(block, search.list)
         count = block.shape[0]
         values[start : start + count] = search.gathered.pair_dots(

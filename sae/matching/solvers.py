@@ -34,6 +34,7 @@ from scipy.sparse.csgraph import min_weight_full_bipartite_matching
 
 from sae.matching.auction import auction_prices
 from sae.matching.candidates import (
+    GATHERED_ROWS,
     Candidates,
     Gathered,
     Progress,
@@ -43,6 +44,7 @@ from sae.matching.candidates import (
     scanned_lists,
     top_candidates,
 )
+from sae.matching.csr import row_chunks, row_edges
 
 try:
     import lap
@@ -66,8 +68,8 @@ PROVEN_GAP = 1e-6
 WIDEN_ROUNDS = 2
 WIDEN_FACTOR = 4
 WIDEN_MAX_SHARE = 0.5
-# Lines whose spare lists are rescored at a time (1,024 x 128 rows of 576 floats: 0.3 GB).
-RESCORE_LINES = 1024
+# Edges relaxed at a time when pricing the residual graph (bounds its temporary arrays).
+PRICE_CHUNK = 1 << 20
 
 
 @dataclass
@@ -248,44 +250,48 @@ def _residual_prices(
 ) -> np.ndarray:
     """Column prices from shortest paths in the residual graph of the optimal sparse matching.
 
-    Bellman-Ford from a source joined to every column at cost 1, in vectorised sweeps that
-    relax only the edges leaving the nodes improved by the sweep before (the frontier): the
-    sweeps number the depth of the shortest-path tree (hundreds here), and most nodes settle
-    long before the last, so each sweep touches a small part of the graph."""
+    Bellman-Ford from a source joined to every column at cost 1. In the residual graph a
+    matched edge runs column -> row at -cost and every other edge row -> column at +cost, so
+    a column has one edge out and the sweeps alternate: the columns improved last pass their
+    distance on to their rows, then the rows improved relax their edges, read in place from
+    the graph (sorted by row) a bounded number at a time. Only improved nodes are relaxed:
+    the sweeps number the depth of the shortest-path tree (hundreds here), and most nodes
+    settle long before the last, so each sweep touches a small part of the graph."""
     p, q = graph.shape
-    n = p + q
-    cost = COST_SHIFT - graph.cosine
-    matched = partner[graph.rows] == graph.cols
-    # Nodes: rows 0..p-1, columns p..p+q-1. A matched edge runs column -> row at -cost, any
-    # other row -> column at +cost.
-    src = np.where(matched, graph.cols + p, graph.rows)
-    order = np.argsort(src, kind="stable")
-    src = src[order]
-    dst = np.where(matched, graph.rows, graph.cols + p)[order]
-    weight = np.where(matched, -cost, cost)[order]
-    first_edge = np.zeros(n + 1, dtype=np.int64)
-    np.cumsum(np.bincount(src, minlength=n), out=first_edge[1:])
-    dist = np.full(n, np.inf)
-    dist[p:] = 1.0
-    frontier = np.arange(p, n)
+    indptr = graph.indptr
+    keys = graph.rows.astype(np.int64) * q + graph.cols
+    matched = np.searchsorted(keys, np.arange(p, dtype=np.int64) * q + partner)
+    matched_cost = COST_SHIFT - graph.cosine[matched]
+    owner = np.full(q, -1, dtype=np.int64)
+    owner[partner] = np.arange(p)
+    row_dist = np.full(p, np.inf)
+    col_dist = np.ones(q)
+    improved = np.arange(q)
     for sweep in range(MAX_PRICE_SWEEPS):
-        counts = first_edge[frontier + 1] - first_edge[frontier]
-        total = int(counts.sum())
-        if total == 0:
+        improved = improved[owner[improved] >= 0]
+        rows = owner[improved]
+        reach = col_dist[improved] - matched_cost[rows]
+        better = reach < row_dist[rows] - 1e-12
+        rows = rows[better]
+        if rows.size == 0:
             break
-        offset = np.cumsum(counts) - counts
-        edges = np.repeat(first_edge[frontier] - offset, counts) + np.arange(total)
-        best = np.full(n, np.inf)
-        np.minimum.at(best, dst[edges], np.repeat(dist[frontier], counts) + weight[edges])
-        frontier = np.flatnonzero(best < dist - 1e-12)
-        if frontier.size == 0:
+        row_dist[rows] = reach[better]
+        best = np.full(q, np.inf)
+        for piece in row_chunks(indptr, rows, PRICE_CHUNK):
+            edges, counts = row_edges(indptr, piece)
+            source = np.repeat(piece, counts)
+            target = graph.cols[edges]
+            step = np.where(target == partner[source], np.inf, COST_SHIFT - graph.cosine[edges])
+            np.minimum.at(best, target, row_dist[source] + step)
+        improved = np.flatnonzero(best < col_dist - 1e-12)
+        if improved.size == 0:
             break
-        dist[frontier] = best[frontier]
+        col_dist[improved] = best[improved]
         if sweep % 16 == 0:
             report(progress, stage, sweep, MAX_PRICE_SWEEPS)
     report(progress, stage, MAX_PRICE_SWEEPS, MAX_PRICE_SWEEPS)
     # Column dual in the min-cost form is dist - 1; the cosine-form price is its negation.
-    return 1.0 - dist[p:]
+    return 1.0 - col_dist
 
 
 def price_floor(p: int, q: int) -> float:
@@ -402,8 +408,9 @@ def _widen(
         cols, cut = spare.members[index], spare.cutoff[lines]
         values = torch.empty(cols.shape)
         gathered = Gathered(a.shape[1], a.device)
-        for start in range(0, lines.shape[0], RESCORE_LINES):
-            part = slice(start, start + RESCORE_LINES)
+        at_once = max(1, GATHERED_ROWS // cols.shape[1])
+        for start in range(0, lines.shape[0], at_once):
+            part = slice(start, start + at_once)
             values[part] = gathered.pair_dots(b, cols[part], a[index[part]])
     else:
         cols, values, cut = scanned_lists(a[index], b, size, block_rows, dtype=dtype)
