@@ -9,8 +9,9 @@ matrix at once unless the exact solver needs it.
   `linear_sum_assignment` (rectangular, or when `lap` is missing). Memory 8 * p * q bytes.
 - `assign_sparse`: a candidate graph holding each row's and each column's `k` most similar
   partners plus the identity edges (i, i), which guarantee that a matching covering every row
-  exists; SciPy's `min_weight_full_bipartite_matching` solves that graph exactly.
-  Memory O((p + q) * k).
+  exists; SciPy's `min_weight_full_bipartite_matching` solves that graph exactly, warm-started
+  from an auction's prices (`sae.matching.auction`) and, once the graph is widened, from the
+  last optimum's duals. Memory O((p + q) * k).
 
 The sparse result comes with an upper bound on its gap to the dense optimum, from LP duality:
 any column prices `v` (v >= 0 when columns may stay unmatched) give the bound
