@@ -167,16 +167,25 @@ class CandidateGraph:
     def indptr(self) -> np.ndarray:
         return np.searchsorted(self.rows, np.arange(self.shape[0] + 1))
 
+    @property
+    def keys(self) -> np.ndarray:
+        """Each edge as one number, row * q + col: ascending, as the edges are sorted."""
+        return self.rows.astype(np.int64) * self.shape[1] + self.cols
+
+    def matched_cosine(self, partner: np.ndarray) -> np.ndarray:
+        """The cosine of each row's edge to its partner (an edge of the graph), by bisection."""
+        p, q = self.shape
+        return self.cosine[np.searchsorted(self.keys, np.arange(p, dtype=np.int64) * q + partner)]
+
     def matrix(self, values: np.ndarray) -> sp.csr_matrix:
         return sp.csr_matrix((values, self.cols, self.indptr), shape=self.shape)
 
     def plus(self, edges: Edges) -> CandidateGraph:
         """This graph and `edges`: an edge it holds keeps its value. Only the new edges are
         sorted; they are then merged into place."""
-        q = self.shape[1]
-        keys = self.rows.astype(np.int64) * q + self.cols
+        keys = self.keys
         added = CandidateGraph.of(edges, self.shape)
-        added_keys = added.rows.astype(np.int64) * q + added.cols
+        added_keys = added.keys
         place = np.searchsorted(keys, added_keys)
         held = keys[np.minimum(place, keys.shape[0] - 1)] == added_keys
         fresh, place = ~held, place[~held]
@@ -260,9 +269,7 @@ def _residual_prices(
     settle long before the last, so each sweep touches a small part of the graph."""
     p, q = graph.shape
     indptr = graph.indptr
-    keys = graph.rows.astype(np.int64) * q + graph.cols
-    matched = np.searchsorted(keys, np.arange(p, dtype=np.int64) * q + partner)
-    matched_cost = COST_SHIFT - graph.cosine[matched]
+    matched_cost = COST_SHIFT - graph.matched_cosine(partner)
     owner = np.full(q, -1, dtype=np.int64)
     owner[partner] = np.arange(p)
     row_dist = np.full(p, np.inf)
@@ -360,15 +367,12 @@ def _solve(
         reduced = row_dual[graph.rows] - graph.cosine
         if p == q:
             reduced += price[graph.cols]
-        # Shifted so the least cost is 1: a zero would read as a missing edge.
+        # Shifted so every cost is at least 1: a zero would read as a missing edge.
         cost = reduced + (1.0 - min(0.0, float(reduced.min())))
     rows_idx, cols_idx = min_weight_full_bipartite_matching(graph.matrix(cost))
     partner = np.empty(p, dtype=np.int64)
     partner[rows_idx] = cols_idx
-    # Edges are sorted by row then column, so each matched edge is found by bisection.
-    keys = graph.rows.astype(np.int64) * q + graph.cols
-    cosine = graph.cosine[np.searchsorted(keys, np.arange(p, dtype=np.int64) * q + partner)]
-    return partner, cosine
+    return partner, graph.matched_cosine(partner)
 
 
 def _duals_prove(graph: CandidateGraph, price: np.ndarray, objective: float) -> bool:
