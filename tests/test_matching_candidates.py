@@ -10,7 +10,7 @@ import torch
 import sae.matching.candidates as candidates
 import sae.precision as precision
 from sae.checkpoint import SaeWeights, save_saelens, save_sparsify
-from sae.matching.candidates import row_candidates, scan_error, top_candidates
+from sae.matching.candidates import scan_error, top_candidates
 from sae.matching.pair import MatchConfig, match_checkpoints, match_saes
 from sae.matching.solvers import assign_exact, assign_sparse
 
@@ -50,15 +50,36 @@ def assert_dense_top_k(cand: candidates.Candidates, a: torch.Tensor, b: torch.Te
 def test_bfloat16_scan_finds_the_float32_top_k(
     monkeypatch: pytest.MonkeyPatch, list_factor: int, p: int, q: int, d: int, k: int
 ) -> None:
-    # With lists of exactly k almost every row must be redone from the scan: both the short
-    # path and the redo path have to give the float32 answer.
+    # With lists of exactly k almost every row and column must be redone from the scan: both
+    # the short path and the redo path have to give the float32 answer.
     monkeypatch.setattr(candidates, "LIST_FACTOR", list_factor)
     a, b = planted(max(p, q), d, 0.5, seed=p + d)
     a, b = a[:p], b[:q]
-    search = row_candidates(a, b, k, block_rows=128, dtype=torch.bfloat16)
+    cand = top_candidates(a, b, k, block_rows=128, dtype=torch.bfloat16)
     if list_factor == 1:
-        assert search.redone > 0
-    assert_dense_top_k(top_candidates(a, b, k, block_rows=128), a, b, k)
+        assert min(cand.redone) > 0
+    assert_dense_top_k(cand, a, b, k)
+
+
+@pytest.mark.parametrize("dense_share", [0.0, 1.0])
+def test_columns_from_the_rows_blocks_in_pieces(
+    monkeypatch: pytest.MonkeyPatch, dense_share: float
+) -> None:
+    # Columns are read from the row pass's blocks 96 at a time (a piece starts inside a
+    # block's rows), entries compared one by one (0.0) or through groups' maxima (1.0); the
+    # last block's 60 rows do not split into groups. Lists of 12 with room for 6 more fill
+    # up again and again over 700 rows.
+    monkeypatch.setattr(candidates, "COLUMN_CHUNK", 96)
+    monkeypatch.setattr(candidates, "DENSE_SHARE", dense_share)
+    a, b = planted(700, 48, 0.5, seed=7)
+    b = b[:500]
+    cand = top_candidates(a, b, 6, block_rows=128, spare=12)
+    assert_dense_top_k(cand, a, b, 6)
+    dense = (a.bfloat16() @ b.bfloat16().T).float()
+    # The spare lists hold each column's 12 best scanned entries, best first.
+    spare_values = dense.T.gather(1, cand.col_spare.members)
+    # (One bfloat16 rounding step of slack: a block and the whole product may sum apart.)
+    torch.testing.assert_close(spare_values, dense.topk(12, dim=0).values.T, atol=2**-8, rtol=0)
 
 
 def test_float32_scan_gives_the_same_candidates() -> None:

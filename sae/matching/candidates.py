@@ -1,19 +1,21 @@
 """Candidate search for the sparse solver: each row's and each column's k most similar partners.
 
-Rows' candidates come from one pass over the cosine matrix `a @ b.T`, `block_rows` rows at a
-time; columns' from the same pass over `b @ a.T`. The blocks are scanned at lower precision
-where that is measurably faster (`scan_dtype`): bfloat16 on a CPU whose AMX / AVX-512 BF16
-units run it faster than float32 (timed once per process), float32 on CUDA, where float32 is
-fast already. A scanned value differs from the float32 cosine by a proven amount
-(`scan_error`: the rounding of the inputs, of the sums and of the result). Each row's 2k best
-scanned entries are rescored in float32; a row whose k best cosines might lie off that list,
-by that bound, is redone from every entry that could reach them. The candidates and their
-cosines are therefore those of a float32 scan: the margin can add work, never drop a true
-candidate.
+One pass over the cosine matrix `a @ b.T`, `block_rows` rows at a time, finds both: rows'
+candidates from each block's rows, columns' from the same blocks (a column keeps its best
+entries so far, and a block's entry is looked at only when it beats the column's last). The
+blocks are scanned at lower precision where that is measurably faster (`scan_dtype`):
+bfloat16 on a CPU whose AMX / AVX-512 BF16 units run it faster than float32 (timed once per
+process), float32 on CUDA, where float32 is fast already. A scanned value differs from the
+float32 cosine by a proven amount (`scan_error`: the rounding of the inputs, of the sums and
+of the result). Each line's 2k best scanned entries are rescored in float32; a line whose k
+best cosines might lie off that list, by that bound, is redone from every entry that could
+reach them. The candidates and their cosines are therefore those of a float32 scan: the
+margin can add work, never drop a true candidate.
 
-Only two passes touch a whole block: the matrix product and a maximum over groups of columns;
-the maxima are grouped again (groups of groups), and everything after works on the few groups
-of each level that can hold a row's best entries.
+Only three passes touch a whole block: the matrix product, a maximum over groups of columns
+(for the rows) and one over groups of rows (for the columns). The rows' maxima are grouped
+again (groups of groups), and everything after works on the few groups of each level that
+can hold a row's best entries, or on the groups above a column's last.
 """
 
 from __future__ import annotations
@@ -42,6 +44,11 @@ RESCORE_CHUNK = 1 << 16
 GATHERED_ROWS = 1 << 16
 # Rows (or columns) redone from the scan at a time when their list may miss a top-k entry.
 REDO_CHUNK = 64
+# Columns compared with their last kept entry this many at a time (a bool per entry).
+COLUMN_CHUNK = 8192
+# When more than this share of a block's groups of rows may beat their column's last kept
+# entry, the block's entries are compared one by one instead.
+DENSE_SHARE = 1 / 4
 
 
 def report(progress: Progress | None, stage: str, done: int, total: int) -> None:
@@ -163,6 +170,8 @@ class Candidates:
     col_vals: torch.Tensor  # float32 (k_col, q), descending
     row_spare: Spare
     col_spare: Spare
+    # Rows and columns whose k best were redone from every entry that could reach them.
+    redone: tuple[int, int] = (0, 0)
 
     def row_cutoff(self, q: int) -> np.ndarray:
         """Upper bound on the cosine of any edge of a row outside its top-k (-inf if none)."""
@@ -205,15 +214,24 @@ def _dots(a: torch.Tensor, b: torch.Tensor, rows: torch.Tensor, cols: torch.Tens
     return out
 
 
+def _line_slots(
+    line: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For entries sorted by `line` id: the ids, each line's first entry and number of
+    entries, and each entry's line (index into the ids) and place within its line."""
+    ids, sizes = torch.unique_consecutive(line, return_counts=True)
+    first = torch.cumsum(sizes, 0) - sizes
+    slot = torch.repeat_interleave(torch.arange(ids.shape[0], device=line.device), sizes)
+    position = torch.arange(line.shape[0], device=line.device) - first[slot]
+    return ids, first, sizes, slot, position
+
+
 def _line_top(
     line: torch.Tensor, members: torch.Tensor, values: torch.Tensor, count: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Entries sorted by `line` id: each line's id, its `count` best values (descending) and
     their members. Every line must have at least `count` entries."""
-    ids, sizes = torch.unique_consecutive(line, return_counts=True)
-    first = torch.cumsum(sizes, 0) - sizes
-    slot = torch.repeat_interleave(torch.arange(ids.shape[0], device=line.device), sizes)
-    position = torch.arange(line.shape[0], device=line.device) - first[slot]
+    ids, first, sizes, slot, position = _line_slots(line)
     table = torch.full((ids.shape[0], int(sizes.max())), -torch.inf, device=values.device)
     table[slot, position] = values
     best, index = table.topk(count, dim=1)
@@ -300,6 +318,145 @@ class RowSearch:
         self.cols[start : start + count] = kept.cpu()
 
 
+class ColumnSearch:
+    """Each column's k best rows of `a @ b.T`, from the blocks a RowSearch scans (no second
+    product). A column keeps its `spare` best scanned entries so far, in no order, and the
+    last (least) of them when it last chose them; a block's entry is looked at only when it
+    beats that. Such entries are added to the column's list, which has room for `spare / 2`
+    more; a column out of room keeps its `spare` best again (and a higher last). After the
+    first blocks, a block holds few entries per column that beat it. `finish` rescores the
+    lists in float32 once every block is done."""
+
+    def __init__(self, rows: RowSearch, k: int, spare: int = 0):
+        self.rows = rows
+        p, q = rows.a.shape[0], rows.b.shape[0]
+        device = rows.a.device
+        self.k = min(k, p)
+        self.list = min(p, LIST_FACTOR * k)
+        self.spare = min(p, max(spare, self.list))
+        room = self.spare + max(1, self.spare // 2)
+        # -inf (and row 0) in the places not in use.
+        self.scanned = torch.full((q, room), -torch.inf, device=device)
+        self.members = torch.zeros((q, room), dtype=torch.int64, device=device)
+        self.used = torch.zeros(q, dtype=torch.int64, device=device)
+        # -inf until a column has seen `spare` entries.
+        self.last = torch.full((q,), -torch.inf, dtype=rows.scan_a.dtype, device=device)
+        self.redone = 0
+
+    def block(self, start: int, block: torch.Tensor) -> None:
+        for first in range(0, block.shape[1], COLUMN_CHUNK):
+            part = block[:, first : first + COLUMN_CHUNK]
+            columns = torch.arange(first, first + part.shape[1], device=block.device)
+            if bool(torch.isinf(self.last[columns]).any()):
+                # Lists not yet full (the first block): every entry counts.
+                rows = torch.arange(start, start + part.shape[0], device=block.device)
+                self._keep_best(
+                    columns,
+                    torch.cat([self.scanned[columns], part.T.float()], dim=1),
+                    torch.cat([self.members[columns], rows.expand(part.shape[1], -1)], dim=1),
+                )
+                continue
+            col, row, value = _above(part, self.last[columns])
+            if col.numel():
+                order = torch.argsort(col)
+                self._add(first + col[order], start + row[order], value[order])
+
+    def _add(self, line: torch.Tensor, members: torch.Tensor, values: torch.Tensor) -> None:
+        """Add entries (sorted by column `line`) to their columns' lists: into the free
+        places where they fit, else the column keeps its `spare` best of both."""
+        ids, _, sizes, slot, position = _line_slots(line)
+        room = self.scanned.shape[1]
+        fits = self.used[ids] + sizes <= room
+        entry_fits = fits[slot]
+        place = (self.used[ids][slot] + position)[entry_fits]
+        column = line[entry_fits]
+        self.scanned[column, place] = values[entry_fits]
+        self.members[column, place] = members[entry_fits]
+        self.used[ids[fits]] += sizes[fits]
+        if bool(fits.all()):
+            return
+        # Columns out of room: a table of their list and their new entries.
+        full = ids[~fits]
+        renumber = torch.cumsum(~fits, 0) - 1
+        over = ~entry_fits
+        width = room + int(sizes[~fits].max())
+        table = torch.full((full.shape[0], width), -torch.inf, device=values.device)
+        who = torch.zeros((full.shape[0], width), dtype=torch.int64, device=values.device)
+        table[:, :room], who[:, :room] = self.scanned[full], self.members[full]
+        at = (renumber[slot[over]], room + position[over])
+        table[at], who[at] = values[over], members[over]
+        self._keep_best(full, table, who)
+
+    def _keep_best(self, columns: torch.Tensor, table: torch.Tensor, who: torch.Tensor):
+        """Columns keep their `spare` best of `table` (members `who`)."""
+        best, index = table.topk(self.spare, dim=1, sorted=False)
+        self.scanned[columns] = -torch.inf
+        self.scanned[columns, : self.spare] = best
+        self.members[columns, : self.spare] = who.gather(1, index)
+        self.used[columns] = self.spare
+        self.last[columns] = best.amin(dim=1).to(self.last.dtype)
+
+    def finish(self) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+        """Each column's k best rows and their float32 cosines, (q, k) each, descending, and
+        a bound on the cosine of every entry left out of its spare list (-inf when none is);
+        `members` is left holding the spare lists, best first."""
+        scanned, order = self.scanned.topk(self.spare, dim=1)
+        self.members = self.members.gather(1, order)
+        a, b, gathered, err = self.rows.a, self.rows.b, self.rows.gathered, self.rows.err
+        p, q = a.shape[0], b.shape[0]
+        cutoff = np.full(q, -np.inf)
+        if self.spare < p:
+            cutoff = err.greatest_cosine(scanned[:, -1]).cpu().numpy()
+        listed = self.members[:, : self.list]
+        vals = torch.empty((q, self.k), device=a.device)
+        kept = torch.empty((q, self.k), dtype=torch.int64, device=a.device)
+        at_once = max(1, GATHERED_ROWS // self.list)
+        for first in range(0, q, at_once):
+            part = slice(first, first + at_once)
+            true = gathered.pair_dots(a, listed[part], b[part])
+            vals[part], index = true.topk(self.k, dim=1)
+            kept[part] = listed[part].gather(1, index)
+        if self.list < p:
+            # As for rows: a column whose list may miss one of its k best is redone from
+            # every entry that can reach them, its entries scanned again.
+            cut = err.lower(vals[:, -1])
+            unsure = torch.nonzero(scanned[:, self.list - 1] >= cut).flatten()
+            self.redone = int(unsure.numel())
+            for first in range(0, self.redone, REDO_CHUNK):
+                columns = unsure[first : first + REDO_CHUNK]
+                block = self.rows.scan_b[columns] @ self.rows.scan_a.T
+                local = torch.arange(columns.shape[0], device=a.device)
+                lines, hit = _entries_at_least(block, local, cut[columns])
+                values = _dots(b, a, columns[lines], hit)
+                ids, best, members = _line_top(columns[lines], hit, values, self.k)
+                vals[ids], kept[ids] = best, members
+        return kept.cpu(), vals.cpu(), cutoff
+
+
+def _above(block: torch.Tensor, last: torch.Tensor):
+    """(column, row, value as float32) of the entries of `block` above their column's `last`.
+    Where rows split into GROUP-strided groups, the groups' maxima are compared first and only
+    the groups above a column's last are looked into (unless many are)."""
+    count, width = block.shape
+    if count % GROUP == 0:
+        groups = count // GROUP
+        maxima = block.view(GROUP, groups, width).amax(dim=0)
+        group, col = torch.nonzero(maxima > last).T
+        if group.numel() < DENSE_SHARE * maxima.numel():
+            # Entry (row, col) lies at row * stride + col of the block's flattened storage.
+            stride = block.stride(0)
+            flat = block.as_strided(((count - 1) * stride + width,), (1,))
+            spread = torch.arange(GROUP, device=block.device) * (groups * stride)
+            place = ((group * stride + col)[:, None] + spread).flatten()
+            value = flat[place]
+            col = col.repeat_interleave(GROUP)
+            keep = value > last[col]
+            place, col = place[keep], col[keep]
+            return col, place // stride, value[keep].float()
+    rows, col = torch.nonzero(block > last).T
+    return col, rows, block[rows, col].float()
+
+
 def _groups_fit(width: int, size: int) -> bool:
     """Whether `width` entries split into GROUP-strided groups, at least `size` of them."""
     return width % GROUP == 0 and width // GROUP >= size
@@ -318,31 +475,6 @@ def _entries_at_least(
         found_rows.append(part[hit_row])
         found_cols.append(hit_col)
     return torch.cat(found_rows), torch.cat(found_cols)
-
-
-def row_candidates(
-    a: torch.Tensor,
-    b: torch.Tensor,
-    k: int,
-    block_rows: int = 1024,
-    progress: Progress | None = None,
-    stage: str = "candidates",
-    device: torch.device | None = None,
-    dtype: torch.dtype | None = None,
-    done_before: int = 0,
-    total: int | None = None,
-    spare: int = 0,
-) -> RowSearch:
-    """Each row's k best partners by float32 cosine, in one pass over `a @ b.T`, and its
-    `spare` best by scanned value. `device` and the scan's `dtype` default to the GPU if any
-    and `scan_dtype`; the answer is the same for any."""
-    device = device or scan_device()
-    search = RowSearch(a, b, k, device, dtype or scan_dtype(device), spare)
-    total = total or a.shape[0]
-    for start, block in cosine_blocks(search.scan_a, search.scan_b, block_rows):
-        search.block(start, block)
-        report(progress, stage, done_before + start + block.shape[0], total)
-    return search
 
 
 def scanned_lists(
@@ -388,18 +520,22 @@ def top_candidates(
     spare: int = 0,
 ) -> Candidates:
     """Each row's and each column's k best partners by float32 cosine, and their `spare`
-    best by scanned value: a pass over the rows of `a @ b.T`, then one over the rows of
-    `b @ a.T` (a second product costs less than merging every block into the columns'
-    lists)."""
-    total = a.shape[0] + b.shape[0]
-    p = a.shape[0]
-    rows = row_candidates(a, b, k, block_rows, progress, stage, device, dtype, 0, total, spare)
-    cols = row_candidates(b, a, k, block_rows, progress, stage, device, dtype, p, total, spare)
+    best by scanned value, from one pass over `a @ b.T`. `device` and the scan's `dtype`
+    default to the GPU if any and `scan_dtype`; the answer is the same for any."""
+    device = device or scan_device()
+    rows = RowSearch(a, b, k, device, dtype or scan_dtype(device), spare)
+    columns = ColumnSearch(rows, k, spare)
+    for start, block in cosine_blocks(rows.scan_a, rows.scan_b, block_rows):
+        rows.block(start, block)
+        columns.block(start, block)
+        report(progress, stage, start + block.shape[0], a.shape[0])
+    col_rows, col_vals, col_cutoff = columns.finish()
     return Candidates(
         rows.cols,
         rows.vals,
-        cols.cols.T.contiguous(),
-        cols.vals.T.contiguous(),
+        col_rows.T.contiguous(),
+        col_vals.T.contiguous(),
         Spare(rows.spare_members, rows.spare_cutoff),
-        Spare(cols.spare_members, cols.spare_cutoff),
+        Spare(columns.members.cpu(), col_cutoff),
+        (rows.redone, columns.redone),
     )
