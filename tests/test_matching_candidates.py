@@ -61,25 +61,34 @@ def test_bfloat16_scan_finds_the_float32_top_k(
     assert_dense_top_k(cand, a, b, k)
 
 
-@pytest.mark.parametrize("dense_share", [0.0, 1.0])
+@pytest.mark.parametrize(("dense_share", "list_factor"), [(0.0, 2), (1.0, 1)])
 def test_columns_from_the_rows_blocks_in_pieces(
-    monkeypatch: pytest.MonkeyPatch, dense_share: float
+    monkeypatch: pytest.MonkeyPatch, dense_share: float, list_factor: int
 ) -> None:
     # Columns are read from the row pass's blocks 96 at a time (a piece starts inside a
     # block's rows), entries compared one by one (0.0) or through groups' maxima (1.0); the
     # last block's 60 rows do not split into groups. Lists of 12 with room for 6 more fill
-    # up again and again over 700 rows.
+    # up again and again over 700 rows. Lists of exactly k send most lines down the redo
+    # path, which must leave the spare lists as they were.
+    monkeypatch.setattr(candidates, "LIST_FACTOR", list_factor)
     monkeypatch.setattr(candidates, "COLUMN_CHUNK", 96)
     monkeypatch.setattr(candidates, "DENSE_SHARE", dense_share)
     a, b = planted(700, 48, 0.5, seed=7)
     b = b[:500]
     cand = top_candidates(a, b, 6, block_rows=128, spare=12)
+    if list_factor == 1:
+        assert min(cand.redone) > 0
     assert_dense_top_k(cand, a, b, 6)
     dense = (a.bfloat16() @ b.bfloat16().T).float()
     # The spare lists hold each column's 12 best scanned entries, best first.
     spare_values = dense.T.gather(1, cand.col_spare.members)
     # (One bfloat16 rounding step of slack: a block and the whole product may sum apart.)
     torch.testing.assert_close(spare_values, dense.topk(12, dim=0).values.T, atol=2**-8, rtol=0)
+    # Their first 2k entries carry their float32 cosines, rows' and columns' alike.
+    exact = a @ b.T
+    for spare, matrix in ((cand.row_spare, exact), (cand.col_spare, exact.T)):
+        listed = spare.members[:, : spare.rescored.shape[1]]
+        torch.testing.assert_close(spare.rescored, matrix.gather(1, listed), atol=1e-5, rtol=0)
 
 
 def test_float32_scan_gives_the_same_candidates() -> None:

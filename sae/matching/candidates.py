@@ -152,10 +152,12 @@ def scan_error(
 @dataclass
 class Spare:
     """Each line's longer list from the same scan, kept for a first widening: its best
-    entries by scanned value (not rescored) and a bound on the cosine of every entry left
-    out (-inf when none is)."""
+    entries by scanned value, the float32 cosines of the first of them (those rescored for
+    the line's top k), and a bound on the cosine of every entry left out (-inf when none
+    is)."""
 
     members: torch.Tensor  # int64 (lines, size)
+    rescored: torch.Tensor  # float32 (lines, list): cosines of members[:, :list]
     cutoff: np.ndarray  # float64 (lines,)
 
 
@@ -264,6 +266,7 @@ class RowSearch:
         self.cols = torch.empty((p, self.k), dtype=torch.int64)
         self.vals = torch.empty((p, self.k))
         self.spare_members = torch.empty((p, self.spare), dtype=torch.int64)
+        self.spare_rescored = torch.empty((p, self.list))
         self.spare_cutoff = np.full(p, -np.inf)
         self.redone = 0
         self.gathered = Gathered(a.shape[1], device)
@@ -301,6 +304,7 @@ class RowSearch:
             self.spare_cutoff[start : start + count] = cutoff
         scanned, cols = longer[:, : self.list], longer_cols[:, : self.list]
         true = self.gathered.pair_dots(self.b, cols, self.a[start : start + count])
+        self.spare_rescored[start : start + count] = true.cpu()
         vals, index = true.topk(self.k, dim=1)
         kept = cols.gather(1, index)
         if self.list < q:
@@ -396,24 +400,25 @@ class ColumnSearch:
         self.used[columns] = self.spare
         self.last[columns] = best.amin(dim=1).to(self.last.dtype)
 
-    def finish(self) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+    def finish(self) -> tuple[torch.Tensor, torch.Tensor, Spare]:
         """Each column's k best rows and their float32 cosines, (q, k) each, descending, and
-        a bound on the cosine of every entry left out of its spare list (-inf when none is);
-        `members` is left holding the spare lists, best first."""
+        the columns' spare lists."""
         scanned, order = self.scanned.topk(self.spare, dim=1)
-        self.members = self.members.gather(1, order)
+        members = self.members.gather(1, order)
         a, b, gathered, err = self.rows.a, self.rows.b, self.rows.gathered, self.rows.err
         p, q = a.shape[0], b.shape[0]
         cutoff = np.full(q, -np.inf)
         if self.spare < p:
             cutoff = err.greatest_cosine(scanned[:, -1]).cpu().numpy()
-        listed = self.members[:, : self.list]
+        listed = members[:, : self.list]
+        rescored = torch.empty((q, self.list), device=a.device)
         vals = torch.empty((q, self.k), device=a.device)
         kept = torch.empty((q, self.k), dtype=torch.int64, device=a.device)
         at_once = max(1, GATHERED_ROWS // self.list)
         for first in range(0, q, at_once):
             part = slice(first, first + at_once)
             true = gathered.pair_dots(a, listed[part], b[part])
+            rescored[part] = true
             vals[part], index = true.topk(self.k, dim=1)
             kept[part] = listed[part].gather(1, index)
         if self.list < p:
@@ -428,9 +433,9 @@ class ColumnSearch:
                 local = torch.arange(columns.shape[0], device=a.device)
                 lines, hit = _entries_at_least(block, local, cut[columns])
                 values = _dots(b, a, columns[lines], hit)
-                ids, best, members = _line_top(columns[lines], hit, values, self.k)
-                vals[ids], kept[ids] = best, members
-        return kept.cpu(), vals.cpu(), cutoff
+                ids, best, best_rows = _line_top(columns[lines], hit, values, self.k)
+                vals[ids], kept[ids] = best, best_rows
+        return kept.cpu(), vals.cpu(), Spare(members.cpu(), rescored.cpu(), cutoff)
 
 
 def _above(block: torch.Tensor, last: torch.Tensor):
@@ -529,13 +534,13 @@ def top_candidates(
         rows.block(start, block)
         columns.block(start, block)
         report(progress, stage, start + block.shape[0], a.shape[0])
-    col_rows, col_vals, col_cutoff = columns.finish()
+    col_rows, col_vals, col_spare = columns.finish()
     return Candidates(
         rows.cols,
         rows.vals,
         col_rows.T.contiguous(),
         col_vals.T.contiguous(),
-        Spare(rows.spare_members, rows.spare_cutoff),
-        Spare(columns.members.cpu(), col_cutoff),
+        Spare(rows.spare_members, rows.spare_rescored, rows.spare_cutoff),
+        col_spare,
         (rows.redone, columns.redone),
     )

@@ -411,12 +411,16 @@ def _widen(
     index = torch.from_numpy(lines)
     if size <= spare.members.shape[1]:
         cols, cut = spare.members[index], spare.cutoff[lines]
+        # The first entries were rescored with the line's top k: only the rest are new.
+        known = spare.rescored.shape[1]
         values = torch.empty(cols.shape)
+        values[:, :known] = spare.rescored[index]
+        fresh = cols[:, known:]
         gathered = Gathered(a.shape[1], a.device)
-        at_once = max(1, GATHERED_ROWS // cols.shape[1])
+        at_once = max(1, GATHERED_ROWS // max(1, fresh.shape[1]))
         for start in range(0, lines.shape[0], at_once):
             part = slice(start, start + at_once)
-            values[part] = gathered.pair_dots(b, cols[part], a[index[part]])
+            values[part, known:] = gathered.pair_dots(b, fresh[part], a[index[part]])
     else:
         cols, values, cut = scanned_lists(a[index], b, size, block_rows, dtype=dtype)
     edges = Edges(
