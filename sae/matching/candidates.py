@@ -370,9 +370,10 @@ class ColumnSearch:
         places where they fit, else the column keeps its `spare` best of both."""
         ids, _, sizes, slot, position = _line_slots(line)
         room = self.scanned.shape[1]
-        fits = self.used[ids] + sizes <= room
+        used = self.used[ids]
+        fits = used + sizes <= room
         entry_fits = fits[slot]
-        place = (self.used[ids][slot] + position)[entry_fits]
+        place = (used[slot] + position)[entry_fits]
         column = line[entry_fits]
         self.scanned[column, place] = values[entry_fits]
         self.members[column, place] = members[entry_fits]
