@@ -2,20 +2,25 @@
 
 Under torchrun (which sets RANK, WORLD_SIZE and the rendezvous address) `process_group()`
 joins the default group; run plainly, it is one process and every collective is the
-identity, so single-process training runs the very same operations as before. The backend
-is gloo: the SAEs train on CPU tensors (training has no CUDA path yet, and NCCL reduces
-only CUDA tensors).
+identity, so single-process training runs the very same operations as before. CPU tensors
+(flags, metrics, the latent cache's statistics) go over gloo; where CUDA is present, CUDA
+tensors (a GPU run's gradients) go over NCCL, and each process takes the GPU of its local
+rank.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.distributed as dist
 
 from sae.errors import UserError
+
+# Where a process trains: `auto` is its GPU when torch sees CUDA, else the CPU.
+Device = Literal["auto", "cpu", "cuda"]
 
 
 @dataclass(frozen=True)
@@ -80,11 +85,28 @@ def process_group() -> ProcessGroup:
     if world_size <= 1:
         return ProcessGroup()
     if not dist.is_initialized():
+        backend = "gloo"
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            backend = "cpu:gloo,cuda:nccl"
         try:
-            dist.init_process_group(backend="gloo")
+            dist.init_process_group(backend=backend)
         except ValueError as error:
             raise UserError(
                 f"WORLD_SIZE is {world_size} but the job's rendezvous is not set up "
                 f"({error}): start the command with torchrun"
             ) from None
     return ProcessGroup(dist.get_rank(), dist.get_world_size())
+
+
+def process_device(choice: Device) -> torch.device:
+    """The device this process trains on: with `auto`, its GPU (under torchrun the GPU of
+    its local rank, set by `process_group`) when torch sees CUDA, else the CPU."""
+    if choice == "cpu" or (choice == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise UserError(
+            "--device cuda, but torch sees no CUDA device (no GPU, or a CPU build of torch): "
+            "use --device cpu, or install a CUDA build of torch"
+        )
+    return torch.device("cuda", torch.cuda.current_device())

@@ -50,11 +50,14 @@ def bfloat16_is_faster() -> bool:
 Precision = Literal["auto", "float32", "bfloat16"]
 
 
-def compute_dtype(precision: Precision) -> torch.dtype:
-    """The dtype of training's heavy products for `precision` on this machine: `auto` is
-    bfloat16 where this CPU multiplies it measurably faster, float32 elsewhere."""
+def compute_dtype(precision: Precision, device_type: str = "cpu") -> torch.dtype:
+    """The dtype of training's heavy products for `precision` on a device of `device_type`
+    (cpu or cuda): `auto` is bfloat16 on a GPU that has it and where this CPU multiplies it
+    measurably faster, float32 elsewhere."""
     import torch
 
     if precision == "auto":
-        return torch.bfloat16 if bfloat16_is_faster() else torch.float32
+        on_gpu = device_type == "cuda"
+        faster = torch.cuda.is_bf16_supported() if on_gpu else bfloat16_is_faster()
+        return torch.bfloat16 if faster else torch.float32
     return torch.bfloat16 if precision == "bfloat16" else torch.float32

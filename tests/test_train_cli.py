@@ -39,6 +39,8 @@ def snapshot(folder: Path) -> dict[str, bytes]:
         (["--seeds", "0,x"], "--seeds '0,x' is not a comma-separated list"),
         (["--from-cache", "/nonexistent/cache"], "is not an activation cache"),
         (["--hookpoint", "model.layers.6.mlpp"], "closest: model.layers.6.mlp"),
+        # This machine has no GPU (the suite runs on CPU-only torch).
+        (["--device", "cuda"], "--device cuda, but torch sees no CUDA device"),
     ],
 )
 def test_bad_input_is_one_line_and_writes_nothing(args: list[str], fragment: str, tmp_path: Path):

@@ -163,7 +163,8 @@ class SparseAutoencoder(nn.Module):
 
     @torch.no_grad()
     def export(self, input_scale: float) -> SaeWeights:
-        """Weights for raw (unscaled) activations; see the module docstring for the fold."""
+        """Weights for raw (unscaled) activations, on the CPU; see the module docstring for
+        the fold."""
         threshold = self.threshold_for_export()
         cfg = {
             "architecture": self.name,
@@ -174,12 +175,12 @@ class SparseAutoencoder(nn.Module):
             **self.extra_cfg(),
         }
         return SaeWeights(
-            encoder_weight=self.encoder_weight.detach().clone(),
-            encoder_bias=self.encoder_bias.detach() / input_scale,
-            W_dec=self.W_dec.detach().clone(),
-            b_dec=self.b_dec.detach() / input_scale,
+            encoder_weight=self.encoder_weight.detach().to("cpu", copy=True),
+            encoder_bias=(self.encoder_bias.detach() / input_scale).cpu(),
+            W_dec=self.W_dec.detach().to("cpu", copy=True),
+            b_dec=(self.b_dec.detach() / input_scale).cpu(),
             cfg=cfg,
-            threshold=None if threshold is None else threshold.detach() / input_scale,
+            threshold=None if threshold is None else (threshold.detach() / input_scale).cpu(),
         )
 
     @classmethod

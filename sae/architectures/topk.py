@@ -64,7 +64,7 @@ class TopKSae(SparseAutoencoder):
         reconstruction = fvu(error, total_variance)
         active = values.detach() > 0
         self.observe_selection(values.detach(), selection)
-        fired = torch.zeros(self.config.n_latents, dtype=torch.bool)
+        fired = torch.zeros(self.config.n_latents, dtype=torch.bool, device=x.device)
         fired[selection.cols[active]] = True
         loss = reconstruction
         auxiliary = 0.0

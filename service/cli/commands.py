@@ -652,6 +652,7 @@ def train_command(
     chunk_len: int = option(TrainConfig, "chunk_len"),
     data_seed: int = option(TrainConfig, "data_seed"),
     precision: str = option(TrainConfig, "precision"),
+    device: str = option(TrainConfig, "device"),
     cache_activations: Annotated[
         Path | None,
         typer.Option(help="first cache activations in this folder (reused), then train from it"),
@@ -696,6 +697,7 @@ def train_command(
         "lr": lr,
         "dead_tokens": dead_tokens,
         "precision": precision,
+        "device": device,
     }
     source = {"model": model, "dataset": dataset, "max_tokens": max_tokens}
     source |= {"chunk_len": chunk_len, "data_seed": data_seed}
