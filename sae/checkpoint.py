@@ -23,7 +23,7 @@ import json
 import os
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +59,18 @@ class SaeWeights:
     @property
     def n_latents(self) -> int:
         return int(self.encoder_weight.shape[0])
+
+    def to(self, device: torch.device) -> SaeWeights:
+        """The same weights on `device`."""
+        threshold = None if self.threshold is None else self.threshold.to(device)
+        return replace(
+            self,
+            encoder_weight=self.encoder_weight.to(device),
+            encoder_bias=self.encoder_bias.to(device),
+            W_dec=self.W_dec.to(device),
+            b_dec=self.b_dec.to(device),
+            threshold=threshold,
+        )
 
     @property
     def d_in(self) -> int:

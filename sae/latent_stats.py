@@ -14,7 +14,9 @@ resumed from its last saved state gives exactly the result of one uninterrupted 
 Every "keep the highest" is under one total order, (value descending, window id ascending),
 so the kept windows are those of the whole stream whatever order its batches are folded in:
 under torchrun each process folds every N-th batch and the main process folds the others'
-trackers into its own, storing exactly what one process stores.
+trackers into its own, storing exactly what one process stores. The running state lives on
+the device the activations come from (a GPU's, when the stage runs there); the priorities
+are drawn on the CPU, so they are the same on every device.
 """
 
 import os
@@ -106,19 +108,22 @@ class SaeLatentStats:
 class _Tracker:
     """Running state for one SAE; every tensor is (n_latents, ...) and fixed in size."""
 
-    def __init__(self, n_latents: int, config: CacheConfig) -> None:
-        w = config.window
-        self.firing_count = torch.zeros(n_latents, dtype=torch.int64)
-        self.max_activation = torch.zeros(n_latents)
-        self.top_value = torch.zeros(n_latents, config.n_top)
-        self.top_window = torch.full((n_latents, config.n_top), -1, dtype=torch.int64)
-        self.top_tokens = torch.zeros(n_latents, config.n_top, w)
-        self.sample_key = torch.full((n_latents, config.reservoir), -1.0)
-        self.sample_value = torch.zeros(n_latents, config.reservoir)
-        self.sample_window = torch.full((n_latents, config.reservoir), -1, dtype=torch.int64)
-        self.sample_tokens = torch.zeros(n_latents, config.reservoir, w)
-        self.negative_key = torch.full((n_latents, config.negatives), -1.0)
-        self.negative_window = torch.full((n_latents, config.negatives), -1, dtype=torch.int64)
+    def __init__(self, n_latents: int, config: CacheConfig, device: torch.device) -> None:
+        w, top, reservoir = config.window, config.n_top, config.reservoir
+        int64 = torch.int64
+        self.firing_count = torch.zeros(n_latents, dtype=int64, device=device)
+        self.max_activation = torch.zeros(n_latents, device=device)
+        self.top_value = torch.zeros(n_latents, top, device=device)
+        self.top_window = torch.full((n_latents, top), -1, dtype=int64, device=device)
+        self.top_tokens = torch.zeros(n_latents, top, w, device=device)
+        self.sample_key = torch.full((n_latents, reservoir), -1.0, device=device)
+        self.sample_value = torch.zeros(n_latents, reservoir, device=device)
+        self.sample_window = torch.full((n_latents, reservoir), -1, dtype=int64, device=device)
+        self.sample_tokens = torch.zeros(n_latents, reservoir, w, device=device)
+        self.negative_key = torch.full((n_latents, config.negatives), -1.0, device=device)
+        self.negative_window = torch.full(
+            (n_latents, config.negatives), -1, dtype=int64, device=device
+        )
 
     def state(self) -> dict[str, torch.Tensor]:
         return dict(vars(self))
@@ -188,7 +193,7 @@ class _Tracker:
         self.top_value, self.top_window, self.top_tokens = _merge(
             self.top_value, self.top_window, self.top_tokens, values, window_ids, per_latent
         )
-        keys = torch.rand(values.shape, generator=generator)
+        keys = torch.rand(values.shape, generator=generator).to(values.device)
         sample_keys = torch.where(fires, keys, -1.0)
         merged = _merge(
             self.sample_key,
@@ -284,15 +289,15 @@ def _examples(tracker: _Tracker, chunks: torch.Tensor, config: CacheConfig) -> S
         window_ids.append(window)
         token_rows.append(acts)
 
-    top_value = tracker.top_value.numpy()
-    top_window = tracker.top_window.numpy()
-    top_tokens = tracker.top_tokens.numpy()
-    sample_key = tracker.sample_key.numpy()
-    sample_value = tracker.sample_value.numpy()
-    sample_window = tracker.sample_window.numpy()
-    sample_tokens = tracker.sample_tokens.numpy()
-    negative_window = tracker.negative_window.numpy()
-    negative_key = tracker.negative_key.numpy()
+    top_value = tracker.top_value.cpu().numpy()
+    top_window = tracker.top_window.cpu().numpy()
+    top_tokens = tracker.top_tokens.cpu().numpy()
+    sample_key = tracker.sample_key.cpu().numpy()
+    sample_value = tracker.sample_value.cpu().numpy()
+    sample_window = tracker.sample_window.cpu().numpy()
+    sample_tokens = tracker.sample_tokens.cpu().numpy()
+    negative_window = tracker.negative_window.cpu().numpy()
+    negative_key = tracker.negative_key.cpu().numpy()
     zeros = np.zeros(config.window, dtype=np.float32)
     for latent in range(top_value.shape[0]):
         firing = top_value[latent] > 0
@@ -348,6 +353,7 @@ def collect_latent_stats(
     save_every: int = 50,
     on_progress: Callable[[int, int], None] | None = None,
     group: ProcessGroup | None = None,
+    device: torch.device | None = None,
 ) -> list[SaeLatentStats]:
     """One pass over `chunks` shared by every SAE of one hookpoint.
 
@@ -357,8 +363,10 @@ def collect_latent_stats(
     `on_progress(tokens_done, total_tokens)` is called after every batch.
     With a `group` of N processes, each folds every N-th batch (resuming from its own state
     file) and the main process returns the whole stream's statistics; the others return [].
+    The running state is kept on `device` (default the CPU), where the activations are.
     """
     group = group or ProcessGroup()
+    device = device or torch.device("cpu")
     if group.is_distributed and state_path is not None:
         state_path = state_path.with_name(
             f"{state_path.stem}-rank{group.rank}of{group.world_size}{state_path.suffix}"
@@ -371,11 +379,11 @@ def collect_latent_stats(
         )
     windows_per_chunk = chunk_len // config.window
     total_tokens = n_chunks * chunk_len
-    trackers = [_Tracker(n, config) for n in n_latents]
+    trackers = [_Tracker(n, config, device) for n in n_latents]
     n_batches = -(-n_chunks // config.batch_size)
     start_batch = 0
     if state_path is not None and state_path.is_file():
-        saved = torch.load(state_path, weights_only=True)
+        saved = torch.load(state_path, weights_only=True, map_location=device)
         if saved["n_latents"] != n_latents or saved["n_chunks"] != n_chunks:
             raise UserError(
                 f"saved cache state {state_path} is for other SAEs or data: delete it to restart"
@@ -392,7 +400,9 @@ def collect_latent_stats(
         hidden = activations(batch)
         flat = hidden.reshape(-1, hidden.shape[-1])
         first_window = batch_index * config.batch_size * windows_per_chunk
-        window_ids = torch.arange(first_window, first_window + batch.shape[0] * windows_per_chunk)
+        window_ids = torch.arange(
+            first_window, first_window + batch.shape[0] * windows_per_chunk, device=device
+        )
         generator = torch.Generator().manual_seed(config.seed * 1_000_003 + batch_index)
         for tracker, encode in zip(trackers, encoders, strict=True):
             latent_acts = encode(flat).reshape(batch.shape[0], chunk_len, -1)
@@ -412,8 +422,8 @@ def collect_latent_stats(
     return [
         SaeLatentStats(
             n_tokens=total_tokens,
-            firing_count=tracker.firing_count.numpy(),
-            max_activation=tracker.max_activation.numpy(),
+            firing_count=tracker.firing_count.cpu().numpy(),
+            max_activation=tracker.max_activation.cpu().numpy(),
             examples=_examples(tracker, chunks, config),
         )
         for tracker in trackers

@@ -37,7 +37,7 @@ def batches(n_batches: int, n_latents: int) -> list[tuple[torch.Tensor, torch.Te
 
 
 def folded(indices: list[int], stream: list[tuple[torch.Tensor, torch.Tensor]]) -> _Tracker:
-    tracker = _Tracker(7, CONFIG)
+    tracker = _Tracker(7, CONFIG, torch.device("cpu"))
     for index in indices:
         acts, ids = stream[index]
         tracker.update(acts, ids, torch.Generator().manual_seed(index))

@@ -16,7 +16,7 @@ from sqlalchemy import select
 from sae.architectures.base import encode
 from sae.checkpoint import load_sae
 from sae.data import load_chunks
-from sae.distributed import process_group
+from sae.distributed import process_device, process_group
 from sae.errors import UserError
 from sae.latent_stats import CacheConfig, SaeLatentStats, collect_latent_stats
 from sae.subject_model import capture_activations, load_model
@@ -125,8 +125,11 @@ def cache_run(
             f"about {human_bytes(estimated_bytes(n_windows, config.window))} ({room})"
         )
     hookpoints = {sae.hookpoint for sae in saes}
-    weights = [load_sae(Path(str(sae.path))) for sae in saes]
+    # A GPU when torch sees one (each process its own under torchrun), else the CPU.
+    device = process_device("auto")
+    weights = [load_sae(Path(str(sae.path))).to(device) for sae in saes]
     model, tokenizer = load_model(model_name, home)
+    torch.nn.Module.to(model, device)  # in place (transformers' typed `.to` trips mypy)
     chunks = load_chunks(dataset, tokenizer, config.chunk_len, max_tokens=config.tokens)
     work_dir = Path(run_path) if run_path else home / "runs" / run_name
     work_dir.mkdir(parents=True, exist_ok=True)
@@ -150,6 +153,7 @@ def cache_run(
                 state_path=work_dir / f"latent-cache-{state_key}-{hookpoint}.pt",
                 on_progress=update,
                 group=group,
+                device=device,
             )
         if group.is_main:  # the others' statistics were folded into the main one's
             results.update(zip(members, stats, strict=True))
@@ -172,7 +176,8 @@ def cache_run(
 def _hookpoint_activations(
     model: torch.nn.Module, hookpoint: str, batch: torch.Tensor
 ) -> torch.Tensor:
-    return capture_activations(model, batch, [hookpoint])[hookpoint]
+    device = next(model.parameters()).device
+    return capture_activations(model, batch.to(device), [hookpoint])[hookpoint]
 
 
 def _state_key(saes: list[Sae], chunks: torch.Tensor, config: CacheConfig) -> str:
