@@ -79,6 +79,10 @@ class ProcessGroup:
             dist.barrier()
 
 
+def _local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
 def process_group() -> ProcessGroup:
     """This process's group: joins torchrun's job on first call, else a group of one."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -86,8 +90,8 @@ def process_group() -> ProcessGroup:
         return ProcessGroup()
     if not dist.is_initialized():
         backend = "gloo"
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        if torch.cuda.is_available() and _local_rank() < torch.cuda.device_count():
+            torch.cuda.set_device(_local_rank())
             backend = "cpu:gloo,cuda:nccl"
         try:
             dist.init_process_group(backend=backend)
@@ -108,5 +112,11 @@ def process_device(choice: Device) -> torch.device:
         raise UserError(
             "--device cuda, but torch sees no CUDA device (no GPU, or a CPU build of torch): "
             "use --device cpu, or install a CUDA build of torch"
+        )
+    gpus = torch.cuda.device_count()
+    if _local_rank() >= gpus:
+        raise UserError(
+            f"process {_local_rank()} of this node has no GPU of its own ({gpus} seen): "
+            f"start at most {gpus} processes a node (--nproc-per-node), or use --device cpu"
         )
     return torch.device("cuda", torch.cuda.current_device())
