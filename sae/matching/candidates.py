@@ -224,7 +224,7 @@ def _line_slots(
     ids, sizes = torch.unique_consecutive(line, return_counts=True)
     first = torch.cumsum(sizes, 0) - sizes
     slot = torch.repeat_interleave(torch.arange(ids.shape[0], device=line.device), sizes)
-    position = torch.arange(line.shape[0], device=line.device) - first[slot]
+    position = torch.arange(line.shape[0], device=line.device) - first.index_select(0, slot)
     return ids, first, sizes, slot, position
 
 
@@ -350,56 +350,77 @@ class ColumnSearch:
     def block(self, start: int, block: torch.Tensor) -> None:
         for first in range(0, block.shape[1], COLUMN_CHUNK):
             part = block[:, first : first + COLUMN_CHUNK]
-            columns = torch.arange(first, first + part.shape[1], device=block.device)
-            if bool(torch.isinf(self.last[columns]).any()):
+            last = self.last[first : first + part.shape[1]]
+            if bool(torch.isinf(last).any()):
                 # Lists not yet full (the first block): every entry counts.
                 rows = torch.arange(start, start + part.shape[0], device=block.device)
+                columns = torch.arange(first, first + part.shape[1], device=block.device)
                 self._keep_best(
                     columns,
                     torch.cat([self.scanned[columns], part.T.float()], dim=1),
                     torch.cat([self.members[columns], rows.expand(part.shape[1], -1)], dim=1),
                 )
                 continue
-            col, row, value = _above(part, self.last[columns])
+            col, row, value = _above(part, last)
             if col.numel():
-                order = torch.argsort(col)
-                self._add(first + col[order], start + row[order], value[order])
+                self._add(first + col, start + row, value)
 
     def _add(self, line: torch.Tensor, members: torch.Tensor, values: torch.Tensor) -> None:
         """Add entries (sorted by column `line`) to their columns' lists: into the free
         places where they fit, else the column keeps its `spare` best of both."""
         ids, _, sizes, slot, position = _line_slots(line)
         room = self.scanned.shape[1]
-        used = self.used[ids]
+        used = self.used.index_select(0, ids)
         fits = used + sizes <= room
-        entry_fits = fits[slot]
-        place = (used[slot] + position)[entry_fits]
-        column = line[entry_fits]
-        self.scanned[column, place] = values[entry_fits]
-        self.members[column, place] = members[entry_fits]
-        self.used[ids[fits]] += sizes[fits]
+        # Each entry's place in the (q * room) storage of the lists, were its column to fit.
+        flat = line * room + used.index_select(0, slot) + position
         if bool(fits.all()):
+            self._put(flat, values, members)
+            self.used.index_add_(0, ids, sizes)
             return
+        entry_fits = fits.index_select(0, slot)
+        taken = torch.nonzero(entry_fits).flatten()
+        self._put(
+            flat.index_select(0, taken),
+            values.index_select(0, taken),
+            members.index_select(0, taken),
+        )
+        fitting = torch.nonzero(fits).flatten()
+        self.used.index_add_(0, ids.index_select(0, fitting), sizes.index_select(0, fitting))
         # Columns out of room: a table of their list and their new entries.
-        full = ids[~fits]
+        out = torch.nonzero(~fits).flatten()
+        full = ids.index_select(0, out)
         renumber = torch.cumsum(~fits, 0) - 1
-        over = ~entry_fits
-        width = room + int(sizes[~fits].max())
+        over = torch.nonzero(~entry_fits).flatten()
+        width = room + int(sizes.index_select(0, out).max())
         table = torch.full((full.shape[0], width), -torch.inf, device=values.device)
         who = torch.zeros((full.shape[0], width), dtype=torch.int64, device=values.device)
-        table[:, :room], who[:, :room] = self.scanned[full], self.members[full]
-        at = (renumber[slot[over]], room + position[over])
-        table[at], who[at] = values[over], members[over]
+        table[:, :room] = self.scanned.index_select(0, full)
+        who[:, :room] = self.members.index_select(0, full)
+        line_of = renumber.index_select(0, slot.index_select(0, over))
+        at = line_of * width + room + position.index_select(0, over)
+        table.view(-1).index_copy_(0, at, values.index_select(0, over))
+        who.view(-1).index_copy_(0, at, members.index_select(0, over))
         self._keep_best(full, table, who)
+
+    def _put(self, flat: torch.Tensor, values: torch.Tensor, members: torch.Tensor) -> None:
+        """Write entries at places `flat` of the lists' (q * room) storage."""
+        self.scanned.view(-1).index_copy_(0, flat, values)
+        self.members.view(-1).index_copy_(0, flat, members)
 
     def _keep_best(self, columns: torch.Tensor, table: torch.Tensor, who: torch.Tensor):
         """Columns keep their `spare` best of `table` (members `who`)."""
         best, index = table.topk(self.spare, dim=1, sorted=False)
-        self.scanned[columns] = -torch.inf
-        self.scanned[columns, : self.spare] = best
-        self.members[columns, : self.spare] = who.gather(1, index)
-        self.used[columns] = self.spare
-        self.last[columns] = best.amin(dim=1).to(self.last.dtype)
+        lists = torch.full(
+            (columns.shape[0], self.scanned.shape[1]), -torch.inf, device=best.device
+        )
+        lists[:, : self.spare] = best
+        kept = torch.zeros(lists.shape, dtype=torch.int64, device=best.device)
+        kept[:, : self.spare] = who.gather(1, index)
+        self.scanned.index_copy_(0, columns, lists)
+        self.members.index_copy_(0, columns, kept)
+        self.used.index_fill_(0, columns, self.spare)
+        self.last.index_copy_(0, columns, best.amin(dim=1).to(self.last.dtype))
 
     def finish(self) -> tuple[torch.Tensor, torch.Tensor, Spare]:
         """Each column's k best rows and their float32 cosines, (q, k) each, descending, and
@@ -440,27 +461,31 @@ class ColumnSearch:
 
 
 def _above(block: torch.Tensor, last: torch.Tensor):
-    """(column, row, value as float32) of the entries of `block` above their column's `last`.
+    """(column, row, value as float32) of the entries of `block` above their column's `last`,
+    sorted by column (within a column: by group, then row; by row where not grouped).
     Where rows split into GROUP-strided groups, the groups' maxima are compared first and only
     the groups above a column's last are looked into (unless many are)."""
     count, width = block.shape
+    # Entry (row, col) lies at row * stride + col of the block's flattened storage.
+    stride = block.stride(0)
+    flat = block.as_strided(((count - 1) * stride + width,), (1,))
     if count % GROUP == 0:
         groups = count // GROUP
         maxima = block.view(GROUP, groups, width).amax(dim=0)
-        group, col = torch.nonzero(maxima > last).T
+        # Read column by column (a transposed copy), so that the hits come sorted by column.
+        col, group = torch.nonzero((maxima > last).T.contiguous()).T
         if group.numel() < DENSE_SHARE * maxima.numel():
-            # Entry (row, col) lies at row * stride + col of the block's flattened storage.
-            stride = block.stride(0)
-            flat = block.as_strided(((count - 1) * stride + width,), (1,))
             spread = torch.arange(GROUP, device=block.device) * (groups * stride)
-            place = ((group * stride + col)[:, None] + spread).flatten()
-            value = flat[place]
-            col = col.repeat_interleave(GROUP)
-            keep = value > last[col]
-            place, col = place[keep], col[keep]
-            return col, place // stride, value[keep].float()
-    rows, col = torch.nonzero(block > last).T
-    return col, rows, block[rows, col].float()
+            # (hits, GROUP): the rows of each group above its column's last.
+            place = (group * stride + col)[:, None] + spread
+            value = flat.index_select(0, place.view(-1)).view(place.shape)
+            above = value > last.index_select(0, col)[:, None]
+            keep = torch.nonzero(above.view(-1)).flatten()
+            hit = keep // GROUP
+            row = group.index_select(0, hit) + (keep % GROUP) * groups
+            return col.index_select(0, hit), row, value.view(-1).index_select(0, keep).float()
+    col, rows = torch.nonzero((block > last).T.contiguous()).T
+    return col, rows, flat.index_select(0, rows * stride + col).float()
 
 
 def _groups_fit(width: int, size: int) -> bool:
