@@ -363,7 +363,8 @@ def collect_latent_stats(
     `on_progress(tokens_done, total_tokens)` is called after every batch.
     With a `group` of N processes, each folds every N-th batch (resuming from its own state
     file) and the main process returns the whole stream's statistics; the others return [].
-    The running state is kept on `device` (default the CPU), where the activations are.
+    The token ids go to `device` (default the CPU), where the activations and the running
+    state are.
     """
     group = group or ProcessGroup()
     device = device or torch.device("cpu")
@@ -397,7 +398,7 @@ def collect_latent_stats(
         if batch_index % group.world_size != group.rank:
             continue
         batch = chunks[batch_index * config.batch_size : (batch_index + 1) * config.batch_size]
-        hidden = activations(batch)
+        hidden = activations(batch.to(device))
         flat = hidden.reshape(-1, hidden.shape[-1])
         first_window = batch_index * config.batch_size * windows_per_chunk
         window_ids = torch.arange(

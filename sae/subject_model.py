@@ -131,9 +131,14 @@ def _check_hub_id(name: str) -> None:
 
 
 def load_model(
-    name: str, home: Path, dtype: torch.dtype = torch.float32
+    name: str,
+    home: Path,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load a causal LM and its tokenizer in eval mode. For `NAME@random:SEED`, NAME's config
+    """Load a causal LM and its tokenizer in eval mode, on `device` (default the CPU; the
+    weights are made on the CPU first, so a seeded model is the same everywhere). For
+    `NAME@random:SEED`, NAME's config
     and tokenizer with every weight initialised as the architecture initialises it, from a
     generator seeded with SEED: the same spec and dtype give the same weights on every load,
     and the global random state is left as it was."""
@@ -157,6 +162,9 @@ def load_model(
             "is a causal language model saved with save_pretrained"
         ) from None
     model.eval()
+    if device is not None:
+        # In place: Module.to, as transformers' own typed wrapper of `.to` trips mypy.
+        nn.Module.to(model, device)
     return model, tokenizer
 
 

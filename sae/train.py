@@ -236,11 +236,8 @@ class ModelSource:
         from sae.data import load_chunks
         from sae.subject_model import check_hookpoints, load_model
 
-        model, tokenizer = load_model(config.model, home)
-        check_hookpoints(model, config.hookpoints)
-        # In place (Module.to; transformers' own typed wrapper of `.to` trips mypy).
-        torch.nn.Module.to(model, device)
-        self.model = model
+        self.model, tokenizer = load_model(config.model, home, device=device)
+        check_hookpoints(self.model, config.hookpoints)
         self.device = device
         self.low_precision = compute_dtype(config.precision, device.type) == torch.bfloat16
         self.chunks = load_chunks(

@@ -128,8 +128,7 @@ def cache_run(
     # A GPU when torch sees one (each process its own under torchrun), else the CPU.
     device = process_device("auto")
     weights = [load_sae(Path(str(sae.path))).to(device) for sae in saes]
-    model, tokenizer = load_model(model_name, home)
-    torch.nn.Module.to(model, device)  # in place (transformers' typed `.to` trips mypy)
+    model, tokenizer = load_model(model_name, home, device=device)
     chunks = load_chunks(dataset, tokenizer, config.chunk_len, max_tokens=config.tokens)
     work_dir = Path(run_path) if run_path else home / "runs" / run_name
     work_dir.mkdir(parents=True, exist_ok=True)
@@ -176,8 +175,7 @@ def cache_run(
 def _hookpoint_activations(
     model: torch.nn.Module, hookpoint: str, batch: torch.Tensor
 ) -> torch.Tensor:
-    device = next(model.parameters()).device
-    return capture_activations(model, batch.to(device), [hookpoint])[hookpoint]
+    return capture_activations(model, batch, [hookpoint])[hookpoint]
 
 
 def _state_key(saes: list[Sae], chunks: torch.Tensor, config: CacheConfig) -> str:
