@@ -323,7 +323,7 @@ def test_auction_prices_are_duals_within_epsilon_per_row() -> None:
 
     # Two rows that both prefer column 0: row 1 needs it more (0.85 against 0.1 elsewhere).
     indptr, cols = np.array([0, 2, 4]), np.array([0, 1, 0, 1])
-    price = auction.auction_prices(indptr, cols, np.array([0.9, 0.8, 0.85, 0.1]), 2)
+    price = auction.auction_prices(indptr, cols, np.array([0.9, 0.8, 0.85, 0.1]), 2).price
     net = np.array([[0.9, 0.8], [0.85, 0.1]]) - price
     # Each row's column of the optimum is within epsilon of its best net value; the other
     # assignment is not.
@@ -333,7 +333,9 @@ def test_auction_prices_are_duals_within_epsilon_per_row() -> None:
 
     a, b = random_unit(200, 8, 15), random_unit(200, 8, 16)
     graph = solvers.candidate_graph(a, b, solvers.top_candidates(a, b, k=6, block_rows=64))
-    price = auction.auction_prices(graph.indptr, graph.cols, graph.cosine, 200)
+    result = auction.auction_prices(graph.indptr, graph.cols, graph.cosine, 200)
+    assert result.unassigned == 0
+    price = result.price
     row_dual = solvers._sparse_row_max(graph.matrix(graph.cosine), price)
     partner, cosine = solvers._solve(graph)
     # Weak duality bounds the optimum from above; a finished auction is within epsilon a row.
@@ -341,6 +343,25 @@ def test_auction_prices_are_duals_within_epsilon_per_row() -> None:
     assert cosine.sum() - 1e-9 <= dual <= cosine.sum() + 200 * auction.EPSILON
     warm_partner, _ = solvers._solve(graph, (row_dual, price))
     np.testing.assert_array_equal(warm_partner, partner)
+
+
+def test_auction_price_war_stops_within_its_budget() -> None:
+    """Few candidates a line make price wars: rows outbidding each other one at a time for
+    thousands of rounds (7,871 here when only edges were counted). Each round's fixed cost
+    counts against the budget, and prices from a stopped auction still give the optimum."""
+    from sae.matching import auction, solvers
+
+    a, b = random_unit(2000, 32, 1), random_unit(2000, 32, 2)
+    graph = solvers.candidate_graph(a, b, solvers.top_candidates(a, b, k=4, block_rows=256))
+    edges = graph.cols.shape[0]
+    result = auction.auction_prices(graph.indptr, graph.cols, graph.cosine, 2000)
+    budget = auction.WORK_BUDGET * edges + auction.MIN_ROUNDS * auction.ROUND_COST
+    assert result.rounds <= budget // auction.ROUND_COST + 1
+    assert result.unassigned > 0  # stopped by the budget, not finished
+    _, cold = solvers._solve(graph)
+    row_dual = solvers._sparse_row_max(graph.matrix(graph.cosine), result.price)
+    _, warm = solvers._solve(graph, (row_dual, result.price))
+    assert warm.sum() == pytest.approx(cold.sum(), abs=1e-9)
 
 
 def test_rows_edges_are_gathered_and_split_by_edge_count() -> None:

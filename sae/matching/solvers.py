@@ -467,7 +467,7 @@ def assign_sparse(
         # duals; where they do not, that matching is still optimal on the larger graph.
         if price is None or not _duals_prove(graph, price, objective):
             if duals is None and p == q:
-                start = auction_prices(graph.indptr, graph.cols, graph.cosine, q)
+                start = auction_prices(graph.indptr, graph.cols, graph.cosine, q).price
                 duals = (_sparse_row_max(graph.matrix(graph.cosine), start), start)
             partner, cosine = _solve(graph, duals)
             objective = float(cosine.sum())
