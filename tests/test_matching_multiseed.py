@@ -174,6 +174,19 @@ def test_cli_match_pair_json_and_assignment(run_folder: Path, tmp_path: Path) ->
     assert json.loads(sparse.stdout)["shared_fraction"] == summary["shared_fraction"]
 
 
+def test_cli_match_says_when_the_bound_does_not_prove_the_answer(run_folder: Path) -> None:
+    hook = run_folder / "model.layers.6.mlp"
+    pair = ["match", str(hook / "seed0"), str(hook / "seed1"), "--solver", "sparse"]
+    proven = CliRunner().invoke(app, pair)
+    assert proven.exit_code == 0, proven.output
+    assert "not proven" not in proven.stdout
+    narrow = CliRunner().invoke(
+        app, [*pair, "--candidates", "1", "--widen-rounds", "0"], terminal_width=200
+    )
+    assert narrow.exit_code == 0, narrow.output
+    assert "not proven" in narrow.stdout and "--candidates" in narrow.stdout
+
+
 def test_cli_match_all_prints_table(run_folder: Path) -> None:
     result = CliRunner().invoke(app, ["match", "--all", str(run_folder / "model.layers.6.mlp")])
     assert result.exit_code == 0, result.output

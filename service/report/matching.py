@@ -12,6 +12,7 @@ from rich.text import Text
 
 from sae.matching import MatchSummary
 from sae.matching.multiseed import MultiSeedResult
+from sae.matching.solvers import PROVEN_GAP
 from sae.matching.solvers import Progress as ProgressCallback
 from service.progress import count_progress
 
@@ -74,6 +75,12 @@ def pair_table(summary: MatchSummary, title: str) -> Table:
             f"{summary.gap_bound_decoder:.4g} / {summary.gap_bound_encoder:.4g} "
             f"of {summary.objective_decoder:,.1f} / {summary.objective_encoder:,.1f}",
         )
+        if max(summary.gap_bound_decoder, summary.gap_bound_encoder) > PROVEN_GAP:
+            table.add_row(
+                "optimal?",
+                "not proven: the candidate lists are too short for the bound; raise "
+                "--candidates or --widen-rounds, or use --solver exact where it fits",
+            )
     table.add_row("seconds", f"{summary.seconds:.1f}")
     return table
 
