@@ -124,7 +124,7 @@ def build_activation_cache(
         cache = ActivationCache(folder)
         cache.check_source(model_name, dataset, chunk_len, max_tokens, data_seed, hookpoints)
         return cache
-    model, tokenizer = load_model(model_name, home)
+    model, tokenizer = load_model(model_name, home, hookpoints=hookpoints)
     check_hookpoints(model, hookpoints)
     chunks = load_chunks(dataset, tokenizer, chunk_len, max_tokens, data_seed)
     n_chunks = chunks.shape[0]

@@ -20,7 +20,13 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedModel,
+)
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 from transformers.utils import logging as transformers_logging
 
@@ -130,18 +136,58 @@ def _check_hub_id(name: str) -> None:
         ) from None
 
 
+def blocks_through(config: PretrainedConfig, names: list[str]) -> int | None:
+    """How many of the model's stacked blocks a forward pass stopped after the hookpoints
+    `names` runs: one past the deepest block that one of them lies in. None when the stack
+    (the one module list of `num_hidden_layers` blocks) cannot be told, or a hookpoint lies
+    outside it (the embeddings, the final norm, the head): then every block is needed."""
+    total = getattr(config, "num_hidden_layers", None)
+    if not isinstance(total, int) or total < 1:
+        return None
+    # The module tree without weights: its names, not its values, are needed here.
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    stacks = [
+        name
+        for name, module in skeleton.named_modules()
+        if isinstance(module, nn.ModuleList) and len(module) == total
+    ]
+    if len(stacks) != 1:
+        return None
+    prefix = f"{stacks[0]}."
+    deepest = -1
+    for hookpoint in names:
+        index = hookpoint.removeprefix(prefix).split(".")[0]
+        if not hookpoint.startswith(prefix) or not index.isdigit() or int(index) >= total:
+            return None
+        deepest = max(deepest, int(index))
+    return deepest + 1
+
+
+def _keep_blocks(config: PretrainedConfig, blocks: int) -> None:
+    """Cut `config` to its first `blocks` blocks, with any per-block list (layer_types)."""
+    config.num_hidden_layers = blocks
+    layer_types = getattr(config, "layer_types", None)
+    if isinstance(layer_types, list):
+        config.layer_types = layer_types[:blocks]
+
+
 def load_model(
     name: str,
     home: Path,
     dtype: torch.dtype = torch.float32,
     device: torch.device | None = None,
+    hookpoints: list[str] | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a causal LM and its tokenizer in eval mode, on `device` (default the CPU; the
-    weights are made on the CPU first, so a seeded model is the same everywhere). For
-    `NAME@random:SEED`, NAME's config
-    and tokenizer with every weight initialised as the architecture initialises it, from a
-    generator seeded with SEED: the same spec and dtype give the same weights on every load,
-    and the global random state is left as it was."""
+    weights are made on the CPU first, so a seeded model is the same everywhere).
+
+    With `hookpoints` (for forward passes stopped after them), only the blocks up to the
+    deepest of them are loaded: the rest would never run (`blocks_through`). For
+    `NAME@random:SEED`, NAME's config and tokenizer with every weight initialised as the
+    architecture initialises it, from a generator seeded with SEED: the same spec and dtype
+    give the same weights on every load, and the global random state is left as it was (such
+    a model is always built whole, so its weights never depend on the hookpoints)."""
     spec = parse_model_spec(name)
     source = resolve_model(spec.name, home)
     if isinstance(source, str):
@@ -150,7 +196,12 @@ def load_model(
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
         if spec.init_seed is None:
-            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+            config = AutoConfig.from_pretrained(source)
+            blocks = None if hookpoints is None else blocks_through(config, hookpoints)
+            if blocks is not None and blocks < config.num_hidden_layers:
+                model = _load_blocks(source, config, blocks, dtype)
+            else:
+                model = AutoModelForCausalLM.from_pretrained(source, config=config, dtype=dtype)
         else:
             config = AutoConfig.from_pretrained(source)
             with torch.random.fork_rng(devices=[]):
@@ -166,6 +217,33 @@ def load_model(
         # In place: Module.to, as transformers' own typed wrapper of `.to` trips mypy.
         nn.Module.to(model, device)
     return model, tokenizer
+
+
+def _load_blocks(
+    source: Path | str, config: PretrainedConfig, blocks: int, dtype: torch.dtype
+) -> PreTrainedModel:
+    """The model's first `blocks` blocks (and what comes before them) from its files. The
+    weights of the blocks cut are expected to be left unused, so transformers' report of them
+    is silenced; a weight missing from the files is still an error."""
+    _keep_blocks(config, blocks)
+    verbosity = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()
+    try:
+        # (model, loading info) with output_loading_info, which the stubs do not type.
+        loaded: Any = AutoModelForCausalLM.from_pretrained(
+            source, config=config, dtype=dtype, output_loading_info=True
+        )
+        model, info = loaded
+    finally:
+        transformers_logging.set_verbosity(verbosity)
+    lacking = sorted(info["missing_keys"]) + sorted(str(key) for key in info["mismatched_keys"])
+    if lacking:
+        raise UserError(
+            f"model {source} lacks weights of the right shape for {len(lacking)} parameters "
+            f"(first: {lacking[0]}): check that its folder holds the whole checkpoint"
+        )
+    assert isinstance(model, PreTrainedModel)
+    return model
 
 
 def list_models(home: Path) -> list[tuple[str, str]]:

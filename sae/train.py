@@ -236,7 +236,9 @@ class ModelSource:
         from sae.data import load_chunks
         from sae.subject_model import check_hookpoints, load_model
 
-        self.model, tokenizer = load_model(config.model, home, device=device)
+        self.model, tokenizer = load_model(
+            config.model, home, device=device, hookpoints=config.hookpoints
+        )
         check_hookpoints(self.model, config.hookpoints)
         self.device = device
         self.low_precision = compute_dtype(config.precision, device.type) == torch.bfloat16

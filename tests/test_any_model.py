@@ -3,6 +3,7 @@ config and saved to a folder (`tiny_models.py`) lists its hookpoints, stops its 
 after the deepest hook, trains SAEs, and gets them recorded and cached in the store."""
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,7 @@ from sqlalchemy import func, select
 from tiny_models import TINY_GPT2_HOOKPOINT, TINY_GPT2_WIDTH, save_tiny_gpt2
 
 from sae.architectures import SaeConfig
+from sae.errors import UserError
 from sae.latent_stats import CacheConfig
 from sae.subject_model import capture_activations, hookpoint_width, load_model
 from sae.train import TrainConfig, train
@@ -55,6 +57,33 @@ def test_forward_stops_after_the_deepest_hook(tiny_gpt2: Path, home: Path):
         handle.remove()
     assert torch.equal(early["transformer.h.0.mlp"], full["transformer.h.0.mlp"])
     assert hookpoint_width(model, TINY_GPT2_HOOKPOINT) == TINY_GPT2_WIDTH
+
+
+def test_only_the_blocks_up_to_the_deepest_hookpoint_are_loaded(tiny_gpt2: Path, home: Path):
+    whole, tokenizer = load_model(str(tiny_gpt2), home)
+    cut, _ = load_model(str(tiny_gpt2), home, hookpoints=["transformer.h.0.mlp"])
+    assert len(whole.transformer.h) == 2 and len(cut.transformer.h) == 1
+    ids = tokenizer("def main():\n    return 1", return_tensors="pt")["input_ids"]
+    names = ["transformer.h.0.mlp", "transformer.h.0"]
+    expected, got = capture_activations(whole, ids, names), capture_activations(cut, ids, names)
+    for name in names:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-6)
+    # A hookpoint past the blocks (the final norm) needs every block.
+    after, _ = load_model(str(tiny_gpt2), home, hookpoints=["transformer.h.0", "transformer.ln_f"])
+    assert len(after.transformer.h) == 2
+
+
+def test_a_cut_load_still_refuses_missing_weights(tiny_gpt2: Path, home: Path, tmp_path: Path):
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_gpt2, broken)
+    weights = load_file(broken / "model.safetensors")
+    dropped = next(key for key in weights if key.startswith("transformer.h.0.mlp."))
+    del weights[dropped]
+    save_file(weights, broken / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(UserError, match="lacks weights"):
+        load_model(str(broken), home, hookpoints=["transformer.h.0.mlp"])
 
 
 def test_train_record_and_cache_on_another_family(

@@ -4,15 +4,18 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import AutoConfig
 
 from sae.errors import UserError
 from sae.subject_model import (
+    blocks_through,
     capture_activations,
     check_hookpoints,
     greedy_chat,
     hookpoints,
     hooks_attached,
     list_models,
+    load_model,
     resolve_model,
 )
 
@@ -65,6 +68,25 @@ def test_truncated_forward_matches_full(smollm2):
     # full suite on an AMD EPYC (float32 products may round differently with buffer
     # alignment): equal to float32 rounding, far below any other layer's difference.
     torch.testing.assert_close(truncated, full, rtol=1e-5, atol=1e-6)
+
+
+def test_blocks_past_the_deepest_hookpoint_are_not_loaded(smollm2, home: Path):
+    whole, tokenizer = smollm2
+    cut, _ = load_model("smollm2", home, hookpoints=[HOOKPOINT, "model.layers.2"])
+    assert len(whole.model.layers) == 30 and len(cut.model.layers) == 7
+    assert sum(p.numel() for p in cut.parameters()) < 0.4 * whole.num_parameters()
+    ids = tokenizer(["The quick brown fox", "import os, sys"], return_tensors="pt", padding=True)[
+        "input_ids"
+    ]
+    expected = capture_activations(whole, ids, [HOOKPOINT])[HOOKPOINT]
+    got = capture_activations(cut, ids, [HOOKPOINT])[HOOKPOINT]
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    config = AutoConfig.from_pretrained(resolve_model("smollm2", home))
+    assert blocks_through(config, ["model.layers.29.mlp"]) == 30
+    # Outside the blocks (embeddings, final norm, head) or past them: every block is needed.
+    outside = (["model.embed_tokens"], [HOOKPOINT, "model.norm"], ["lm_head"], ["model.layers.30"])
+    for names in outside:
+        assert blocks_through(config, names) is None
 
 
 def test_unknown_hookpoint_names_closest(smollm2):

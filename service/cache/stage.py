@@ -128,7 +128,7 @@ def cache_run(
     # A GPU when torch sees one (each process its own under torchrun), else the CPU.
     device = process_device("auto")
     weights = [load_sae(Path(str(sae.path))).to(device) for sae in saes]
-    model, tokenizer = load_model(model_name, home, device=device)
+    model, tokenizer = load_model(model_name, home, device=device, hookpoints=sorted(hookpoints))
     chunks = load_chunks(dataset, tokenizer, config.chunk_len, max_tokens=config.tokens)
     work_dir = Path(run_path) if run_path else home / "runs" / run_name
     work_dir.mkdir(parents=True, exist_ok=True)
