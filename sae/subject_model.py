@@ -195,15 +195,14 @@ def load_model(
     transformers_logging.disable_progress_bar()
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
+        config = AutoConfig.from_pretrained(source)
         if spec.init_seed is None:
-            config = AutoConfig.from_pretrained(source)
             blocks = None if hookpoints is None else blocks_through(config, hookpoints)
             if blocks is not None and blocks < config.num_hidden_layers:
                 model = _load_blocks(source, config, blocks, dtype)
             else:
                 model = AutoModelForCausalLM.from_pretrained(source, config=config, dtype=dtype)
         else:
-            config = AutoConfig.from_pretrained(source)
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(spec.init_seed)
                 model = AutoModelForCausalLM.from_config(config, dtype=dtype)
@@ -222,9 +221,10 @@ def load_model(
 def _load_blocks(
     source: Path | str, config: PretrainedConfig, blocks: int, dtype: torch.dtype
 ) -> PreTrainedModel:
-    """The model's first `blocks` blocks (and what comes before them) from its files. The
-    weights of the blocks cut are expected to be left unused, so transformers' report of them
-    is silenced; a weight missing from the files is still an error."""
+    """The model with only its first `blocks` blocks (and its embeddings, final norm and
+    head) from its files. The weights of the blocks cut are expected to be left unused, so
+    transformers' report of them is silenced; a kept weight missing from the files is an
+    error instead."""
     _keep_blocks(config, blocks)
     verbosity = transformers_logging.get_verbosity()
     transformers_logging.set_verbosity_error()
