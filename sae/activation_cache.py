@@ -114,7 +114,7 @@ def build_activation_cache(
     """
     # Imported here: transformers takes seconds to import, and reading a cache needs none of it.
     from sae.data import load_chunks
-    from sae.subject_model import capture_activations, check_hookpoints, load_model
+    from sae.subject_model import capture_activations, load_model
 
     if not hookpoints:
         raise UserError("no hookpoint given: name at least one module to cache")
@@ -125,7 +125,6 @@ def build_activation_cache(
         cache.check_source(model_name, dataset, chunk_len, max_tokens, data_seed, hookpoints)
         return cache
     model, tokenizer = load_model(model_name, home, hookpoints=hookpoints)
-    check_hookpoints(model, hookpoints)
     chunks = load_chunks(dataset, tokenizer, chunk_len, max_tokens, data_seed)
     n_chunks = chunks.shape[0]
 

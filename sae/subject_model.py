@@ -164,14 +164,6 @@ def blocks_through(config: PretrainedConfig, names: list[str]) -> int | None:
     return deepest + 1
 
 
-def _keep_blocks(config: PretrainedConfig, blocks: int) -> None:
-    """Cut `config` to its first `blocks` blocks, with any per-block list (layer_types)."""
-    config.num_hidden_layers = blocks
-    layer_types = getattr(config, "layer_types", None)
-    if isinstance(layer_types, list):
-        config.layer_types = layer_types[:blocks]
-
-
 def load_model(
     name: str,
     home: Path,
@@ -182,8 +174,9 @@ def load_model(
     """Load a causal LM and its tokenizer in eval mode, on `device` (default the CPU; the
     weights are made on the CPU first, so a seeded model is the same everywhere).
 
-    With `hookpoints` (for forward passes stopped after them), only the blocks up to the
-    deepest of them are loaded: the rest would never run (`blocks_through`). For
+    With `hookpoints` (the modules the caller will capture, in forward passes stopped after
+    them), those names are checked (`check_hookpoints`) and only the blocks up to the deepest
+    of them are loaded: the rest would never run (`blocks_through`). For
     `NAME@random:SEED`, NAME's config and tokenizer with every weight initialised as the
     architecture initialises it, from a generator seeded with SEED: the same spec and dtype
     give the same weights on every load, and the global random state is left as it was (such
@@ -211,6 +204,8 @@ def load_model(
             f"cannot load model '{name}' ({str(error).splitlines()[0][:160]}): check that it "
             "is a causal language model saved with save_pretrained"
         ) from None
+    if hookpoints is not None:
+        check_hookpoints(model, hookpoints)
     model.eval()
     if device is not None:
         # In place: Module.to, as transformers' own typed wrapper of `.to` trips mypy.
@@ -225,7 +220,11 @@ def _load_blocks(
     head) from its files. The weights of the blocks cut are expected to be left unused, so
     transformers' report of them is silenced; a kept weight missing from the files is an
     error instead."""
-    _keep_blocks(config, blocks)
+    config.num_hidden_layers = blocks
+    # Configs that list a type per block (sliding or full attention) list only those kept.
+    layer_types = getattr(config, "layer_types", None)
+    if isinstance(layer_types, list):
+        config.layer_types = layer_types[:blocks]
     verbosity = transformers_logging.get_verbosity()
     transformers_logging.set_verbosity_error()
     try:

@@ -234,12 +234,11 @@ class ModelSource:
     ) -> None:
         # Imported here: transformers takes seconds to import; cache-only runs skip it.
         from sae.data import load_chunks
-        from sae.subject_model import check_hookpoints, load_model
+        from sae.subject_model import load_model
 
         self.model, tokenizer = load_model(
             config.model, home, device=device, hookpoints=config.hookpoints
         )
-        check_hookpoints(self.model, config.hookpoints)
         self.device = device
         self.low_precision = compute_dtype(config.precision, device.type) == torch.bfloat16
         self.chunks = load_chunks(
