@@ -80,12 +80,26 @@ def test_columns_from_the_rows_blocks_in_pieces(
         assert min(cand.redone) > 0
     assert_dense_top_k(cand, a, b, 6)
     dense = (a.bfloat16() @ b.bfloat16().T).float()
-    # The spare lists hold each column's 12 best scanned entries, best first.
-    spare_values = dense.T.gather(1, cand.col_spare.members)
+    # The spare lists hold each column's best scanned entries, best first: all 12, or as
+    # many as beat the column's threshold (then -1s), never fewer than 2k.
+    members = cand.col_spare.members
+    listed = members >= 0
+    length = listed.sum(dim=1)
+    assert bool((listed == (torch.arange(12) < length[:, None])).all())
+    assert int(length.min()) >= list_factor * 6
+    if list_factor == 1:
+        assert int(length.min()) < 12 == int(length.max())
+    best = dense.topk(12, dim=0).values.T
+    spare_values = dense.T.gather(1, members.clamp(min=0))
     # (One bfloat16 rounding step of slack: a block and the whole product may sum apart.)
-    torch.testing.assert_close(spare_values, dense.topk(12, dim=0).values.T, atol=2**-8, rtol=0)
-    # Their first 2k entries carry their float32 cosines, rows' and columns' alike.
+    torch.testing.assert_close(spare_values[listed], best[listed], atol=2**-8, rtol=0)
+    # The cutoff bounds the float32 cosine of every entry left out of a list.
     exact = a @ b.T
+    left_out = torch.ones(500, 700, dtype=torch.bool)
+    left_out[torch.arange(500)[:, None].expand_as(members)[listed], members[listed]] = False
+    cutoff = torch.from_numpy(cand.col_spare.cutoff).float()
+    assert bool((exact.T[left_out] <= cutoff[:, None].expand(-1, 700)[left_out]).all())
+    # Their first 2k entries carry their float32 cosines, rows' and columns' alike.
     for spare, matrix in ((cand.row_spare, exact), (cand.col_spare, exact.T)):
         listed = spare.members[:, : spare.rescored.shape[1]]
         torch.testing.assert_close(spare.rescored, matrix.gather(1, listed), atol=1e-5, rtol=0)

@@ -1,8 +1,8 @@
 """Candidate search for the sparse solver: each row's and each column's k most similar partners.
 
 One pass over the cosine matrix `a @ b.T`, `block_rows` rows at a time, finds both: rows'
-candidates from each block's rows, columns' from the same blocks (a column keeps its best
-entries so far, and a block's entry is looked at only when it beats the column's last). The
+candidates from each block's rows, columns' from the same blocks (a block's entry is looked
+at only when it beats its column's threshold, set before the pass from a sample of rows). The
 blocks are scanned at lower precision where that is measurably faster (`scan_dtype`):
 bfloat16 on a CPU whose AMX / AVX-512 BF16 units run it faster than float32 (timed once per
 process), float32 on CUDA, where float32 is fast already. A scanned value differs from the
@@ -20,6 +20,7 @@ can hold a row's best entries, or on the groups above a column's last.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -46,6 +47,10 @@ GATHERED_ROWS = 1 << 16
 REDO_CHUNK = 64
 # Columns compared with their last kept entry this many at a time (a bool per entry).
 COLUMN_CHUNK = 8192
+# Columns' thresholds come from every SAMPLE_STEP-th row, set so that about
+# THRESHOLD_MARGIN * spare entries of a column beat them.
+SAMPLE_STEP = 16
+THRESHOLD_MARGIN = 1.5
 # When more than this share of a block's groups of rows may beat their column's last kept
 # entry, the block's entries are compared one by one instead.
 DENSE_SHARE = 1 / 4
@@ -156,7 +161,7 @@ class Spare:
     the line's top k), and a bound on the cosine of every entry left out (-inf when none
     is)."""
 
-    members: torch.Tensor  # int64 (lines, size)
+    members: torch.Tensor  # int64 (lines, size); -1 past the end of a shorter list
     rescored: torch.Tensor  # float32 (lines, list): cosines of members[:, :list]
     cutoff: np.ndarray  # float64 (lines,)
 
@@ -324,12 +329,14 @@ class RowSearch:
 
 class ColumnSearch:
     """Each column's k best rows of `a @ b.T`, from the blocks a RowSearch scans (no second
-    product). A column keeps its `spare` best scanned entries so far, in no order, and the
-    last (least) of them when it last chose them; a block's entry is looked at only when it
-    beats that. Such entries are added to the column's list, which has room for `spare / 2`
-    more; a column out of room keeps its `spare` best again (and a higher last). After the
-    first blocks, a block holds few entries per column that beat it. `finish` rescores the
-    lists in float32 once every block is done."""
+    product). Before the pass, each column gets a threshold from a sample of every
+    SAMPLE_STEP-th row: its value of rank about THRESHOLD_MARGIN * spare * (sample / rows),
+    so that some THRESHOLD_MARGIN * spare of the column's entries lie above it. A block's
+    entry is looked at only when it beats its column's threshold (`last`). Such entries are
+    added to the column's list, which has room for `spare / 2` more than `spare`; a column
+    out of room keeps its `spare` best (and its last rises to the least of them). A column
+    left with fewer than 2k entries is scanned again whole. `finish` rescores the lists in
+    float32 once every block is done."""
 
     def __init__(self, rows: RowSearch, k: int, spare: int = 0):
         self.rows = rows
@@ -343,25 +350,30 @@ class ColumnSearch:
         self.scanned = torch.full((q, room), -torch.inf, device=device)
         self.members = torch.zeros((q, room), dtype=torch.int64, device=device)
         self.used = torch.zeros(q, dtype=torch.int64, device=device)
-        # -inf until a column has seen `spare` entries.
-        self.last = torch.full((q,), -torch.inf, dtype=rows.scan_a.dtype, device=device)
+        self.last = self._thresholds()
+        # Columns scanned again whole (fewer than 2k entries beat their threshold), and
+        # columns whose k best were redone from every entry that could reach them.
+        self.rescanned = 0
         self.redone = 0
+
+    def _thresholds(self) -> torch.Tensor:
+        """Each column's threshold from the sampled rows (-inf where the sample is too small
+        to leave `spare` entries above one: every entry is then looked at)."""
+        scan_a, scan_b = self.rows.scan_a, self.rows.scan_b
+        sample = scan_a[::SAMPLE_STEP]
+        rank = math.ceil(THRESHOLD_MARGIN * self.spare * sample.shape[0] / scan_a.shape[0])
+        last = torch.full((scan_b.shape[0],), -torch.inf, dtype=scan_a.dtype, device=sample.device)
+        if rank >= sample.shape[0]:
+            return last
+        for first in range(0, scan_b.shape[0], COLUMN_CHUNK):
+            values = scan_b[first : first + COLUMN_CHUNK] @ sample.T
+            last[first : first + values.shape[0]] = values.topk(rank, dim=1).values[:, -1]
+        return last
 
     def block(self, start: int, block: torch.Tensor) -> None:
         for first in range(0, block.shape[1], COLUMN_CHUNK):
             part = block[:, first : first + COLUMN_CHUNK]
-            last = self.last[first : first + part.shape[1]]
-            if bool(torch.isinf(last).any()):
-                # Lists not yet full (the first block): every entry counts.
-                rows = torch.arange(start, start + part.shape[0], device=block.device)
-                columns = torch.arange(first, first + part.shape[1], device=block.device)
-                self._keep_best(
-                    columns,
-                    torch.cat([self.scanned[columns], part.T.float()], dim=1),
-                    torch.cat([self.members[columns], rows.expand(part.shape[1], -1)], dim=1),
-                )
-                continue
-            col, row, value = _above(part, last)
+            col, row, value = _above(part, self.last[first : first + part.shape[1]])
             if col.numel():
                 self._add(first + col, start + row, value)
 
@@ -424,14 +436,26 @@ class ColumnSearch:
 
     def finish(self) -> tuple[torch.Tensor, torch.Tensor, Spare]:
         """Each column's k best rows and their float32 cosines, (q, k) each, descending, and
-        the columns' spare lists."""
-        scanned, order = self.scanned.topk(self.spare, dim=1)
-        members = self.members.gather(1, order)
+        the columns' spare lists (shorter than `spare` where fewer entries beat a column's
+        threshold: -1 past their end)."""
         a, b, gathered, err = self.rows.a, self.rows.b, self.rows.gathered, self.rows.err
         p, q = a.shape[0], b.shape[0]
+        short = torch.nonzero(self.used < self.list).flatten()
+        self.rescanned = int(short.numel())
+        every_row = torch.arange(p, device=a.device)
+        for first in range(0, self.rescanned, REDO_CHUNK):
+            columns = short[first : first + REDO_CHUNK]
+            whole = (self.rows.scan_b[columns] @ self.rows.scan_a.T).float()
+            self._keep_best(columns, whole, every_row.expand(columns.shape[0], -1))
+        scanned, order = self.scanned.topk(self.spare, dim=1)
+        members = self.members.gather(1, order)
+        members[torch.isinf(scanned)] = -1
         cutoff = np.full(q, -np.inf)
         if self.spare < p:
-            cutoff = err.greatest_cosine(scanned[:, -1]).cpu().numpy()
+            # An entry left out was scanned at or below its column's last (when it came, or
+            # when the column last chose its best) or below the list's last.
+            left_out = torch.maximum(scanned[:, -1], self.last.float())
+            cutoff = err.greatest_cosine(left_out).cpu().numpy()
         listed = members[:, : self.list]
         rescored = torch.empty((q, self.list), device=a.device)
         vals = torch.empty((q, self.k), device=a.device)

@@ -420,13 +420,16 @@ def _widen(
         at_once = max(1, GATHERED_ROWS // max(1, fresh.shape[1]))
         for start in range(0, lines.shape[0], at_once):
             part = slice(start, start + at_once)
-            values[part, known:] = gathered.pair_dots(b, fresh[part], a[index[part]])
+            # A shorter list ends in -1s: row 0 stands in for them, and they are dropped.
+            members = fresh[part].clamp(min=0)
+            values[part, known:] = gathered.pair_dots(b, members, a[index[part]])
     else:
         cols, values, cut = scanned_lists(a[index], b, size, block_rows, dtype=dtype)
+    listed = (cols >= 0).reshape(-1).numpy()
     edges = Edges(
-        np.repeat(lines, cols.shape[1]),
-        cols.reshape(-1).numpy(),
-        values.reshape(-1).double().numpy(),
+        np.repeat(lines, cols.shape[1])[listed],
+        cols.reshape(-1).numpy()[listed],
+        values.reshape(-1).double().numpy()[listed],
     )
     return edges, cut
 
