@@ -71,6 +71,34 @@ def test_sparse_kernels_match_dense_autograd(kind: str):
         torch.testing.assert_close(fast_grad, dense_grad, rtol=1e-4, atol=1e-3)
 
 
+@pytest.mark.parametrize("name", ["topk", "batchtopk", "groupmax"])
+def test_bfloat16_selection_picks_what_its_float32_copy_would(name: str):
+    # The dense product that picks the latents stays in bfloat16 (no float32 copy is
+    # written); the latents, their float32 values and the gradients are those that the
+    # float32 copy of the same bfloat16 products gives.
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(512, 48, generator=generator)
+    config = SaeConfig(architecture=name, n_latents=384, k=8)
+    sae = get_architecture(name)(48, config, seed=0)
+    sae.selection_dtype = torch.bfloat16
+    centered = x - sae.b_dec.detach()
+    pre = sae.dense_pre_activations(centered)
+    assert pre.dtype == torch.bfloat16
+    low, copy = sae.select(pre), sae.select(pre.float())
+    assert torch.equal(low.cols, copy.cols) and torch.equal(low.rows, copy.rows)
+    grads = []
+    for dense in (pre, pre.float()):
+        sae.zero_grad()
+        values = selected_pre_activations(
+            dense, centered, sae.encoder_weight, sae.encoder_bias, sae.b_dec, low
+        )
+        assert values.dtype == torch.float32
+        values.pow(2).sum().backward()
+        grads.append([p.grad.clone() for p in (sae.encoder_weight, sae.encoder_bias)])
+    for low_grad, copy_grad in zip(*grads, strict=True):
+        assert torch.equal(low_grad, copy_grad)
+
+
 def test_registry_has_the_five_architectures():
     assert {"topk", "relu", "batchtopk", "jumprelu", "groupmax"} <= set(REGISTRY)
     with pytest.raises(UserError, match="unknown SAE architecture 'gated'"):

@@ -116,15 +116,17 @@ class SparseAutoencoder(nn.Module):
 
     @torch.no_grad()
     def dense_pre_activations(self, centered: torch.Tensor) -> torch.Tensor:
-        """Every latent's pre-activation for (x - b_dec), as float32, without autograd,
-        computed in `selection_dtype`: in bfloat16 the product runs several times faster on
-        CPUs with bfloat16 units, and the values differ by its rounding (2^-9 relative)."""
+        """Every latent's pre-activation for (x - b_dec), without autograd, computed and
+        returned in `selection_dtype`: in bfloat16 the product runs several times faster on
+        CPUs with bfloat16 units, and the values differ by its rounding (2^-9 relative). A
+        bfloat16 value is exact in float32, so the latents picked from it are those its
+        float32 copy would give, without writing that copy."""
         dtype = self.selection_dtype
         if dtype == torch.float32:
             # F.linear, not addmm: addmm first copies the broadcast bias into the output.
             return F.linear(centered, self.encoder_weight, self.encoder_bias)
         weight, bias = self.encoder_weight.to(dtype), self.encoder_bias.to(dtype)
-        return F.linear(centered.to(dtype), weight, bias).float()
+        return F.linear(centered.to(dtype), weight, bias)
 
     @classmethod
     def check_config(cls, config: SaeConfig) -> None:

@@ -3,8 +3,8 @@
 Only a few latents per token are active, so the backward pass needs the gradient at those
 (token, latent) pairs only. Autograd through a dense (tokens x latents) latent matrix would
 spend a dense matrix product on every gradient; these functions spend work proportional to
-the active pairs instead (sparse products for weight gradients, a sampled product for the
-gradient of the values). `dense_reference_*` beside them compute the same thing with plain
+the active pairs instead (sums over each latent's pairs for weight gradients, a sampled
+product for the gradient of the values). `dense_reference_*` beside them compute the same thing with plain
 autograd, and the tests check that both agree.
 
 Active pairs are given as `Selection`: `rows` (token index, ascending) and `cols` (latent
@@ -13,6 +13,7 @@ index), one entry per pair, with `crow` the CSR row pointer (tokens + 1 entries)
 
 import warnings
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 from torch.autograd.function import FunctionCtx
@@ -47,13 +48,28 @@ class Selection:
         crow[1:] = counts.cumsum(0)
         return cls(rows, flat - rows * n_latents, crow, n_tokens, n_latents)
 
-    def transposed(self, values: torch.Tensor) -> torch.Tensor:
-        """(latents x tokens) sparse matrix holding `values` at the pairs."""
-        return torch.sparse_coo_tensor(
-            torch.stack([self.cols, self.rows]),
-            values,
-            (self.n_latents, self.n_tokens),
-            check_invariants=False,
+    @cached_property
+    def _by_latent(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The pairs' order sorted by latent (tokens ascending within one), and where each
+        latent's pairs start in it (latents + 1 entries)."""
+        order = torch.argsort(self.cols, stable=True)
+        starts = torch.zeros(self.n_latents + 1, dtype=torch.int64, device=self.cols.device)
+        starts[1:] = torch.bincount(self.cols, minlength=self.n_latents).cumsum(0)
+        return order, starts
+
+    def latent_sums(self, values: torch.Tensor, per_token: torch.Tensor) -> torch.Tensor:
+        """(latents, d): for each latent, the sum over its pairs of value * per_token[token],
+        i.e. the (latents x tokens) matrix holding `values` at the pairs times `per_token`.
+        One pass over the pairs grouped by latent (an embedding bag), with no sparse matrix
+        built and no dense output cleared first: several times faster than `sparse.mm`."""
+        order, starts = self._by_latent
+        return F.embedding_bag(
+            self.rows[order],
+            per_token,
+            starts,
+            mode="sum",
+            per_sample_weights=values[order],
+            include_last_offset=True,
         )
 
 
@@ -73,7 +89,8 @@ class _SelectedPreActivations(torch.autograd.Function):
     ) -> torch.Tensor:
         ctx.save_for_backward(centered, encoder_weight)
         ctx.selection = selection  # type: ignore[attr-defined]
-        return pre_activations[selection.rows, selection.cols]
+        # Pre-activations computed in bfloat16 are exact in the weights' float32.
+        return pre_activations[selection.rows, selection.cols].to(encoder_weight.dtype)
 
     @staticmethod
     def backward(
@@ -82,7 +99,7 @@ class _SelectedPreActivations(torch.autograd.Function):
         centered, encoder_weight = ctx.saved_tensors  # type: ignore[attr-defined]
         selection: Selection = ctx.selection  # type: ignore[attr-defined]
         grad_bias = torch.zeros_like(encoder_weight[:, 0]).index_add_(0, selection.cols, grad)
-        grad_weight = torch.sparse.mm(selection.transposed(grad), centered)
+        grad_weight = selection.latent_sums(grad, centered)
         # pre = W (x - b_dec) + b, so d/d b_dec sums -W[latent] over the pairs: -grad_bias @ W.
         grad_b_dec = -(grad_bias @ encoder_weight)
         return None, None, grad_weight, grad_bias, grad_b_dec, None
@@ -122,7 +139,7 @@ class _SparseDecode(torch.autograd.Function):
             )
         # d/d value(t, j) = W_dec[j] . grad[t]: the product grad @ W_dec.T sampled at the pairs.
         grad_values = torch.sparse.sampled_addmm(pattern, grad, W_dec.T).values()
-        grad_W_dec = torch.sparse.mm(selection.transposed(values), grad)
+        grad_W_dec = selection.latent_sums(values, grad)
         return grad_values, grad_W_dec, None
 
 
@@ -137,7 +154,7 @@ def selected_pre_activations(
     """Pre-activations (pairs,) at `selection`, differentiable in the encoder and b_dec.
 
     `pre_activations` = `centered @ encoder_weight.T + encoder_bias`, computed without
-    autograd; `centered` = x - b_dec, also without autograd.
+    autograd (in float32 or bfloat16); `centered` = x - b_dec, also without autograd.
     """
     result = _SelectedPreActivations.apply(
         pre_activations, centered, encoder_weight, encoder_bias, b_dec, selection
