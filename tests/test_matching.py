@@ -270,14 +270,14 @@ def test_exact_too_large_for_memory_is_a_user_error(monkeypatch: pytest.MonkeyPa
 
 def test_widening_from_a_shorter_spare_list_adds_only_its_entries() -> None:
     from sae.matching import solvers
-    from sae.matching.candidates import Spare
+    from sae.matching.candidates import ScanError, Spare
 
     # Line 1's spare list holds 3 of 5 places (-1 past its end, as a column's list where
     # fewer entries beat its threshold): its edges are those 3, with their float32 cosines.
     a, b = random_unit(2, 16, 21), random_unit(9, 16, 22)
     members = torch.tensor([[4, 0, 7, 2, 8], [5, 1, 3, -1, -1]])
     rescored = (b[members[:, :2]] @ a[:, :, None])[:, :, 0]
-    spare = Spare(members, rescored, np.array([0.1, 0.2]))
+    spare = Spare(members, rescored, np.array([0.1, 0.2]), ScanError(base=0.0, unit=0.0))
     edges, cut = solvers._widen(a, b, np.array([0, 1]), 5, spare, 64, None)
     assert edges.rows.tolist() == [0] * 5 + [1] * 3
     assert edges.cols.tolist() == [4, 0, 7, 2, 8, 5, 1, 3]

@@ -4,8 +4,8 @@ Only a few latents per token are active, so the backward pass needs the gradient
 (token, latent) pairs only. Autograd through a dense (tokens x latents) latent matrix would
 spend a dense matrix product on every gradient; these functions spend work proportional to
 the active pairs instead (sums over each latent's pairs for weight gradients, a sampled
-product for the gradient of the values). `dense_reference_*` beside them compute the same thing with plain
-autograd, and the tests check that both agree.
+product for the gradient of the values). `dense_reference_*` beside them compute the same
+thing with plain autograd, and the tests check that both agree.
 
 Active pairs are given as `Selection`: `rows` (token index, ascending) and `cols` (latent
 index), one entry per pair, with `crow` the CSR row pointer (tokens + 1 entries).

@@ -158,12 +158,14 @@ def scan_error(
 class Spare:
     """Each line's longer list from the same scan, kept for a first widening: its best
     entries by scanned value, the float32 cosines of the first of them (those rescored for
-    the line's top k), and a bound on the cosine of every entry left out (-inf when none
-    is)."""
+    the line's top k), a bound on the cosine of every entry left out (-inf when none is),
+    and the scan's error bound, which holds for any later scan of the same matrices (a
+    widening does not compute it again)."""
 
     members: torch.Tensor  # int64 (lines, size); -1 past the end of a shorter list
     rescored: torch.Tensor  # float32 (lines, list): cosines of members[:, :list]
     cutoff: np.ndarray  # float64 (lines,)
+    err: ScanError
 
 
 @dataclass
@@ -257,6 +259,7 @@ class RowSearch:
         device: torch.device,
         dtype: torch.dtype,
         spare: int = 0,
+        err: ScanError | None = None,
     ):
         self.a, self.b = a.to(device), b.to(device)
         p, q = a.shape[0], b.shape[0]
@@ -267,7 +270,9 @@ class RowSearch:
         # A longer list still, scanned values only, kept for widening the row later.
         self.spare = min(q, max(spare, self.list))
         self.scan_a, self.scan_b = self.a.to(dtype), self.b.to(dtype)
-        self.err = scan_error(self.a, self.b, self.scan_a, self.scan_b)
+        # A bound computed for all of a's rows holds for any of them (and, the entries being
+        # the same, for b @ a.T).
+        self.err = err or scan_error(self.a, self.b, self.scan_a, self.scan_b)
         self.cols = torch.empty((p, self.k), dtype=torch.int64)
         self.vals = torch.empty((p, self.k))
         self.spare_members = torch.empty((p, self.spare), dtype=torch.int64)
@@ -481,7 +486,7 @@ class ColumnSearch:
                 values = _dots(b, a, columns[lines], hit)
                 ids, best, best_rows = _line_top(columns[lines], hit, values, self.k)
                 vals[ids], kept[ids] = best, best_rows
-        return kept.cpu(), vals.cpu(), Spare(members.cpu(), rescored.cpu(), cutoff)
+        return kept.cpu(), vals.cpu(), Spare(members.cpu(), rescored.cpu(), cutoff, err)
 
 
 def _above(block: torch.Tensor, last: torch.Tensor):
@@ -539,12 +544,14 @@ def scanned_lists(
     block_rows: int = 1024,
     device: torch.device | None = None,
     dtype: torch.dtype | None = None,
+    err: ScanError | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
     """Each row's `size` best entries by scanned value, rescored in float32: columns and
     cosines (p, size), and per row a bound on the cosine of every entry left out (-inf when
-    none is). Cheaper than the exact top `size`, and as good a list to widen a row with."""
+    none is). Cheaper than the exact top `size`, and as good a list to widen a row with.
+    `err`: an earlier scan's error bound for the same matrices and dtype, if any."""
     device = device or scan_device()
-    search = RowSearch(a, b, size, device, dtype or scan_dtype(device))
+    search = RowSearch(a, b, size, device, dtype or scan_dtype(device), err=err)
     p, q = a.shape[0], b.shape[0]
     search.list = min(q, size)
     cols = torch.empty((p, search.list), dtype=torch.int64)
@@ -590,7 +597,7 @@ def top_candidates(
         rows.vals,
         col_rows.T.contiguous(),
         col_vals.T.contiguous(),
-        Spare(rows.spare_members, rows.spare_rescored, rows.spare_cutoff),
+        Spare(rows.spare_members, rows.spare_rescored, rows.spare_cutoff, rows.err),
         col_spare,
         (rows.redone, columns.redone),
     )

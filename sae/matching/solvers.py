@@ -424,7 +424,7 @@ def _widen(
             members = fresh[part].clamp(min=0)
             values[part, known:] = gathered.pair_dots(b, members, a[index[part]])
     else:
-        cols, values, cut = scanned_lists(a[index], b, size, block_rows, dtype=dtype)
+        cols, values, cut = scanned_lists(a[index], b, size, block_rows, dtype=dtype, err=spare.err)
     listed = (cols >= 0).reshape(-1).numpy()
     edges = Edges(
         np.repeat(lines, cols.shape[1])[listed],
