@@ -12,7 +12,7 @@ import sae.precision as precision
 from sae.checkpoint import SaeWeights, save_saelens, save_sparsify
 from sae.matching.candidates import scan_error, top_candidates
 from sae.matching.pair import MatchConfig, match_checkpoints, match_saes
-from sae.matching.solvers import assign_exact, assign_sparse
+from sae.matching.solvers import DESCENT_SWEEPS, assign_exact, assign_sparse
 
 
 def unit(x: torch.Tensor) -> torch.Tensor:
@@ -152,9 +152,14 @@ def test_sparse_path_proves_the_exact_answer_on_planted_pairs(tmp_path: Path) ->
     save_sparsify(tmp_path / "a", first)
     save_saelens(tmp_path / "b", second)
     stages: set[str] = set()
-    fast = match_checkpoints(
-        tmp_path / "a", tmp_path / "b", MatchConfig(), lambda stage, done, total: stages.add(stage)
-    )
+    bound_steps: set[int] = set()
+
+    def progress(stage: str, done: int, total: int) -> None:
+        stages.add(stage)
+        if stage.endswith("bound"):
+            bound_steps.add(done)
+
+    fast = match_checkpoints(tmp_path / "a", tmp_path / "b", MatchConfig(), progress)
     exact = match_saes(first, second, MatchConfig(solver="exact"))
     assert fast.summary.solver == "sparse"
     assert fast.summary.gap_bound_decoder == fast.summary.gap_bound_encoder == 0.0
@@ -162,6 +167,8 @@ def test_sparse_path_proves_the_exact_answer_on_planted_pairs(tmp_path: Path) ->
     np.testing.assert_array_equal(fast.decoder.partner, exact.decoder.partner)
     assert fast.summary.shared_fraction == exact.summary.shared_fraction
     assert 0.1 < fast.summary.shared_fraction < 0.45
+    # The residual prices prove the optimum at once: the bound takes no descent sweeps.
+    assert bound_steps == {0, 2 * DESCENT_SWEEPS}
     for side in ("decoder", "encoder"):
         assert {f"{side} {phase}" for phase in ("candidates", "solve", "prices", "bound")} <= stages
         assert {f"{side} {phase}" for phase in ("candidates", "solve", "bound")} <= set(

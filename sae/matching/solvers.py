@@ -339,6 +339,9 @@ def gap_upper_bound(
         for sweep in range(DESCENT_SWEEPS):
             report(progress, stage, start * DESCENT_SWEEPS + sweep, 2 * DESCENT_SWEEPS)
             best_bound = min(best_bound, row_dual.sum() + price.sum())
+            if best_bound <= objective:
+                # No gap left to close (the residual prices usually prove the optimum).
+                break
             price = col_prices(row_dual)
             row_dual = row_duals(price)
         best_bound = min(best_bound, row_dual.sum() + price.sum())
