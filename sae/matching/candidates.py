@@ -356,9 +356,7 @@ class ColumnSearch:
         self.members = torch.zeros((q, room), dtype=torch.int64, device=device)
         self.used = torch.zeros(q, dtype=torch.int64, device=device)
         self.last = self._thresholds()
-        # Columns scanned again whole (fewer than 2k entries beat their threshold), and
-        # columns whose k best were redone from every entry that could reach them.
-        self.rescanned = 0
+        # Columns whose k best were redone from every entry that could reach them.
         self.redone = 0
 
     def _thresholds(self) -> torch.Tensor:
@@ -445,10 +443,10 @@ class ColumnSearch:
         threshold: -1 past their end)."""
         a, b, gathered, err = self.rows.a, self.rows.b, self.rows.gathered, self.rows.err
         p, q = a.shape[0], b.shape[0]
+        # Columns with fewer than 2k entries above their threshold are scanned again whole.
         short = torch.nonzero(self.used < self.list).flatten()
-        self.rescanned = int(short.numel())
         every_row = torch.arange(p, device=a.device)
-        for first in range(0, self.rescanned, REDO_CHUNK):
+        for first in range(0, short.shape[0], REDO_CHUNK):
             columns = short[first : first + REDO_CHUNK]
             whole = (self.rows.scan_b[columns] @ self.rows.scan_a.T).float()
             self._keep_best(columns, whole, every_row.expand(columns.shape[0], -1))
