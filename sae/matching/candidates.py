@@ -15,7 +15,7 @@ margin can add work, never drop a true candidate.
 Only three passes touch a whole block: the matrix product, a maximum over groups of columns
 (for the rows) and one over groups of rows (for the columns). The rows' maxima are grouped
 again (groups of groups), and everything after works on the few groups of each level that
-can hold a row's best entries, or on the groups above a column's last.
+can hold a row's best entries, or on the groups above a column's threshold.
 """
 
 from __future__ import annotations
@@ -45,14 +45,14 @@ RESCORE_CHUNK = 1 << 16
 GATHERED_ROWS = 1 << 16
 # Rows (or columns) redone from the scan at a time when their list may miss a top-k entry.
 REDO_CHUNK = 64
-# Columns compared with their last kept entry this many at a time (a bool per entry).
+# Columns compared with their thresholds (and sampled for them) this many at a time.
 COLUMN_CHUNK = 8192
 # Columns' thresholds come from every SAMPLE_STEP-th row, set so that about
 # THRESHOLD_MARGIN * spare entries of a column beat them.
 SAMPLE_STEP = 16
 THRESHOLD_MARGIN = 1.5
-# When more than this share of a block's groups of rows may beat their column's last kept
-# entry, the block's entries are compared one by one instead.
+# When more than this share of a block's groups of rows may beat their column's threshold,
+# the block's entries are compared one by one instead.
 DENSE_SHARE = 1 / 4
 
 
