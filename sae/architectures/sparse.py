@@ -11,13 +11,14 @@ Active pairs are given as `Selection`: `rows` (token index, ascending) and `cols
 index), one entry per pair, with `crow` the CSR row pointer (tokens + 1 entries).
 """
 
-import warnings
 from dataclasses import dataclass
 from functools import cached_property
 
 import torch
 from torch.autograd.function import FunctionCtx
 from torch.nn import functional as F
+
+from sae.sampled_product import sampled_product
 
 
 @dataclass(frozen=True)
@@ -127,18 +128,8 @@ class _SparseDecode(torch.autograd.Function):
     def backward(ctx: FunctionCtx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
         values, W_dec = ctx.saved_tensors  # type: ignore[attr-defined]
         selection: Selection = ctx.selection  # type: ignore[attr-defined]
-        with warnings.catch_warnings():
-            # torch warns once that CSR support is "beta"; the two ops used here are stable.
-            warnings.filterwarnings("ignore", message="Sparse CSR tensor support")
-            pattern = torch.sparse_csr_tensor(
-                selection.crow,
-                selection.cols,
-                torch.zeros_like(values),
-                (selection.n_tokens, selection.n_latents),
-                check_invariants=False,
-            )
         # d/d value(t, j) = W_dec[j] . grad[t]: the product grad @ W_dec.T sampled at the pairs.
-        grad_values = torch.sparse.sampled_addmm(pattern, grad, W_dec.T).values()
+        grad_values = sampled_product(grad, W_dec, selection.crow, selection.cols)
         grad_W_dec = selection.latent_sums(values, grad)
         return grad_values, grad_W_dec, None
 

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from sae.precision import bfloat16_is_faster
+from sae.sampled_product import sampled_product
 
 Progress = Callable[[str, int, int], None]
 """Called as progress(stage, done, total) while work is done."""
@@ -39,10 +40,9 @@ GROUP = 8
 LEVELS = 3
 # Scanned lists of LIST_FACTOR * k entries per row are rescored in float32.
 LIST_FACTOR = 2
-RESCORE_CHUNK = 1 << 16
-# Rows gathered at a time to rescore lists in float32 (151 MB at d = 576): blocks with longer
-# lists have fewer rows.
-GATHERED_ROWS = 1 << 16
+# List entries (rows x entries a row) scanned for and rescored at a time by `scanned_lists`:
+# blocks with longer lists have fewer rows.
+LIST_ENTRIES = 1 << 16
 # Rows (or columns) redone from the scan at a time when their list may miss a top-k entry.
 REDO_CHUNK = 64
 # Columns compared with their thresholds (and sampled for them) this many at a time.
@@ -194,33 +194,20 @@ class Candidates:
         return self.col_vals[-1].double().numpy()
 
 
-class Gathered:
-    """One buffer for the rows gathered to rescore a block's lists, grown as needed and
-    reused: a fresh gather of 1024 x 64 rows costs more in page faults than in arithmetic."""
-
-    def __init__(self, d: int, device: torch.device):
-        self.buffer = torch.empty((0, d), device=device)
-
-    def pair_dots(
-        self, table: torch.Tensor, members: torch.Tensor, right: torch.Tensor
-    ) -> torch.Tensor:
-        """table[members[n, m]] . right[n] -> (n, m) in float32."""
-        count = members.numel()
-        if self.buffer.shape[0] < count:
-            self.buffer = torch.empty((count, table.shape[1]), device=table.device)
-        left = self.buffer[:count]
-        torch.index_select(table, 0, members.reshape(-1), out=left)
-        return torch.bmm(left.view(*members.shape, -1), right[:, :, None])[:, :, 0]
+def list_dots(left: torch.Tensor, table: torch.Tensor, members: torch.Tensor) -> torch.Tensor:
+    """float32 cosines left[n] . table[members[n, m]] -> (n, m)."""
+    count, size = members.shape
+    crow = torch.arange(count + 1, device=left.device) * size
+    return sampled_product(left, table, crow, members.reshape(-1)).view(count, size)
 
 
 def _dots(a: torch.Tensor, b: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor):
-    """float32 cosines a[rows[n]] . b[cols[n]], a bounded number of pairs at a time."""
-    out = torch.empty(rows.shape[0], dtype=torch.float32, device=a.device)
-    for start in range(0, rows.shape[0], RESCORE_CHUNK):
-        part = slice(start, start + RESCORE_CHUNK)
-        left, right = a.index_select(0, rows[part]), b.index_select(0, cols[part])
-        out[part] = torch.bmm(left[:, None, :], right[:, :, None]).flatten()
-    return out
+    """float32 cosines a[rows[n]] . b[cols[n]], for pairs grouped by row (each row's pairs
+    one after another)."""
+    ids, counts = torch.unique_consecutive(rows, return_counts=True)
+    crow = torch.zeros(ids.shape[0] + 1, dtype=torch.int64, device=a.device)
+    torch.cumsum(counts, 0, out=crow[1:])
+    return sampled_product(a.index_select(0, ids), b, crow, cols)
 
 
 def _line_slots(
@@ -279,7 +266,6 @@ class RowSearch:
         self.spare_rescored = torch.empty((p, self.list))
         self.spare_cutoff = np.full(p, -np.inf)
         self.redone = 0
-        self.gathered = Gathered(a.shape[1], device)
 
     def scanned_list(self, block: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Each row's `size` best scanned values (descending) and their columns."""
@@ -313,7 +299,7 @@ class RowSearch:
             cutoff = self.err.greatest_cosine(longer[:, -1]).cpu().numpy()
             self.spare_cutoff[start : start + count] = cutoff
         scanned, cols = longer[:, : self.list], longer_cols[:, : self.list]
-        true = self.gathered.pair_dots(self.b, cols, self.a[start : start + count])
+        true = list_dots(self.a[start : start + count], self.b, cols)
         self.spare_rescored[start : start + count] = true.cpu()
         vals, index = true.topk(self.k, dim=1)
         kept = cols.gather(1, index)
@@ -441,7 +427,7 @@ class ColumnSearch:
         """Each column's k best rows and their float32 cosines, (q, k) each, descending, and
         the columns' spare lists (shorter than `spare` where fewer entries beat a column's
         threshold: -1 past their end)."""
-        a, b, gathered, err = self.rows.a, self.rows.b, self.rows.gathered, self.rows.err
+        a, b, err = self.rows.a, self.rows.b, self.rows.err
         p, q = a.shape[0], b.shape[0]
         # Columns with fewer than 2k entries above their threshold are scanned again whole.
         short = torch.nonzero(self.used < self.list).flatten()
@@ -460,16 +446,9 @@ class ColumnSearch:
             left_out = torch.maximum(scanned[:, -1], self.last.float())
             cutoff = err.greatest_cosine(left_out).cpu().numpy()
         listed = members[:, : self.list]
-        rescored = torch.empty((q, self.list), device=a.device)
-        vals = torch.empty((q, self.k), device=a.device)
-        kept = torch.empty((q, self.k), dtype=torch.int64, device=a.device)
-        at_once = max(1, GATHERED_ROWS // self.list)
-        for first in range(0, q, at_once):
-            part = slice(first, first + at_once)
-            true = gathered.pair_dots(a, listed[part], b[part])
-            rescored[part] = true
-            vals[part], index = true.topk(self.k, dim=1)
-            kept[part] = listed[part].gather(1, index)
+        rescored = list_dots(b, a, listed)
+        vals, index = rescored.topk(self.k, dim=1)
+        kept = listed.gather(1, index)
         if self.list < p:
             # As for rows: a column whose list may miss one of its k best is redone from
             # every entry that can reach them, its entries scanned again.
@@ -555,12 +534,12 @@ def scanned_lists(
     cols = torch.empty((p, search.list), dtype=torch.int64)
     values = torch.empty((p, search.list))
     cutoff = np.full(p, -np.inf)
-    rows_per_block = max(1, min(block_rows, GATHERED_ROWS // search.list))
+    rows_per_block = max(1, min(block_rows, LIST_ENTRIES // search.list))
     for start, block in cosine_blocks(search.scan_a, search.scan_b, rows_per_block):
         scanned, found = search.scanned_list(block, search.list)
         count = block.shape[0]
-        values[start : start + count] = search.gathered.pair_dots(
-            search.b, found, search.a[start : start + count]
+        values[start : start + count] = list_dots(
+            search.a[start : start + count], search.b, found
         ).cpu()
         cols[start : start + count] = found.cpu()
         if search.list < q:

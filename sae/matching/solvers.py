@@ -35,12 +35,11 @@ from scipy.sparse.csgraph import min_weight_full_bipartite_matching
 
 from sae.matching.auction import auction_prices
 from sae.matching.candidates import (
-    GATHERED_ROWS,
     Candidates,
-    Gathered,
     Progress,
     Spare,
     cosine_blocks,
+    list_dots,
     report,
     scanned_lists,
     top_candidates,
@@ -160,7 +159,12 @@ class CandidateGraph:
     @staticmethod
     def of(edges: Edges, shape: tuple[int, int]) -> CandidateGraph:
         """The graph of `edges`; where an edge comes more than once, its first copy counts."""
-        _, first = np.unique(edges.rows.astype(np.int64) * shape[1] + edges.cols, return_index=True)
+        keys = torch.from_numpy(edges.rows.astype(np.int64) * shape[1] + edges.cols)
+        # A stable sort keeps copies of an edge in input order (torch's: several times
+        # numpy's speed on millions of keys).
+        ordered, order = torch.sort(keys, stable=True)
+        first = order[torch.cat([torch.ones(1, dtype=torch.bool), ordered[1:] != ordered[:-1]])]
+        first = first.numpy()
         return CandidateGraph(edges.rows[first], edges.cols[first], edges.cosine[first], shape)
 
     @property
@@ -203,7 +207,7 @@ def candidate_graph(a: torch.Tensor, b: torch.Tensor, cand: Candidates) -> Candi
     p, q = a.shape[0], b.shape[0]
     k_row, k_col = cand.row_cols.shape[1], cand.col_rows.shape[0]
     identity = np.arange(p)
-    identity_cos = (a * b[:p]).sum(dim=1).double().numpy()
+    identity_cos = list_dots(a, b, torch.arange(p)[:, None]).double().numpy().ravel()
     rows = np.concatenate(
         [np.repeat(identity, k_row), cand.col_rows.T.reshape(-1).numpy(), identity]
     )
@@ -217,8 +221,8 @@ def candidate_graph(a: torch.Tensor, b: torch.Tensor, cand: Candidates) -> Candi
             identity_cos,
         ]
     )
-    # Matrix-product values before the identity's dot products, so an edge has one value
-    # whichever list it came from.
+    # Every value is the same float32 dot product (`list_dots`), whichever list an edge came
+    # from.
     return CandidateGraph.of(Edges(rows, cols, cosine), (p, q))
 
 
@@ -419,13 +423,8 @@ def _widen(
         values = torch.empty(cols.shape)
         values[:, :known] = spare.rescored[index]
         fresh = cols[:, known:]
-        gathered = Gathered(a.shape[1], a.device)
-        at_once = max(1, GATHERED_ROWS // max(1, fresh.shape[1]))
-        for start in range(0, lines.shape[0], at_once):
-            part = slice(start, start + at_once)
-            # A shorter list ends in -1s: row 0 stands in for them, and they are dropped.
-            members = fresh[part].clamp(min=0)
-            values[part, known:] = gathered.pair_dots(b, members, a[index[part]])
+        # A shorter list ends in -1s: row 0 stands in for them, and they are dropped.
+        values[:, known:] = list_dots(a[index], b, fresh.clamp(min=0))
     else:
         cols, values, cut = scanned_lists(a[index], b, size, block_rows, dtype=dtype, err=spare.err)
     listed = (cols >= 0).reshape(-1).numpy()
