@@ -163,8 +163,8 @@ class CandidateGraph:
         # A stable sort keeps copies of an edge in input order (torch's: several times
         # numpy's speed on millions of keys).
         ordered, order = torch.sort(keys, stable=True)
-        first = order[torch.cat([torch.ones(1, dtype=torch.bool), ordered[1:] != ordered[:-1]])]
-        first = first.numpy()
+        new = torch.cat([torch.ones(1, dtype=torch.bool), ordered[1:] != ordered[:-1]])
+        first = order[new].numpy()
         return CandidateGraph(edges.rows[first], edges.cols[first], edges.cosine[first], shape)
 
     @property
