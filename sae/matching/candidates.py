@@ -281,7 +281,7 @@ class RowSearch:
         for level in range(len(maxima) - 1, 0, -1):
             above = maxima[level]
             values = above if members is None else above.gather(1, members)
-            _, best = values.float().topk(size, dim=1)
+            _, best = values.topk(size, dim=1, sorted=False)
             groups = best if members is None else members.gather(1, best)
             spread = torch.arange(GROUP, device=block.device) * above.shape[1]
             members = (groups[:, :, None] + spread).reshape(count, -1)
@@ -468,9 +468,9 @@ class ColumnSearch:
 
 def _above(block: torch.Tensor, last: torch.Tensor):
     """(column, row, value as float32) of the entries of `block` above their column's `last`,
-    sorted by column (within a column: by group, then row; by row where not grouped).
-    Where rows split into GROUP-strided groups, the groups' maxima are compared first and only
-    the groups above a column's last are looked into (unless many are)."""
+    sorted by column, then row. Where rows split into GROUP-strided groups, the groups' maxima
+    are compared first and only the groups above a column's last are looked into (unless many
+    are)."""
     count, width = block.shape
     # Entry (row, col) lies at row * stride + col of the block's flattened storage.
     stride = block.stride(0)
@@ -478,18 +478,21 @@ def _above(block: torch.Tensor, last: torch.Tensor):
     if count % GROUP == 0:
         groups = count // GROUP
         maxima = block.view(GROUP, groups, width).amax(dim=0)
-        # Read column by column (a transposed copy), so that the hits come sorted by column.
-        col, group = torch.nonzero((maxima > last).T.contiguous()).T
+        group, col = torch.nonzero(maxima > last).T
         if group.numel() < DENSE_SHARE * maxima.numel():
             spread = torch.arange(GROUP, device=block.device) * (groups * stride)
-            # (hits, GROUP): the rows of each group above its column's last.
-            place = (group * stride + col)[:, None] + spread
-            value = flat.index_select(0, place.view(-1)).view(place.shape)
-            above = value > last.index_select(0, col)[:, None]
+            # (GROUP, hits): the members of each group, read a slab of rows at a time in
+            # storage order (read group by group, column-sorted, nearly every read misses).
+            place = spread[:, None] + (group * stride + col)
+            value = flat.index_select(0, place.view(-1))
+            above = value.view(place.shape) > last.index_select(0, col)
             keep = torch.nonzero(above.view(-1)).flatten()
-            hit = keep // GROUP
-            row = group.index_select(0, hit) + (keep % GROUP) * groups
-            return col.index_select(0, hit), row, value.view(-1).index_select(0, keep).float()
+            slab, hit = keep // group.numel(), keep % group.numel()
+            # Stable: within a column, slab then group, which is row order.
+            hit_col, order = torch.sort(col.index_select(0, hit), stable=True)
+            keep, hit, slab = keep[order], hit[order], slab[order]
+            row = group.index_select(0, hit) + slab * groups
+            return hit_col, row, value.index_select(0, keep).float()
     col, rows = torch.nonzero((block > last).T.contiguous()).T
     return col, rows, flat.index_select(0, rows * stride + col).float()
 
