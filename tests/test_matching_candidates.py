@@ -10,7 +10,7 @@ import torch
 import sae.matching.candidates as candidates
 import sae.precision as precision
 from sae.checkpoint import SaeWeights, save_saelens, save_sparsify
-from sae.matching.candidates import scan_error, top_candidates
+from sae.matching.candidates import list_dots, scan_error, top_candidates
 from sae.matching.pair import MatchConfig, match_checkpoints, match_saes
 from sae.matching.solvers import DESCENT_SWEEPS, assign_exact, assign_sparse
 
@@ -137,6 +137,23 @@ def test_scan_error_bounds_the_actual_error() -> None:
     assert 0 < actual < err.base + err.unit
     # The bound is a margin of about 1% of the cosine range, not a blanket one.
     assert err.base + err.unit < 0.012
+
+
+def test_an_edge_has_one_rescored_value_whichever_list_finds_it() -> None:
+    a, b = planted(300, 576, 0.5, seed=7)
+    members = torch.randint(0, 300, (300, 12), generator=torch.Generator().manual_seed(8))
+    rows_way = list_dots(a, b, members)
+    # The same pairs from the columns' side: b's rows against the a rows that listed them.
+    rows = torch.arange(300).repeat_interleave(12)
+    order = torch.argsort(members.reshape(-1) * 300 + rows)
+    pairs_cols, pairs_rows = members.reshape(-1)[order], rows[order]
+    columns_way = torch.empty(300 * 12)
+    columns_way[order] = candidates._dots(b, a, pairs_cols, pairs_rows)
+    assert torch.equal(rows_way.reshape(-1), columns_way)
+    assert torch.equal(rows_way, list_dots(a, b, members))
+    # A float32 dot product of d terms: within d * 2^-24 of the exact cosine.
+    exact = (a.double()[:, None, :] * b.double()[members]).sum(dim=2)
+    assert (rows_way.double() - exact).abs().max().item() <= 576 * 2.0**-24
 
 
 def sae_of(decoder: torch.Tensor, encoder: torch.Tensor) -> SaeWeights:

@@ -202,8 +202,8 @@ def list_dots(left: torch.Tensor, table: torch.Tensor, members: torch.Tensor) ->
 
 
 def _dots(a: torch.Tensor, b: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor):
-    """float32 cosines a[rows[n]] . b[cols[n]], for pairs grouped by row (each row's pairs
-    one after another)."""
+    """float32 cosines a[rows[n]] . b[cols[n]]; a row's pairs that come one after another
+    share one copy of its row."""
     ids, counts = torch.unique_consecutive(rows, return_counts=True)
     crow = torch.zeros(ids.shape[0] + 1, dtype=torch.int64, device=a.device)
     torch.cumsum(counts, 0, out=crow[1:])
