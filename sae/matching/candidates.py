@@ -487,10 +487,10 @@ def _above(block: torch.Tensor, last: torch.Tensor):
             value = flat.index_select(0, place.view(-1))
             above = value.view(place.shape) > last.index_select(0, col)
             keep = torch.nonzero(above.view(-1)).flatten()
-            slab, hit = keep // group.numel(), keep % group.numel()
             # Stable: within a column, slab then group, which is row order.
-            hit_col, order = torch.sort(col.index_select(0, hit), stable=True)
-            keep, hit, slab = keep[order], hit[order], slab[order]
+            hit_col, order = torch.sort(col.index_select(0, keep % group.numel()), stable=True)
+            keep = keep[order]
+            slab, hit = keep // group.numel(), keep % group.numel()
             row = group.index_select(0, hit) + slab * groups
             return hit_col, row, value.index_select(0, keep).float()
     col, rows = torch.nonzero((block > last).T.contiguous()).T

@@ -282,6 +282,7 @@ def _residual_prices(
     row_dist = np.full(p, np.inf)
     col_dist = np.ones(q)
     best = np.full(q, np.inf)
+    best_view = torch.from_numpy(best)
     improved = np.arange(q)
     for sweep in range(MAX_PRICE_SWEEPS):
         improved = improved[owner[improved] >= 0]
@@ -297,7 +298,7 @@ def _residual_prices(
             edges, counts = row_edges(indptr, piece)
             reached = np.repeat(row_dist[piece], counts) + step[edges]
             # Each column's least: torch's scatter is several times numpy's minimum.at.
-            torch.from_numpy(best).scatter_reduce_(
+            best_view.scatter_reduce_(
                 0, torch.from_numpy(graph.cols[edges]), torch.from_numpy(reached), "amin"
             )
         improved = np.flatnonzero(best < col_dist - 1e-12)
