@@ -182,6 +182,10 @@ def test_zero_and_nan_rows_are_unmatched_and_counted(monkeypatch: pytest.MonkeyP
     torch.testing.assert_close(norms[torch.from_numpy(valid)], torch.ones(49))
     assert norms[3] == 0.0
     torch.testing.assert_close(unit_a[40], a[40] / a[40].norm())
+    # float64 weights are normalised in a copy: the caller's tensor is left as it was.
+    weights = a.double()
+    unit_64, _ = unit_rows(weights)
+    assert torch.equal(weights, a.double()) and torch.equal(unit_64, unit_a)
     result = match_saes(sae_from(a, a), sae_from(b, b))
     assert result.decoder.partner[3] == -1 and math.isnan(result.decoder.cosine[3])
     assert result.summary.invalid_rows == {

@@ -151,6 +151,9 @@ def test_an_edge_has_one_rescored_value_whichever_list_finds_it() -> None:
     columns_way[order] = candidates._dots(b, a, pairs_cols, pairs_rows)
     assert torch.equal(rows_way.reshape(-1), columns_way)
     assert torch.equal(rows_way, list_dots(a, b, members))
+    # A few rows against the whole table are computed from the table's side: same values.
+    assert 20 * candidates.TABLE_SIDE <= 300
+    assert torch.equal(list_dots(a[:20], b, members[:20]), rows_way[:20])
     # A float32 dot product of d terms: within d * 2^-24 of the exact cosine.
     exact = (a.double()[:, None, :] * b.double()[members]).sum(dim=2)
     assert (rows_way.double() - exact).abs().max().item() <= 576 * 2.0**-24

@@ -51,6 +51,10 @@ COLUMN_CHUNK = 8192
 # THRESHOLD_MARGIN * spare entries of a column beat them.
 SAMPLE_STEP = 16
 THRESHOLD_MARGIN = 1.5
+# `list_dots` works from the table's side when the table has this many times the rows.
+TABLE_SIDE = 8
+# Rows whose norms `scan_error` takes at a time.
+NORM_CHUNK = 1024
 # When more than this share of a block's groups of rows may beat their column's threshold,
 # the block's entries are compared one by one instead.
 DENSE_SHARE = 1 / 4
@@ -127,17 +131,23 @@ def scan_error(
     the user turned it on for CUDA matmuls) rounds the inputs inside the product: 2^-10 each."""
     d = a.shape[1]
 
-    def largest_norm(x: torch.Tensor) -> float:
+    def largest_norm(x: torch.Tensor, minus: torch.Tensor | None = None) -> float:
+        """The largest row norm of x (of x - minus), a few rows at a time (whole float32
+        copies of large matrices cost more than the norms)."""
+        most = 0.0
+        for first in range(0, x.shape[0], NORM_CHUNK):
+            rows = x[first : first + NORM_CHUNK].float()
+            if minus is not None:
+                # A float32 minus its own rounding to fewer bits is exact in float32.
+                rows = rows - minus[first : first + NORM_CHUNK].float()
+            most = max(most, float(torch.linalg.vector_norm(rows, dim=1).max()))
         # float32 norms of d terms are within d * 2^-24 relative of the true norm.
-        if x.shape[0] == 0:
-            return 0.0
-        return float(torch.linalg.vector_norm(x, dim=1).max()) * (1 + d * 2.0**-23)
+        return most * (1 + d * 2.0**-23)
 
     def largest_residual(x: torch.Tensor, scanned: torch.Tensor) -> float:
-        # A float32 minus its own rounding to fewer bits is exact in float32.
-        return largest_norm(x - scanned.to(x.dtype))
+        return largest_norm(x, minus=scanned)
 
-    product = largest_norm(scan_a.float()) * largest_norm(scan_b.float())
+    product = largest_norm(scan_a) * largest_norm(scan_b)
     tf32 = (
         scan_a.dtype == torch.float32
         and scan_a.device.type == "cuda"
@@ -145,7 +155,7 @@ def scan_error(
     )
     base = (
         largest_residual(a, scan_a) * largest_norm(b)
-        + largest_norm(scan_a.float()) * largest_residual(b, scan_b)
+        + largest_norm(scan_a) * largest_residual(b, scan_b)
         + (2 * 2.0**-10 * product if tf32 else 0.0)
         + 2 * d * 2.0**-24 * product
     )
@@ -195,10 +205,23 @@ class Candidates:
 
 
 def list_dots(left: torch.Tensor, table: torch.Tensor, members: torch.Tensor) -> torch.Tensor:
-    """float32 cosines left[n] . table[members[n, m]] -> (n, m)."""
+    """float32 cosines left[n] . table[members[n, m]] -> (n, m).
+
+    A few rows of `left` against a long table (a block's lists) are computed from the
+    table's side: its rows read once each, in order, against `left`'s rows, which stay in
+    cache, instead of one scattered read of a table row per entry (about twice as fast). An
+    entry's value is the same either way."""
     count, size = members.shape
-    crow = torch.arange(count + 1, device=left.device) * size
-    return sampled_product(left, table, crow, members.reshape(-1)).view(count, size)
+    flat = members.reshape(-1)
+    if count * TABLE_SIDE > table.shape[0]:
+        crow = torch.arange(count + 1, device=left.device) * size
+        return sampled_product(left, table, crow, flat).view(count, size)
+    sorted_members, order = torch.sort(flat)
+    crow = torch.zeros(table.shape[0] + 1, dtype=torch.int64, device=left.device)
+    torch.cumsum(torch.bincount(sorted_members, minlength=table.shape[0]), 0, out=crow[1:])
+    values = torch.empty(flat.shape[0], dtype=left.dtype, device=left.device)
+    values[order] = sampled_product(table, left, crow, order // size)
+    return values.view(count, size)
 
 
 def _dots(a: torch.Tensor, b: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor):

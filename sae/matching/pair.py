@@ -180,8 +180,9 @@ def shared_mask(cos_decoder: np.ndarray, cos_encoder: np.ndarray, threshold: flo
         return (cos_decoder > threshold) & (cos_encoder > threshold)
 
 
-# Rows normalised at a time: a float64 copy of a whole 131K x 576 matrix is 0.6 GB.
-UNIT_CHUNK = 8192
+# Rows normalised at a time (their float64 copy stays in cache; one of a whole 131K x 576
+# matrix would be 0.6 GB).
+UNIT_CHUNK = 1024
 
 
 def unit_rows(weight: torch.Tensor) -> tuple[torch.Tensor, np.ndarray]:
@@ -189,13 +190,15 @@ def unit_rows(weight: torch.Tensor) -> tuple[torch.Tensor, np.ndarray]:
 
     Norms are taken in float64 so large weights do not overflow to inf."""
     weight = weight.detach()
-    unit = torch.zeros(weight.shape, dtype=torch.float32)
-    valid = torch.zeros(weight.shape[0], dtype=torch.bool)
+    unit = torch.empty(weight.shape, dtype=torch.float32)
+    valid = torch.empty(weight.shape[0], dtype=torch.bool)
     for start in range(0, weight.shape[0], UNIT_CHUNK):
-        rows = weight[start : start + UNIT_CHUNK].to(torch.float64)
+        # A copy even of float64 weights: it is divided in place.
+        rows = weight[start : start + UNIT_CHUNK].to(torch.float64, copy=True)
         norms = torch.linalg.vector_norm(rows, dim=1)
         fine = torch.isfinite(norms) & (norms > 0)
-        unit[start : start + rows.shape[0]][fine] = (rows[fine] / norms[fine, None]).float()
+        rows.div_(norms[:, None]).masked_fill_(~fine[:, None], 0.0)
+        unit[start : start + rows.shape[0]] = rows
         valid[start : start + rows.shape[0]] = fine
     return unit, valid.numpy()
 
