@@ -295,6 +295,22 @@ def test_widening_from_a_shorter_spare_list_adds_only_its_entries() -> None:
     np.testing.assert_array_equal(cut, [0.1, 0.2])
 
 
+def test_a_graph_plus_edges_is_the_graph_of_both_its_edges_first() -> None:
+    from sae.matching.solvers import CandidateGraph, Edges
+
+    gen = np.random.default_rng(3)
+
+    def edges(n: int) -> Edges:
+        return Edges(gen.integers(0, 40, n), gen.integers(0, 50, n), gen.random(n))
+
+    old, new = edges(600), edges(900)  # many of new's edges are old's, with other values
+    graph = CandidateGraph.of(old, (40, 50)).plus(new)
+    both = CandidateGraph.of(old.plus(new), (40, 50))
+    for name in ("rows", "cols", "cosine"):
+        np.testing.assert_array_equal(getattr(graph, name), getattr(both, name))
+    assert np.all(np.diff(graph.keys) > 0)
+
+
 def test_widened_graph_is_solved_again_only_when_its_edges_break_the_duals() -> None:
     from sae.matching import solvers
 

@@ -25,6 +25,7 @@ bound is valid for any prices, their quality only makes it tighter.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -186,17 +187,29 @@ class CandidateGraph:
 
     def plus(self, edges: Edges) -> CandidateGraph:
         """This graph and `edges`: an edge it holds keeps its value. Only the new edges are
-        sorted; they are then merged into place."""
+        sorted; they are then merged into place (one pass, no insertions)."""
         keys = self.keys
         added = CandidateGraph.of(edges, self.shape)
         added_keys = added.keys
         place = np.searchsorted(keys, added_keys)
         held = keys[np.minimum(place, keys.shape[0] - 1)] == added_keys
-        fresh, place = ~held, place[~held]
+        fresh = np.flatnonzero(~held)
+        # A fresh edge lands at its place among the old edges, moved on by the fresh edges
+        # before it (both are sorted); the old edges fill the rest, in order.
+        landing = place[fresh] + np.arange(fresh.shape[0])
+        old = np.ones(keys.shape[0] + fresh.shape[0], dtype=bool)
+        old[landing] = False
+
+        def merged(mine: np.ndarray, theirs: np.ndarray) -> np.ndarray:
+            out = np.empty(old.shape[0], dtype=mine.dtype)
+            out[old] = mine
+            out[landing] = theirs[fresh]
+            return out
+
         return CandidateGraph(
-            np.insert(self.rows, place, added.rows[fresh]),
-            np.insert(self.cols, place, added.cols[fresh]),
-            np.insert(self.cosine, place, added.cosine[fresh]),
+            merged(self.rows, added.rows),
+            merged(self.cols, added.cols),
+            merged(self.cosine, added.cosine),
             self.shape,
         )
 
@@ -451,13 +464,14 @@ def assign_sparse(
     stage: str = "sparse",
     dtype: torch.dtype | None = None,
     widen_rounds: int | None = None,
+    searched: Callable[[], None] | None = None,
 ) -> Assignment:
     """Optimal assignment within a candidate graph, with a bound on the gap to the dense
     optimum. The graph starts as every row's and column's top-k; where the bound cannot
     prove the answer, the lists of the rows and columns in the way are made WIDEN_FACTOR
     times longer and the graph solved again, up to `widen_rounds` (WIDEN_ROUNDS) times.
     `dtype` is the candidate scan's (`sae.matching.candidates`); the graph is the same for
-    any."""
+    any. `searched` is called once the candidate graph is built, before the solve."""
     if widen_rounds is None:
         widen_rounds = WIDEN_ROUNDS
     started = time.perf_counter()
@@ -467,7 +481,9 @@ def assign_sparse(
     )
     row_cut, col_cut = cand.row_cutoff(q), cand.col_cutoff(p)
     graph = candidate_graph(a, b, cand)
-    searched = time.perf_counter()
+    searched_at = time.perf_counter()
+    if searched is not None:
+        searched()
     size = k
     price: np.ndarray | None = None
     duals: tuple[np.ndarray, np.ndarray] | None = None
@@ -517,8 +533,8 @@ def assign_sparse(
         gap_bound=gap_bound,
         candidate_edges=int(graph.rows.shape[0]),
         phase_seconds={
-            "candidates": searched - started,
-            "solve": solved - searched,
+            "candidates": searched_at - started,
+            "solve": solved - searched_at,
             "bound": finished - solved,
         },
     )
