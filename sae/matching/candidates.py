@@ -144,18 +144,16 @@ def scan_error(
         # float32 norms of d terms are within d * 2^-24 relative of the true norm.
         return most * (1 + d * 2.0**-23)
 
-    def largest_residual(x: torch.Tensor, scanned: torch.Tensor) -> float:
-        return largest_norm(x, minus=scanned)
-
-    product = largest_norm(scan_a) * largest_norm(scan_b)
+    scan_a_norm = largest_norm(scan_a)
+    product = scan_a_norm * largest_norm(scan_b)
     tf32 = (
         scan_a.dtype == torch.float32
         and scan_a.device.type == "cuda"
         and torch.backends.cuda.matmul.allow_tf32
     )
     base = (
-        largest_residual(a, scan_a) * largest_norm(b)
-        + largest_norm(scan_a) * largest_residual(b, scan_b)
+        largest_norm(a, minus=scan_a) * largest_norm(b)
+        + scan_a_norm * largest_norm(b, minus=scan_b)
         + (2 * 2.0**-10 * product if tf32 else 0.0)
         + 2 * d * 2.0**-24 * product
     )
@@ -217,8 +215,7 @@ def list_dots(left: torch.Tensor, table: torch.Tensor, members: torch.Tensor) ->
         crow = torch.arange(count + 1, device=left.device) * size
         return sampled_product(left, table, crow, flat).view(count, size)
     sorted_members, order = torch.sort(flat)
-    crow = torch.zeros(table.shape[0] + 1, dtype=torch.int64, device=left.device)
-    torch.cumsum(torch.bincount(sorted_members, minlength=table.shape[0]), 0, out=crow[1:])
+    crow = _row_starts(torch.bincount(sorted_members, minlength=table.shape[0]))
     values = torch.empty(flat.shape[0], dtype=left.dtype, device=left.device)
     values[order] = sampled_product(table, left, crow, order // size)
     return values.view(count, size)
@@ -228,9 +225,14 @@ def _dots(a: torch.Tensor, b: torch.Tensor, rows: torch.Tensor, cols: torch.Tens
     """float32 cosines a[rows[n]] . b[cols[n]]; a row's pairs that come one after another
     share one copy of its row."""
     ids, counts = torch.unique_consecutive(rows, return_counts=True)
-    crow = torch.zeros(ids.shape[0] + 1, dtype=torch.int64, device=a.device)
+    return sampled_product(a.index_select(0, ids), b, _row_starts(counts), cols)
+
+
+def _row_starts(counts: torch.Tensor) -> torch.Tensor:
+    """Where each row's entries start, and the end, from each row's count (a CSR `crow`)."""
+    crow = torch.zeros(counts.shape[0] + 1, dtype=torch.int64, device=counts.device)
     torch.cumsum(counts, 0, out=crow[1:])
-    return sampled_product(a.index_select(0, ids), b, crow, cols)
+    return crow
 
 
 def _line_slots(

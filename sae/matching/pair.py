@@ -396,6 +396,7 @@ def _both_sides(
     its solve (SciPy and numpy: one core, mostly) runs in a thread beside the encoder's
     candidate search (matrix products on every core): the two overlap instead of leaving a
     core idle through the solve. Each side's answer is the same as alone."""
+    progress = _one_at_a_time(progress)
     searched = threading.Event()
     outcome: dict[str, Any] = {}
 
@@ -419,6 +420,19 @@ def _both_sides(
     if "error" in outcome:
         raise outcome["error"]
     return outcome["side"], encoder
+
+
+def _one_at_a_time(progress: Progress | None) -> Progress | None:
+    """`progress`, called by one thread at a time (both sides report while they overlap)."""
+    if progress is None:
+        return None
+    report, lock = progress, threading.Lock()
+
+    def locked(stage: str, done: int, total: int) -> None:
+        with lock:
+            report(stage, done, total)
+
+    return locked
 
 
 def match_checkpoints(

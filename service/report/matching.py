@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -32,18 +31,14 @@ def block_progress(console: Console) -> Iterator[ProgressCallback]:
     bar = count_progress("{task.description}", RowRateColumn(), console=console, transient=True)
     with bar:
         tasks: dict[str, tuple[TaskID, int]] = {}
-        # Matching reports from two threads at once (the decoder's solve, the encoder's search).
-        lock = threading.Lock()
 
         def report(stage: str, done: int, total: int) -> None:
-            with lock:
-                # A stage runs again for each pair of SAEs: a finished bar makes way for a new
-                # one.
-                if stage in tasks and done <= tasks[stage][1] >= total:
-                    bar.remove_task(tasks.pop(stage)[0])
-                task = tasks[stage][0] if stage in tasks else bar.add_task(stage, total=total)
-                tasks[stage] = (task, done)
-                bar.update(task, completed=done)
+            # A stage runs again for each pair of SAEs: a finished bar makes way for a new one.
+            if stage in tasks and done <= tasks[stage][1] >= total:
+                bar.remove_task(tasks.pop(stage)[0])
+            task = tasks[stage][0] if stage in tasks else bar.add_task(stage, total=total)
+            tasks[stage] = (task, done)
+            bar.update(task, completed=done)
 
         yield report
 
