@@ -287,7 +287,13 @@ def test_widening_from_a_shorter_spare_list_adds_only_its_entries() -> None:
     a, b = random_unit(2, 16, 21), random_unit(9, 16, 22)
     members = torch.tensor([[4, 0, 7, 2, 8], [5, 1, 3, -1, -1]])
     rescored = (b[members[:, :2]] @ a[:, :, None])[:, :, 0]
-    spare = Spare(members, rescored, np.array([0.1, 0.2]), ScanError(base=0.0, unit=0.0))
+    spare = Spare(
+        members,
+        rescored,
+        rescored_cutoff=np.array([0.3, 0.4]),
+        cutoff=np.array([0.1, 0.2]),
+        err=ScanError(base=0.0, unit=0.0),
+    )
     edges, cut = solvers._widen(a, b, np.array([0, 1]), 5, spare, 64, None)
     assert edges.rows.tolist() == [0] * 5 + [1] * 3
     assert edges.cols.tolist() == [4, 0, 7, 2, 8, 5, 1, 3]

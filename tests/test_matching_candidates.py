@@ -12,7 +12,7 @@ import sae.precision as precision
 from sae.checkpoint import SaeWeights, save_saelens, save_sparsify
 from sae.matching.candidates import list_dots, scan_error, top_candidates
 from sae.matching.pair import MatchConfig, match_checkpoints, match_saes
-from sae.matching.solvers import DESCENT_SWEEPS, assign_exact, assign_sparse
+from sae.matching.solvers import DESCENT_SWEEPS, assign_exact, assign_sparse, candidate_graph
 
 
 def unit(x: torch.Tensor) -> torch.Tensor:
@@ -57,7 +57,7 @@ def test_bfloat16_scan_finds_the_float32_top_k(
     a, b = a[:p], b[:q]
     cand = top_candidates(a, b, k, block_rows=128, dtype=torch.bfloat16)
     if list_factor == 1:
-        assert min(cand.redone) > 0
+        assert min(lines.size for lines in cand.redone) > 0
     assert_dense_top_k(cand, a, b, k)
 
 
@@ -77,7 +77,7 @@ def test_columns_from_the_rows_blocks_in_pieces(
     b = b[:500]
     cand = top_candidates(a, b, 6, block_rows=128, spare=12)
     if list_factor == 1:
-        assert min(cand.redone) > 0
+        assert min(lines.size for lines in cand.redone) > 0
     assert_dense_top_k(cand, a, b, 6)
     dense = (a.bfloat16() @ b.bfloat16().T).float()
     # The spare lists hold each column's best scanned entries, best first: all 12, or as
@@ -103,6 +103,41 @@ def test_columns_from_the_rows_blocks_in_pieces(
     for spare, matrix in ((cand.row_spare, exact), (cand.col_spare, exact.T)):
         listed = spare.members[:, : spare.rescored.shape[1]]
         torch.testing.assert_close(spare.rescored, matrix.gather(1, listed), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("list_factor", [1, 2])
+def test_the_graph_holds_every_rescored_list_and_its_cutoffs_bound_the_rest(
+    monkeypatch: pytest.MonkeyPatch, list_factor: int
+) -> None:
+    # Lists of 2k (and of k, where most lines are redone): each row's and column's rescored
+    # list is in the graph with its float32 cosines, and the cutoffs bound the float32
+    # cosine of every edge left out, tighter than the k-th cosine where the list is longer.
+    monkeypatch.setattr(candidates, "LIST_FACTOR", list_factor)
+    a, b = planted(900, 48, 0.5, seed=11)
+    b = b[:700]
+    a = a[:600]
+    cand = top_candidates(a, b, 6, block_rows=128, dtype=torch.bfloat16, spare=24)
+    graph = candidate_graph(a, b, cand)
+    exact = a @ b.T
+    in_graph = torch.zeros(exact.shape, dtype=torch.bool)
+    in_graph[torch.from_numpy(graph.rows), torch.from_numpy(graph.cols)] = True
+    torch.testing.assert_close(
+        torch.from_numpy(graph.cosine).float(),
+        exact[torch.from_numpy(graph.rows), torch.from_numpy(graph.cols)],
+        atol=1e-5,
+        rtol=0,
+    )
+    for spare, held in ((cand.row_spare, in_graph), (cand.col_spare, in_graph.T)):
+        listed = spare.members[:, : spare.rescored.shape[1]]
+        assert bool(held.gather(1, listed).all())
+    row_cut = torch.from_numpy(cand.row_cutoff(700)).float()
+    col_cut = torch.from_numpy(cand.col_cutoff(600)).float()
+    bound = torch.minimum(row_cut[:, None], col_cut[None, :])
+    assert bool((exact[~in_graph] <= bound[~in_graph]).all())
+    assert bool(in_graph.gather(1, cand.row_cols).all())
+    assert bool(in_graph.gather(0, cand.col_rows).all())
+    if list_factor == 2:
+        assert (row_cut < cand.row_vals[:, -1]).float().mean() > 0.5
 
 
 def test_float32_scan_gives_the_same_candidates() -> None:

@@ -166,12 +166,14 @@ def scan_error(
 class Spare:
     """Each line's longer list from the same scan, kept for a first widening: its best
     entries by scanned value, the float32 cosines of the first of them (those rescored for
-    the line's top k), a bound on the cosine of every entry left out (-inf when none is),
-    and the scan's error bound, which holds for any later scan of the same matrices (a
-    widening does not compute it again)."""
+    the line's top k), a bound on the cosine of every entry left out of the whole list and
+    one for every entry left out of its rescored first part (-inf when none is), and the
+    scan's error bound, which holds for any later scan of the same matrices (a widening does
+    not compute it again)."""
 
     members: torch.Tensor  # int64 (lines, size); -1 past the end of a shorter list
     rescored: torch.Tensor  # float32 (lines, list): cosines of members[:, :list]
+    rescored_cutoff: np.ndarray  # float64 (lines,)
     cutoff: np.ndarray  # float64 (lines,)
     err: ScanError
 
@@ -187,19 +189,26 @@ class Candidates:
     col_vals: torch.Tensor  # float32 (k_col, q), descending
     row_spare: Spare
     col_spare: Spare
-    # Rows and columns whose k best were redone from every entry that could reach them.
-    redone: tuple[int, int] = (0, 0)
+    # Rows and columns whose k best were redone from every entry that could reach them (the
+    # only lines whose top-k may lie partly off their rescored lists).
+    redone: tuple[np.ndarray, np.ndarray]
 
     def row_cutoff(self, q: int) -> np.ndarray:
-        """Upper bound on the cosine of any edge of a row outside its top-k (-inf if none)."""
-        if self.row_vals.shape[1] >= q:
-            return np.full(self.row_vals.shape[0], -np.inf)
-        return self.row_vals[:, -1].double().numpy()
+        """Upper bound on the cosine of any edge of a row outside both its top-k and its
+        rescored list (-inf if none)."""
+        return _cutoff(self.row_vals, q, self.row_spare)
 
     def col_cutoff(self, p: int) -> np.ndarray:
-        if self.col_vals.shape[0] >= p:
-            return np.full(self.col_vals.shape[1], -np.inf)
-        return self.col_vals[-1].double().numpy()
+        return _cutoff(self.col_vals.T, p, self.col_spare)
+
+
+def _cutoff(top: torch.Tensor, width: int, spare: Spare) -> np.ndarray:
+    """The least of two bounds on a line's entries outside its top-k (`top`, descending)
+    and its rescored list: the k-th cosine (everything else ranks below it) and the list's
+    own bound from the scan."""
+    if top.shape[1] >= width:
+        return np.full(top.shape[0], -np.inf)
+    return np.minimum(top[:, -1].double().numpy(), spare.rescored_cutoff)
 
 
 def list_dots(left: torch.Tensor, table: torch.Tensor, members: torch.Tensor) -> torch.Tensor:
@@ -290,7 +299,9 @@ class RowSearch:
         self.spare_members = torch.empty((p, self.spare), dtype=torch.int64)
         self.spare_rescored = torch.empty((p, self.list))
         self.spare_cutoff = np.full(p, -np.inf)
-        self.redone = 0
+        self.list_cutoff = np.full(p, -np.inf)
+        # Rows whose k best were redone from every entry that could reach them.
+        self.redone: list[torch.Tensor] = []
 
     def scanned_list(self, block: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Each row's `size` best scanned values (descending) and their columns."""
@@ -324,6 +335,9 @@ class RowSearch:
             cutoff = self.err.greatest_cosine(longer[:, -1]).cpu().numpy()
             self.spare_cutoff[start : start + count] = cutoff
         scanned, cols = longer[:, : self.list], longer_cols[:, : self.list]
+        if self.list < q:
+            cutoff = self.err.greatest_cosine(scanned[:, -1]).cpu().numpy()
+            self.list_cutoff[start : start + count] = cutoff
         true = list_dots(self.a[start : start + count], self.b, cols)
         self.spare_rescored[start : start + count] = true.cpu()
         vals, index = true.topk(self.k, dim=1)
@@ -334,7 +348,7 @@ class RowSearch:
             cut = self.err.lower(vals[:, -1])
             unsure = torch.nonzero(scanned[:, -1] >= cut).flatten()
             if unsure.numel():
-                self.redone += unsure.numel()
+                self.redone.append(unsure + start)
                 lines, hit = _entries_at_least(block, unsure, cut[unsure])
                 values = _dots(self.a, self.b, lines + start, hit)
                 ids, best, members = _line_top(lines, hit, values, self.k)
@@ -368,7 +382,7 @@ class ColumnSearch:
         self.used = torch.zeros(q, dtype=torch.int64, device=device)
         self.last = self._thresholds()
         # Columns whose k best were redone from every entry that could reach them.
-        self.redone = 0
+        self.redone = torch.empty(0, dtype=torch.int64)
 
     def _thresholds(self) -> torch.Tensor:
         """Each column's threshold from the sampled rows (-inf where the sample is too small
@@ -464,12 +478,15 @@ class ColumnSearch:
         scanned, order = self.scanned.topk(self.spare, dim=1)
         members = self.members.gather(1, order)
         members[torch.isinf(scanned)] = -1
-        cutoff = np.full(q, -np.inf)
+        cutoff, list_cutoff = np.full(q, -np.inf), np.full(q, -np.inf)
+        # An entry left out was scanned at or below its column's last (when it came, or when
+        # the column last chose its best) or below the list's last.
         if self.spare < p:
-            # An entry left out was scanned at or below its column's last (when it came, or
-            # when the column last chose its best) or below the list's last.
             left_out = torch.maximum(scanned[:, -1], self.last.float())
             cutoff = err.greatest_cosine(left_out).cpu().numpy()
+        if self.list < p:
+            left_out = torch.maximum(scanned[:, self.list - 1], self.last.float())
+            list_cutoff = err.greatest_cosine(left_out).cpu().numpy()
         listed = members[:, : self.list]
         rescored = list_dots(b, a, listed)
         vals, index = rescored.topk(self.k, dim=1)
@@ -479,8 +496,8 @@ class ColumnSearch:
             # every entry that can reach them, its entries scanned again.
             cut = err.lower(vals[:, -1])
             unsure = torch.nonzero(scanned[:, self.list - 1] >= cut).flatten()
-            self.redone = int(unsure.numel())
-            for first in range(0, self.redone, REDO_CHUNK):
+            self.redone = unsure.cpu()
+            for first in range(0, unsure.shape[0], REDO_CHUNK):
                 columns = unsure[first : first + REDO_CHUNK]
                 block = self.rows.scan_b[columns] @ self.rows.scan_a.T
                 local = torch.arange(columns.shape[0], device=a.device)
@@ -488,7 +505,8 @@ class ColumnSearch:
                 values = _dots(b, a, columns[lines], hit)
                 ids, best, best_rows = _line_top(columns[lines], hit, values, self.k)
                 vals[ids], kept[ids] = best, best_rows
-        return kept.cpu(), vals.cpu(), Spare(members.cpu(), rescored.cpu(), cutoff, err)
+        spare = Spare(members.cpu(), rescored.cpu(), list_cutoff, cutoff, err)
+        return kept.cpu(), vals.cpu(), spare
 
 
 def _above(block: torch.Tensor, last: torch.Tensor):
@@ -602,7 +620,12 @@ def top_candidates(
         rows.vals,
         col_rows.T.contiguous(),
         col_vals.T.contiguous(),
-        Spare(rows.spare_members, rows.spare_rescored, rows.spare_cutoff, rows.err),
+        Spare(
+            rows.spare_members, rows.spare_rescored, rows.list_cutoff, rows.spare_cutoff, rows.err
+        ),
         col_spare,
-        (rows.redone, columns.redone),
+        (
+            torch.cat(rows.redone).cpu().numpy() if rows.redone else np.empty(0, np.int64),
+            columns.redone.numpy(),
+        ),
     )

@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import csv
 import json
-import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -237,10 +235,8 @@ def match_directions(
     config: MatchConfig,
     progress: Progress | None = None,
     stage: str = "match",
-    searched: Callable[[], None] | None = None,
 ) -> SideAssignment:
-    """Maximum-cosine assignment of the rows of `a` to the rows of `b` (any counts).
-    `searched`: called when the sparse solver's candidates are found (see `match_saes`)."""
+    """Maximum-cosine assignment of the rows of `a` to the rows of `b` (any counts)."""
     unit_a, valid_a = unit_rows(a)
     unit_b, valid_b = unit_rows(b)
     index_a, index_b = np.flatnonzero(valid_a), np.flatnonzero(valid_b)
@@ -267,7 +263,6 @@ def match_directions(
                 progress,
                 stage,
                 widen_rounds=config.widen_rounds,
-                searched=searched,
             )
             # auto: a sparse answer the bound does not prove optimal is solved densely when
             # that is allowed and fits.
@@ -387,52 +382,6 @@ def match_saes(
         decoder, encoder, config.threshold, a.n_latents, b.n_latents, a.d_in, seconds
     )
     return PairMatch(decoder, encoder, config, summary)
-
-
-def _both_sides(
-    a: SaeWeights, b: SaeWeights, config: MatchConfig, progress: Progress | None
-) -> tuple[SideAssignment, SideAssignment]:
-    """The decoder's and the encoder's assignments. Once the decoder's candidates are found,
-    its solve (SciPy and numpy: one core, mostly) runs in a thread beside the encoder's
-    candidate search (matrix products on every core): the two overlap instead of leaving a
-    core idle through the solve. Each side's answer is the same as alone."""
-    progress = _one_at_a_time(progress)
-    searched = threading.Event()
-    outcome: dict[str, Any] = {}
-
-    def decoder_side() -> None:
-        try:
-            outcome["side"] = match_directions(
-                a.W_dec, b.W_dec, config, progress, "decoder", searched.set
-            )
-        except BaseException as error:  # raised again in the caller's thread
-            outcome["error"] = error
-        finally:
-            searched.set()
-
-    # A daemon: Ctrl-C during the encoder's search ends the process without waiting for it.
-    thread = threading.Thread(target=decoder_side, name="decoder matching", daemon=True)
-    thread.start()
-    searched.wait()
-    if "error" not in outcome:
-        encoder = match_directions(a.encoder_weight, b.encoder_weight, config, progress, "encoder")
-    thread.join()
-    if "error" in outcome:
-        raise outcome["error"]
-    return outcome["side"], encoder
-
-
-def _one_at_a_time(progress: Progress | None) -> Progress | None:
-    """`progress`, called by one thread at a time (both sides report while they overlap)."""
-    if progress is None:
-        return None
-    report, lock = progress, threading.Lock()
-
-    def locked(stage: str, done: int, total: int) -> None:
-        with lock:
-            report(stage, done, total)
-
-    return locked
 
 
 def match_checkpoints(

@@ -25,7 +25,6 @@ bound is valid for any prices, their quality only makes it tighter.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -215,24 +214,37 @@ class CandidateGraph:
 
 
 def candidate_graph(a: torch.Tensor, b: torch.Tensor, cand: Candidates) -> CandidateGraph:
-    """Union of row top-k, column top-k and identity edges (the fallback that makes a full
-    matching always exist: row i can always take column i, as p <= q)."""
+    """Union of every row's and column's rescored list, the top-k of the lines redone from
+    the scan (elsewhere the top-k lie within the list), and the identity edges (the fallback
+    that makes a full matching always exist: row i can always take column i, as p <= q). The
+    lists are rescored in float32 already: holding all of them, not only the top-k, costs
+    nothing to compute and lowers the cutoffs of the edges left out, so that fewer lines
+    are widened later."""
     p, q = a.shape[0], b.shape[0]
-    k_row, k_col = cand.row_cols.shape[1], cand.col_rows.shape[0]
     identity = np.arange(p)
     identity_cos = list_dots(a, b, torch.arange(p)[:, None]).double().numpy().ravel()
-    rows = np.concatenate(
-        [np.repeat(identity, k_row), cand.col_rows.T.reshape(-1).numpy(), identity]
-    )
-    cols = np.concatenate(
-        [cand.row_cols.reshape(-1).numpy(), np.repeat(np.arange(q), k_col), identity]
-    )
+    redone_rows, redone_cols = (torch.from_numpy(lines) for lines in cand.redone)
+    # (line, members, cosines) of each list, rows' lists first, then columns'.
+    lists = [
+        (
+            torch.arange(p),
+            cand.row_spare.members[:, : cand.row_spare.rescored.shape[1]],
+            cand.row_spare.rescored,
+        ),
+        (redone_rows, cand.row_cols[redone_rows], cand.row_vals[redone_rows]),
+        (
+            torch.arange(q),
+            cand.col_spare.members[:, : cand.col_spare.rescored.shape[1]],
+            cand.col_spare.rescored,
+        ),
+        (redone_cols, cand.col_rows.T[redone_cols], cand.col_vals.T[redone_cols]),
+    ]
+    lines = [np.repeat(line.numpy(), members.shape[1]) for line, members, _ in lists]
+    members = [members.reshape(-1).numpy() for _, members, _ in lists]
+    rows = np.concatenate(lines[:2] + members[2:] + [identity])
+    cols = np.concatenate(members[:2] + lines[2:] + [identity])
     cosine = np.concatenate(
-        [
-            cand.row_vals.reshape(-1).double().numpy(),
-            cand.col_vals.T.reshape(-1).double().numpy(),
-            identity_cos,
-        ]
+        [values.reshape(-1).double().numpy() for _, _, values in lists] + [identity_cos]
     )
     # Every value is the same float32 dot product (`list_dots`), whichever list an edge came
     # from.
@@ -464,14 +476,13 @@ def assign_sparse(
     stage: str = "sparse",
     dtype: torch.dtype | None = None,
     widen_rounds: int | None = None,
-    searched: Callable[[], None] | None = None,
 ) -> Assignment:
     """Optimal assignment within a candidate graph, with a bound on the gap to the dense
     optimum. The graph starts as every row's and column's top-k; where the bound cannot
     prove the answer, the lists of the rows and columns in the way are made WIDEN_FACTOR
     times longer and the graph solved again, up to `widen_rounds` (WIDEN_ROUNDS) times.
     `dtype` is the candidate scan's (`sae.matching.candidates`); the graph is the same for
-    any. `searched` is called once the candidate graph is built, before the solve."""
+    any."""
     if widen_rounds is None:
         widen_rounds = WIDEN_ROUNDS
     started = time.perf_counter()
@@ -482,8 +493,6 @@ def assign_sparse(
     row_cut, col_cut = cand.row_cutoff(q), cand.col_cutoff(p)
     graph = candidate_graph(a, b, cand)
     searched_at = time.perf_counter()
-    if searched is not None:
-        searched()
     size = k
     price: np.ndarray | None = None
     duals: tuple[np.ndarray, np.ndarray] | None = None
