@@ -49,7 +49,7 @@ REDO_CHUNK = 64
 COLUMN_CHUNK = 8192
 # Columns' thresholds come from every SAMPLE_STEP-th row, set so that about
 # THRESHOLD_MARGIN * spare entries of a column beat them.
-SAMPLE_STEP = 16
+SAMPLE_STEP = 32
 THRESHOLD_MARGIN = 1.5
 # `list_dots` works from the table's side when the table has this many times the rows.
 TABLE_SIDE = 8
