@@ -8,18 +8,20 @@ matrix at once unless the exact solver needs it.
 - `assign_exact`: the dense matrix in float64, solved by `lap.lapjv` (square) or SciPy's
   `linear_sum_assignment` (rectangular, or when `lap` is missing). Memory 8 * p * q bytes.
 - `assign_sparse`: a candidate graph holding each row's and each column's `k` most similar
-  partners plus the identity edges (i, i), which guarantee that a matching covering every row
-  exists; SciPy's `min_weight_full_bipartite_matching` solves that graph exactly, warm-started
-  from an auction's prices (`sae.matching.auction`) and, once the graph is widened, from the
-  last optimum's duals. Memory O((p + q) * k).
+  partners and the rest of its rescored list (2k by scanned value), plus the identity edges
+  (i, i), which guarantee that a matching covering every row exists; SciPy's
+  `min_weight_full_bipartite_matching` solves that graph exactly, warm-started from an
+  auction's prices (`sae.matching.auction`) and, once the graph is widened, from the last
+  optimum's duals. Memory O((p + q) * k).
 
 The sparse result comes with an upper bound on its gap to the dense optimum, from LP duality:
 any column prices `v` (v >= 0 when columns may stay unmatched) give the bound
 sum_i max_j (C_ij - v_j) + sum_j v_j. An edge left out of the graph has a cosine no larger than
-min(r_i, s_j), the k-th largest cosine of its row and of its column, so the inner maximum is
-bounded without the dense matrix. The prices come from the sparse problem's own optimal
-duals (shortest paths in its residual graph) followed by a few coordinate-descent sweeps; the
-bound is valid for any prices, their quality only makes it tighter.
+min(r_i, s_j), its row's and its column's cutoff (the least of the k-th largest cosine and
+the rescored list's bound from the scan), so the inner maximum is bounded without the dense
+matrix. The prices come from the sparse problem's own optimal duals (shortest paths in its
+residual graph) followed by a few coordinate-descent sweeps; the bound is valid for any
+prices, their quality only makes it tighter.
 """
 
 from __future__ import annotations
