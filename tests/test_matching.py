@@ -342,7 +342,7 @@ def test_widened_graph_is_solved_again_only_when_its_edges_break_the_duals() -> 
 
 
 @pytest.mark.parametrize("q", [300, 340])
-def test_a_warm_start_from_a_smaller_graphs_duals_finds_the_same_optimum(q: int) -> None:
+def test_a_warm_start_from_a_smaller_graphs_optimum_solves_and_prices_the_new_one(q: int) -> None:
     from sae.matching import solvers
 
     # Square (row and column duals) and rectangular (row duals only) problems.
@@ -351,7 +351,8 @@ def test_a_warm_start_from_a_smaller_graphs_duals_finds_the_same_optimum(q: int)
     graph = solvers.candidate_graph(a, b, cand)
     partner, old = solvers._solve(graph)
     floor = solvers.price_floor(300, q)
-    price = np.maximum(solvers._residual_prices(graph, partner, None, "prices"), floor)
+    before = solvers._residual_prices(graph, partner, None, "prices")
+    price = np.maximum(before, floor)
     duals = (solvers._sparse_row_max(graph.matrix(graph.cosine), price), price)
     # Every row's spare list: many new edges, some breaking the old duals.
     members = cand.row_spare.members
@@ -365,34 +366,17 @@ def test_a_warm_start_from_a_smaller_graphs_duals_finds_the_same_optimum(q: int)
     assert warm.sum() == pytest.approx(cold.sum(), abs=1e-9)
     assert warm.sum() > old.sum() + 1e-6
     np.testing.assert_array_equal(warm_partner, cold_partner)
-
-
-@pytest.mark.parametrize("q", [300, 340])
-def test_prices_started_from_a_smaller_graphs_optimum_prove_the_new_one(q: int) -> None:
-    from sae.matching import solvers
-
-    # A widened graph whose optimum moved: prices started from the old optimum's end at
-    # another fixed point, still optimal duals: every reduced cost >= 0, matched edges tight.
-    a, b = random_unit(300, 16, 23), random_unit(q, 16, 24)
-    cand = solvers.top_candidates(a, b, k=3, block_rows=64, spare=24)
-    graph = solvers.candidate_graph(a, b, cand)
-    partner, old = solvers._solve(graph)
-    before = solvers._residual_prices(graph, partner, None, "prices")
-    members = cand.row_spare.members
-    values = torch.bmm(b[members], a[:, :, None])[:, :, 0].double().numpy()
-    rows = np.repeat(np.arange(300), members.shape[1])
-    wider = graph.plus(solvers.Edges(rows, members.reshape(-1).numpy(), values.reshape(-1)))
-    moved, new = solvers._solve(wider)
-    assert (moved != partner).sum() > 0 and new.sum() > old.sum() + 1e-6
-    floor = solvers.price_floor(300, q)
-    cold = solvers._residual_prices(wider, moved, None, "prices")
-    warm = solvers._residual_prices(wider, moved, None, "prices", start=before)
-    assert np.abs(warm - cold).max() > 1e-9, "the same prices: the start made no difference"
-    for price in (cold, warm):
-        price = np.maximum(price, floor)
-        reduced = new[wider.rows] - price[moved[wider.rows]] - (wider.cosine - price[wider.cols])
-        assert reduced.min() >= -1e-9
-        assert solvers._duals_prove(wider, price, float(new.sum()))
+    assert (cold_partner != partner).any()
+    # Prices started from the old optimum's end at another fixed point, optimal duals all
+    # the same: every reduced cost >= 0 and matched edges tight.
+    from_scratch = solvers._residual_prices(wider, cold_partner, None, "prices")
+    started = solvers._residual_prices(wider, cold_partner, None, "prices", start=before)
+    assert np.abs(started - from_scratch).max() > 1e-9, "the start made no difference"
+    for new_price in (from_scratch, started):
+        new_price = np.maximum(new_price, floor)
+        matched = cold[wider.rows] - new_price[cold_partner[wider.rows]]
+        assert (matched - (wider.cosine - new_price[wider.cols])).min() >= -1e-9
+        assert solvers._duals_prove(wider, new_price, float(cold.sum()))
 
 
 def test_auction_prices_are_duals_within_epsilon_per_row() -> None:
