@@ -309,7 +309,9 @@ def _residual_prices(
     distances. `start`: the prices of an earlier optimum (a smaller graph's, before a
     widening) to start from instead; the sweeps then end at another fixed point near them,
     as good a proof, settling only what the new edges and the changed matching move (131K
-    latents: 0.5 s instead of 3 s)."""
+    latents: 0.5 s instead of 3 s). Square problems only: with more columns than rows an
+    unmatched column's price must end at 0, which a start below the shortest distances
+    does not promise."""
     p, q = graph.shape
     indptr = graph.indptr
     matched_cost = COST_SHIFT - graph.matched_cosine(partner)
@@ -493,9 +495,10 @@ def assign_sparse(
     widen_rounds: int | None = None,
 ) -> Assignment:
     """Optimal assignment within a candidate graph, with a bound on the gap to the dense
-    optimum. The graph starts as every row's and column's top-k; where the bound cannot
-    prove the answer, the lists of the rows and columns in the way are made WIDEN_FACTOR
-    times longer and the graph solved again, up to `widen_rounds` (WIDEN_ROUNDS) times.
+    optimum. The graph starts as every row's and column's rescored list (its top-k and more,
+    `candidate_graph`); where the bound cannot prove the answer, the lists of the rows and
+    columns in the way are made WIDEN_FACTOR times longer and the graph solved again, up to
+    `widen_rounds` (WIDEN_ROUNDS) times.
     `dtype` is the candidate scan's (`sae.matching.candidates`); the graph is the same for
     any."""
     if widen_rounds is None:
@@ -510,8 +513,8 @@ def assign_sparse(
     searched_at = time.perf_counter()
     size = k
     price: np.ndarray | None = None
-    # The last optimum's residual prices: where a widened graph is solved again, its prices
-    # start from them.
+    # The last optimum's residual prices: where a widened square graph is solved again, its
+    # prices start from them.
     residual: np.ndarray | None = None
     duals: tuple[np.ndarray, np.ndarray] | None = None
     objective = -np.inf
@@ -525,7 +528,8 @@ def assign_sparse(
                 duals = (_sparse_row_max(graph.matrix(graph.cosine), start), start)
             partner, cosine = _solve(graph, duals)
             objective = float(cosine.sum())
-            residual = _residual_prices(graph, partner, progress, f"{stage} prices", residual)
+            warm = residual if p == q else None
+            residual = _residual_prices(graph, partner, progress, f"{stage} prices", warm)
             price = np.maximum(residual, price_floor(p, q))
             duals = (_sparse_row_max(graph.matrix(graph.cosine), price), price)
         rows, cols = _suspects(graph, row_cut, col_cut, price)
