@@ -177,6 +177,11 @@ class Spare:
     cutoff: np.ndarray  # float64 (lines,)
     err: ScanError
 
+    @property
+    def rescored_members(self) -> torch.Tensor:
+        """The members whose float32 cosines are `rescored`: the list's first part."""
+        return self.members[:, : self.rescored.shape[1]]
+
 
 @dataclass
 class Candidates:
@@ -299,7 +304,7 @@ class RowSearch:
         self.spare_members = torch.empty((p, self.spare), dtype=torch.int64)
         self.spare_rescored = torch.empty((p, self.list))
         self.spare_cutoff = np.full(p, -np.inf)
-        self.list_cutoff = np.full(p, -np.inf)
+        self.rescored_cutoff = np.full(p, -np.inf)
         # Rows whose k best were redone from every entry that could reach them.
         self.redone: list[torch.Tensor] = []
 
@@ -337,7 +342,7 @@ class RowSearch:
         scanned, cols = longer[:, : self.list], longer_cols[:, : self.list]
         if self.list < q:
             cutoff = self.err.greatest_cosine(scanned[:, -1]).cpu().numpy()
-            self.list_cutoff[start : start + count] = cutoff
+            self.rescored_cutoff[start : start + count] = cutoff
         true = list_dots(self.a[start : start + count], self.b, cols)
         self.spare_rescored[start : start + count] = true.cpu()
         vals, index = true.topk(self.k, dim=1)
@@ -481,11 +486,11 @@ class ColumnSearch:
         cutoff, list_cutoff = np.full(q, -np.inf), np.full(q, -np.inf)
         # An entry left out was scanned at or below its column's last (when it came, or when
         # the column last chose its best) or below the list's last.
+        last = self.last.float()
         if self.spare < p:
-            left_out = torch.maximum(scanned[:, -1], self.last.float())
-            cutoff = err.greatest_cosine(left_out).cpu().numpy()
+            cutoff = err.greatest_cosine(torch.maximum(scanned[:, -1], last)).cpu().numpy()
         if self.list < p:
-            left_out = torch.maximum(scanned[:, self.list - 1], self.last.float())
+            left_out = torch.maximum(scanned[:, self.list - 1], last)
             list_cutoff = err.greatest_cosine(left_out).cpu().numpy()
         listed = members[:, : self.list]
         rescored = list_dots(b, a, listed)
@@ -621,7 +626,11 @@ def top_candidates(
         col_rows.T.contiguous(),
         col_vals.T.contiguous(),
         Spare(
-            rows.spare_members, rows.spare_rescored, rows.list_cutoff, rows.spare_cutoff, rows.err
+            rows.spare_members,
+            rows.spare_rescored,
+            rows.rescored_cutoff,
+            rows.spare_cutoff,
+            rows.err,
         ),
         col_spare,
         (

@@ -228,17 +228,9 @@ def candidate_graph(a: torch.Tensor, b: torch.Tensor, cand: Candidates) -> Candi
     redone_rows, redone_cols = (torch.from_numpy(lines) for lines in cand.redone)
     # (line, members, cosines) of each list, rows' lists first, then columns'.
     lists = [
-        (
-            torch.arange(p),
-            cand.row_spare.members[:, : cand.row_spare.rescored.shape[1]],
-            cand.row_spare.rescored,
-        ),
+        (torch.arange(p), cand.row_spare.rescored_members, cand.row_spare.rescored),
         (redone_rows, cand.row_cols[redone_rows], cand.row_vals[redone_rows]),
-        (
-            torch.arange(q),
-            cand.col_spare.members[:, : cand.col_spare.rescored.shape[1]],
-            cand.col_spare.rescored,
-        ),
+        (torch.arange(q), cand.col_spare.rescored_members, cand.col_spare.rescored),
         (redone_cols, cand.col_rows.T[redone_cols], cand.col_vals.T[redone_cols]),
     ]
     lines = [np.repeat(line.numpy(), members.shape[1]) for line, members, _ in lists]
