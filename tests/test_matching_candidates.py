@@ -105,6 +105,35 @@ def test_columns_from_the_rows_blocks_in_pieces(
         torch.testing.assert_close(spare.rescored, matrix.gather(1, listed), atol=1e-5, rtol=0)
 
 
+def test_rows_and_columns_of_negative_cosines(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The scan reads a block's entries as integer keys, which order as the values only for
+    # values >= +0: a block with rows whose every cosine is negative, and a column chunk
+    # whose thresholds are, must be read by value, the rest by key, with the same answer.
+    monkeypatch.setattr(candidates, "COLUMN_CHUNK", 1024)
+    seen: list[torch.dtype] = []
+    best_members = candidates._best_members
+
+    def spy(values: torch.Tensor, size: int):
+        seen.append(values.dtype)
+        return best_members(values, size)
+
+    monkeypatch.setattr(candidates, "_best_members", spy)
+    gen = torch.Generator().manual_seed(5)
+    d, e0, e1 = 96, torch.eye(96)[0], torch.eye(96)[1]
+
+    def around(direction: torch.Tensor, n: int) -> torch.Tensor:
+        return unit(direction + 0.1 * torch.randn(n, d, generator=gen))
+
+    # Rows 0-127 (one block) are negative against every column; columns 4,096 on, one chunk
+    # at a time, are negative against every row.
+    a = torch.cat([around(e1 - e0, 128), around(e1 + e0, 128)])
+    b = torch.cat([around(e0, 4096), around(-e1, 4096)])
+    assert bool((a[:128] @ b.T < 0).all()) and bool((a @ b[4096:].T < 0).all())
+    cand = top_candidates(a, b, 8, block_rows=128, dtype=torch.bfloat16)
+    assert seen.count(torch.bfloat16) == 1 and seen.count(torch.int16) == 2
+    assert_dense_top_k(cand, a, b, 8)
+
+
 @pytest.mark.parametrize("list_factor", [1, 2])
 def test_the_graph_holds_every_rescored_list_and_its_cutoffs_bound_the_rest(
     monkeypatch: pytest.MonkeyPatch, list_factor: int

@@ -15,7 +15,11 @@ margin can add work, never drop a true candidate.
 Only three passes touch a whole block: the matrix product, a maximum over groups of columns
 (for the rows) and one over groups of rows (for the columns). The rows' maxima are grouped
 again (groups of groups), and everything after works on the few groups of each level that
-can hold a row's best entries, or on the groups above a column's threshold.
+can hold a row's best entries, or on the groups above a column's threshold. These passes
+read the block's values as integer keys, their bit patterns (`as_keys`), which torch
+compares, reduces and gathers in a fraction of the time: the keys order as the values do
+among values >= 0, which the values that decide a row's list or a column's hits are in all
+but degenerate cases; a block or chunk where they are not is read by value.
 """
 
 from __future__ import annotations
@@ -58,6 +62,8 @@ NORM_CHUNK = 1024
 # When more than this share of a block's groups of rows may beat their column's threshold,
 # the block's entries are compared one by one instead.
 DENSE_SHARE = 1 / 4
+# Signed integers of each float width (bytes), to read floats' bit patterns as (`as_keys`).
+KEY_DTYPES = {2: torch.int16, 4: torch.int32}
 
 
 def report(progress: Progress | None, stage: str, done: int, total: int) -> None:
@@ -310,25 +316,22 @@ class RowSearch:
 
     def scanned_list(self, block: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Each row's `size` best scanned values (descending) and their columns."""
-        count = block.shape[0]
-        # maxima[l + 1][:, g] is the maximum of maxima[l][:, g + i * width] for i < GROUP.
-        maxima = [block]
-        while len(maxima) <= LEVELS and _groups_fit(maxima[-1].shape[1], size):
-            below = maxima[-1]
-            maxima.append(below.view(count, GROUP, below.shape[1] // GROUP).amax(dim=1))
-        # The best `size` groups of a level hold the best `size` members of the level below:
-        # from the coarsest level down, only those groups' members are looked at.
-        members: torch.Tensor | None = None
-        for level in range(len(maxima) - 1, 0, -1):
-            above = maxima[level]
-            values = above if members is None else above.gather(1, members)
-            _, best = values.topk(size, dim=1, sorted=False)
-            groups = best if members is None else members.gather(1, best)
-            spread = torch.arange(GROUP, device=block.device) * above.shape[1]
-            members = (groups[:, :, None] + spread).reshape(count, -1)
-        if members is None:
+        keys = as_keys(block)
+        found = _best_members(keys, size)
+        if found is None:
             scanned, cols = block.float().topk(size, dim=1)
             return scanned, cols
+        members, coarsest = found
+        if bool((coarsest >= 0).all()):
+            # The best groups' maxima are >= +0, and so is every entry picked from them: the
+            # keys order them as their values.
+            best, position = keys.gather(1, members).topk(size, dim=1)
+            return best.view(block.dtype).float(), members.gather(1, position)
+        # A row with a negative value among its best groups, which keys misorder: the
+        # block's rows are looked at by value.
+        by_value = _best_members(block, size)
+        assert by_value is not None  # the keys' shape
+        members = by_value[0]
         scanned, position = block.gather(1, members).float().topk(size, dim=1)
         return scanned, members.gather(1, position)
 
@@ -516,33 +519,84 @@ class ColumnSearch:
 
 def _above(block: torch.Tensor, last: torch.Tensor):
     """(column, row, value as float32) of the entries of `block` above their column's `last`,
-    sorted by column, then row. Where rows split into GROUP-strided groups, the groups' maxima
-    are compared first and only the groups above a column's last are looked into (unless many
-    are)."""
+    sorted by column, then row. Where rows split into GROUP-strided groups, the groups'
+    maxima are compared first and only the groups above a column's last are looked into
+    (unless many are). Thresholds >= +0 (all but the smallest problems') are compared as keys
+    (`as_keys`): an entry's key beats its column's exactly when its value does."""
     count, width = block.shape
+    values, bound = block, last
+    if bool((as_keys(last) >= 0).all()):
+        values, bound = as_keys(block), as_keys(last)
     # Entry (row, col) lies at row * stride + col of the block's flattened storage.
-    stride = block.stride(0)
-    flat = block.as_strided(((count - 1) * stride + width,), (1,))
+    stride = values.stride(0)
+    flat = values.as_strided(((count - 1) * stride + width,), (1,))
     if count % GROUP == 0:
         groups = count // GROUP
-        maxima = block.view(GROUP, groups, width).amax(dim=0)
-        group, col = torch.nonzero(maxima > last).T
+        maxima = values.view(GROUP, groups, width).amax(dim=0)
+        group, col = torch.nonzero(maxima > bound).T
         if group.numel() < DENSE_SHARE * maxima.numel():
             spread = torch.arange(GROUP, device=block.device) * (groups * stride)
             # (GROUP, hits): the members of each group, read a slab of rows at a time in
             # storage order (read group by group, column-sorted, nearly every read misses).
             place = spread[:, None] + (group * stride + col)
             value = flat.index_select(0, place.view(-1))
-            above = value.view(place.shape) > last.index_select(0, col)
+            above = value.view(place.shape) > bound.index_select(0, col)
             keep = torch.nonzero(above.view(-1)).flatten()
             # Stable: within a column, slab then group, which is row order.
-            hit_col, order = torch.sort(col.index_select(0, keep % group.numel()), stable=True)
+            hit_col, order = _sort_columns(col.index_select(0, keep % group.numel()), width)
             keep = keep[order]
             slab, hit = keep // group.numel(), keep % group.numel()
             row = group.index_select(0, hit) + slab * groups
-            return hit_col, row, value.index_select(0, keep).float()
-    col, rows = torch.nonzero((block > last).T.contiguous()).T
-    return col, rows, flat.index_select(0, rows * stride + col).float()
+            found = value.index_select(0, keep)
+            return hit_col, row, found.view(block.dtype).float()
+    col, rows = torch.nonzero((values > bound).T.contiguous()).T
+    return col, rows, flat.index_select(0, rows * stride + col).view(block.dtype).float()
+
+
+def _sort_columns(col: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Column numbers below `width`, stably sorted, and their order. Where they fit in 16
+    bits, NumPy sorts them by radix: a few times torch's sort on a chunk's hits."""
+    if col.device.type != "cpu" or width > np.iinfo(np.int16).max:
+        return torch.sort(col, stable=True)
+    order = torch.from_numpy(col.numpy().astype(np.int16).argsort(kind="stable"))
+    return col.index_select(0, order), order
+
+
+def as_keys(values: torch.Tensor) -> torch.Tensor:
+    """Floats' bit patterns as signed integers of their width (a view, no copy), which
+    torch's reductions, comparisons and gathers handle faster. Among values >= +0 the keys
+    order as the values do; every negative value (and -0) has a negative key, below them
+    all, but negatives' keys are in reverse order: a result read from keys is the values'
+    only where the values that decide it are >= +0."""
+    return values.view(KEY_DTYPES[values.element_size()])
+
+
+def _best_members(values: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Columns holding each row's `size` best entries of `values` (rows x size * GROUP, with
+    others), and the coarsest level's best group maxima (rows x size) they came from; None
+    where the rows do not split into `size` groups. From the coarsest level of group
+    maxima down, only the best `size` groups' members are looked at: the best `size` groups
+    of a level hold the best `size` members of the level below."""
+    count = values.shape[0]
+    # maxima[l + 1][:, g] is the maximum of maxima[l][:, g + i * width] for i < GROUP.
+    maxima = [values]
+    while len(maxima) <= LEVELS and _groups_fit(maxima[-1].shape[1], size):
+        below = maxima[-1]
+        maxima.append(below.view(count, GROUP, below.shape[1] // GROUP).amax(dim=1))
+    members: torch.Tensor | None = None
+    coarsest: torch.Tensor | None = None
+    for level in range(len(maxima) - 1, 0, -1):
+        above = maxima[level]
+        level_values = above if members is None else above.gather(1, members)
+        top, best = level_values.topk(size, dim=1, sorted=False)
+        if members is None:
+            coarsest = top
+        groups = best if members is None else members.gather(1, best)
+        spread = torch.arange(GROUP, device=values.device) * above.shape[1]
+        members = (groups[:, :, None] + spread).reshape(count, -1)
+    if members is None or coarsest is None:
+        return None
+    return members, coarsest
 
 
 def _groups_fit(width: int, size: int) -> bool:
