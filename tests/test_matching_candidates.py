@@ -105,11 +105,18 @@ def test_columns_from_the_rows_blocks_in_pieces(
         torch.testing.assert_close(spare.rescored, matrix.gather(1, listed), atol=1e-5, rtol=0)
 
 
-def test_rows_and_columns_of_negative_cosines(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("rescanned", [False, True])
+def test_rows_and_columns_of_negative_cosines(
+    monkeypatch: pytest.MonkeyPatch, rescanned: bool
+) -> None:
     # The scan reads a block's entries as integer keys, which order as the values only for
     # values >= +0: a block with rows whose every cosine is negative, and a column chunk
     # whose thresholds are, must be read by value, the rest by key, with the same answer.
+    # `rescanned`: thresholds so high that every column is scanned again whole.
     monkeypatch.setattr(candidates, "COLUMN_CHUNK", 1024)
+    if rescanned:
+        monkeypatch.setattr(candidates, "SAMPLE_STEP", 1)
+        monkeypatch.setattr(candidates, "THRESHOLD_MARGIN", 0.01)
     seen: list[torch.dtype] = []
     best_members = candidates._best_members
 

@@ -49,6 +49,8 @@ LIST_FACTOR = 2
 LIST_ENTRIES = 1 << 16
 # Rows (or columns) redone from the scan at a time when their list may miss a top-k entry.
 REDO_CHUNK = 64
+# Columns scanned again whole at a time when too few entries beat their threshold.
+SHORT_CHUNK = 256
 # Columns compared with their thresholds (and sampled for them) this many at a time.
 COLUMN_CHUNK = 8192
 # Columns' thresholds come from every SAMPLE_STEP-th row, set so that about
@@ -478,11 +480,10 @@ class ColumnSearch:
         p, q = a.shape[0], b.shape[0]
         # Columns with fewer than 2k entries above their threshold are scanned again whole.
         short = torch.nonzero(self.used < self.list).flatten()
-        every_row = torch.arange(p, device=a.device)
-        for first in range(0, short.shape[0], REDO_CHUNK):
-            columns = short[first : first + REDO_CHUNK]
-            whole = (self.rows.scan_b[columns] @ self.rows.scan_a.T).float()
-            self._keep_best(columns, whole, every_row.expand(columns.shape[0], -1))
+        for first in range(0, short.shape[0], SHORT_CHUNK):
+            columns = short[first : first + SHORT_CHUNK]
+            best, rows = _top(self.rows.scan_b[columns] @ self.rows.scan_a.T, self.spare)
+            self._keep_best(columns, best, rows)
         scanned, order = self.scanned.topk(self.spare, dim=1)
         members = self.members.gather(1, order)
         members[torch.isinf(scanned)] = -1
@@ -569,6 +570,16 @@ def as_keys(values: torch.Tensor) -> torch.Tensor:
     all, but negatives' keys are in reverse order: a result read from keys is the values'
     only where the values that decide it are >= +0."""
     return values.view(KEY_DTYPES[values.element_size()])
+
+
+def _top(values: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's `count` best scanned `values`, in no order, as float32, and their places;
+    compared as keys where every one picked is >= +0, by value elsewhere."""
+    best, index = as_keys(values).topk(count, dim=1, sorted=False)
+    if bool((best >= 0).all()):
+        return best.view(values.dtype).float(), index
+    best, index = values.topk(count, dim=1, sorted=False)
+    return best.float(), index
 
 
 def _best_members(values: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor] | None:
