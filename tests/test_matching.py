@@ -369,12 +369,16 @@ def test_a_warm_start_from_a_smaller_graphs_optimum_solves_and_prices_the_new_on
     assert (cold_partner != partner).any()
     if q != 300:
         return
-    # (Square only) Prices started from the old optimum's end at another fixed point,
-    # optimal duals all the same: every reduced cost >= 0 and matched edges tight.
+    # (Square only) Prices started from the old optimum's, or from an auction's on the new
+    # graph, end at other fixed points, optimal duals all the same: every reduced cost >= 0
+    # and matched edges tight.
     from_scratch = solvers._residual_prices(wider, cold_partner, None, "prices")
     started = solvers._residual_prices(wider, cold_partner, None, "prices", start=before)
-    assert np.abs(started - from_scratch).max() > 1e-9, "the start made no difference"
-    for new_price in (from_scratch, started):
+    auction = solvers.auction_prices(wider.indptr, wider.cols, wider.cosine, q).price
+    bid = solvers._residual_prices(wider, cold_partner, None, "prices", start=auction)
+    for other in (started, bid):
+        assert np.abs(other - from_scratch).max() > 1e-9, "the start made no difference"
+    for new_price in (from_scratch, started, bid):
         new_price = np.maximum(new_price, floor)
         matched = cold[wider.rows] - new_price[cold_partner[wider.rows]]
         assert (matched - (wider.cosine - new_price[wider.cols])).min() >= -1e-9
