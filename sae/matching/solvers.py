@@ -198,14 +198,16 @@ class CandidateGraph:
         # A fresh edge lands at its place among the old edges, moved on by the fresh edges
         # before it (both are sorted); the old edges fill the rest, in order.
         landing = place[fresh] + np.arange(fresh.shape[0])
-        old = np.ones(keys.shape[0] + fresh.shape[0], dtype=bool)
-        old[landing] = False
+        old = torch.ones(keys.shape[0] + fresh.shape[0], dtype=torch.bool)
+        old[torch.from_numpy(landing)] = False
+        # Places by index: torch copies to them several times as fast as NumPy's masks.
+        places = (torch.nonzero(old).flatten(), torch.from_numpy(landing))
 
         def merged(mine: np.ndarray, theirs: np.ndarray) -> np.ndarray:
-            out = np.empty(old.shape[0], dtype=mine.dtype)
-            out[old] = mine
-            out[landing] = theirs[fresh]
-            return out
+            out = torch.empty(old.shape[0], dtype=torch.from_numpy(mine).dtype)
+            out.index_copy_(0, places[0], torch.from_numpy(mine))
+            out.index_copy_(0, places[1], torch.from_numpy(theirs[fresh]))
+            return out.numpy()
 
         return CandidateGraph(
             merged(self.rows, added.rows),
