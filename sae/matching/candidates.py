@@ -526,8 +526,9 @@ def _above(block: torch.Tensor, last: torch.Tensor):
     (`as_keys`): an entry's key beats its column's exactly when its value does."""
     count, width = block.shape
     values, bound = block, last
-    if bool((as_keys(last) >= 0).all()):
-        values, bound = as_keys(block), as_keys(last)
+    last_keys = as_keys(last)
+    if bool((last_keys >= 0).all()):
+        values, bound = as_keys(block), last_keys
     # Entry (row, col) lies at row * stride + col of the block's flattened storage.
     stride = values.stride(0)
     flat = values.as_strided(((count - 1) * stride + width,), (1,))

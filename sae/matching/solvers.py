@@ -204,8 +204,9 @@ class CandidateGraph:
         places = (torch.nonzero(old).flatten(), torch.from_numpy(landing))
 
         def merged(mine: np.ndarray, theirs: np.ndarray) -> np.ndarray:
-            out = torch.empty(old.shape[0], dtype=torch.from_numpy(mine).dtype)
-            out.index_copy_(0, places[0], torch.from_numpy(mine))
+            held = torch.from_numpy(mine)
+            out = torch.empty(old.shape[0], dtype=held.dtype)
+            out.index_copy_(0, places[0], held)
             out.index_copy_(0, places[1], torch.from_numpy(theirs[fresh]))
             return out.numpy()
 
