@@ -12,6 +12,7 @@ import pytest
 from test_scoring_vllm import TcpRelay
 
 from sae.errors import UserError
+from sae.precision import Precision
 from service.config import LLMConfig, get_settings
 from service.llm import Completion, LLMError, Message, SamplingParams, create_client
 from service.llm.base import ServerStats
@@ -201,3 +202,35 @@ def test_serve_reports_a_missing_or_dying_server_in_one_line(tmp_path):
     with pytest.raises(UserError, match=r"vLLM exited with status 1 .*No module named 'vllm'"):
         wait_ready(server, timeout_s=60)
     assert not server.running()
+
+
+def test_serve_runs_vllm_in_the_dtype_this_cpu_multiplies_faster(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # vLLM's CPU build runs bfloat16 where the CPU has no bfloat16 units too, several times
+    # slower than float32 there: `auto` passes it the dtype the timed products pick, and a
+    # precision given is passed as it is. (A Python without vLLM: the process ends at once,
+    # after it was started with the command under test.)
+    from sae import precision
+    from service.llm.serve import start_server
+
+    def dtype_passed(choice: Precision) -> str:
+        server = start_server(
+            "smollm2",
+            get_settings().home,
+            python=Path(sys.executable),
+            port=free_port(),
+            log_path=tmp_path / "vllm.log",
+            precision=choice,
+        )
+        server.process.wait()
+        args = [str(arg) for arg in server.process.args]  # type: ignore[union-attr]
+        return args[args.index("--dtype") + 1]
+
+    for gain, expected in ((0.0, "bfloat16"), (1e9, "float32")):
+        monkeypatch.setattr(precision, "BFLOAT16_GAIN", gain)
+        precision.bfloat16_is_faster.cache_clear()
+        assert dtype_passed("auto") == expected
+        assert dtype_passed("float32") == "float32"
+        assert dtype_passed("bfloat16") == "bfloat16"
+    precision.bfloat16_is_faster.cache_clear()

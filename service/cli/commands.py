@@ -419,6 +419,7 @@ def llm_serve(
     ] = None,
     host: str = typer.Option("127.0.0.1", help="address to listen on"),
     port: int = typer.Option(8011, help="port to listen on"),
+    precision: str = option(LLMConfig, "precision"),
 ) -> None:
     """Start a real vLLM OpenAI-compatible server for MODEL; runs until Ctrl-C. With
     AUTOINTERP_LLM_API_KEY set, the server requires that key of every client."""
@@ -428,8 +429,15 @@ def llm_serve(
     from service.llm.serve import serve_forever, start_server, wait_ready
 
     api_key = os.environ.get(API_KEY_ENV) or None
+    llm = config_from(LLMConfig, {"precision": precision})
     server = start_server(
-        model, get_settings().home, python=python, host=host, port=port, api_key=api_key
+        model,
+        get_settings().home,
+        python=python,
+        host=host,
+        port=port,
+        api_key=api_key,
+        precision=llm.precision,
     )
     try:
         with err_console.status(f"starting vLLM for {model} (log: {server.log_path})"):

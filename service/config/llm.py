@@ -58,9 +58,10 @@ class LLMConfig(BaseModel):
     )
     precision: Precision = Field(
         default="auto",
-        description="in-process (transformers) backend: the model's dtype, float32 or "
-        "bfloat16; auto: bfloat16 where this CPU multiplies it measurably faster (as "
-        "`autointerp llm serve` runs vLLM), float32 elsewhere",
+        description="the model's dtype in the in-process (transformers) backend and in the "
+        "vLLM server `autointerp llm serve` starts, float32 or bfloat16; auto: bfloat16 where "
+        "this CPU multiplies it measurably faster (and for vLLM on a GPU that has it), "
+        "float32 elsewhere",
     )
     timeout_s: float = Field(default=180.0, gt=0, description="one HTTP request")
     retry_for_s: float = Field(default=900.0, ge=0, description="keep retrying a request this long")

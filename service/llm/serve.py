@@ -24,6 +24,7 @@ from pathlib import Path
 import httpx
 
 from sae.errors import UserError
+from sae.precision import Precision, compute_dtype
 from sae.subject_model import resolve_model
 
 DEFAULT_PORT = 8011
@@ -63,6 +64,14 @@ def free_port(host: str = DEFAULT_HOST) -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.bind((host, 0))
         return int(probe.getsockname()[1])
+
+
+def serving_dtype(precision: Precision) -> str:
+    """vLLM's `--dtype` for `precision`, decided as training's products are."""
+    import torch
+
+    device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    return str(compute_dtype(precision, device_type)).removeprefix("torch.")
 
 
 @dataclass
@@ -112,10 +121,13 @@ def start_server(
     log_path: Path | None = None,
     extra_args: tuple[str, ...] = (),
     api_key: str | None = None,
+    precision: Precision = "auto",
 ) -> VllmServer:
     """Launch vLLM serving `model` (embedded name, folder or hub id) under the name `model`;
     with `api_key`, every /v1 request must carry it (handed over in the environment, so it
-    never shows in the process list)."""
+    never shows in the process list). `precision` is the model's dtype; `auto`: bfloat16 on a
+    GPU that has it or where this CPU multiplies it measurably faster, else float32 (vLLM's
+    CPU build runs bfloat16 without bfloat16 units too, several times slower)."""
     interpreter = find_vllm_python(python)
     if port_in_use(host, port):
         raise UserError(f"port {port} on {host} is already in use; pass --port with a free one")
@@ -134,7 +146,7 @@ def start_server(
         "--served-model-name",
         served_name,
         "--dtype",
-        "bfloat16",
+        serving_dtype(precision),
         "--max-model-len",
         str(max_model_len),
         "--host",
