@@ -23,7 +23,7 @@ the pipeline/naive ratio. Each run draws new latents and seeds (print with --see
 one), and each mode different ones, so that no mode finds its prompts in the server's prefix
 cache from before.
 
-    python -m bench.score [--llm-url URL] [--latents 8] [--naive-latents 2]
+    python -m bench.score [--llm-url URL] [--latents 8] [--naive-latents 2] [--precision auto]
 
 Without --llm-url it starts vLLM from .venv-vllm (about two minutes) and stops it after.
 
@@ -65,7 +65,7 @@ import time
 from collections.abc import Awaitable
 from contextlib import ExitStack
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, get_args
 
 from sae.data import load_chunks
 from sae.precision import Precision
@@ -75,7 +75,7 @@ from service.config import LLMConfig, ScoreConfig, get_settings
 from service.config.llm import DEFAULT_MAX_BATCH, DEFAULT_PREFIX_CACHE_TOKENS
 from service.llm.base import CallRecord, Completion, LLMClient, Message, SamplingParams
 from service.llm.openai_client import OpenAIClient
-from service.llm.serve import free_port, running_server
+from service.llm.serve import free_port, running_server, serving_dtype
 from service.scoring.pipeline import LatentResult, explain_and_score
 from service.scoring.planted import RULES, plant, to_latent_examples
 
@@ -440,6 +440,12 @@ def main() -> None:
     )
     parser.add_argument("--requests", type=int, default=8, help="in-process: requests timed")
     parser.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH)
+    parser.add_argument(
+        "--precision",
+        choices=get_args(Precision),
+        default="auto",
+        help="the started vLLM server's dtype (auto: as `autointerp llm serve` picks it)",
+    )
     args = parser.parse_args()
     if args.in_process:
         in_process(get_settings().home, args.requests, args.max_batch, args.seed)
@@ -462,8 +468,9 @@ def main() -> None:
     with ExitStack() as stack:
         url = args.llm_url
         if url is None:
-            print("starting vLLM (about two minutes on CPU)...", flush=True)
-            url = stack.enter_context(running_server("smollm2", home, port=free_port())).url
+            print(f"starting vLLM in {serving_dtype(args.precision)} (about two minutes on CPU)...")
+            server = running_server("smollm2", home, port=free_port(), precision=args.precision)
+            url = stack.enter_context(server).url
         print(
             f"server {url}; seed {args.seed}; 20 windows per scorer (10 activating, 10 not), "
             "detection + fuzzing",

@@ -209,10 +209,18 @@ def running_server(
     port: int = DEFAULT_PORT,
     log_path: Path | None = None,
     api_key: str | None = None,
+    precision: Precision = "auto",
 ) -> Iterator[VllmServer]:
     """A ready vLLM server for the `with` block, stopped when the block ends."""
     server = start_server(
-        model, home, python=python, host=host, port=port, log_path=log_path, api_key=api_key
+        model,
+        home,
+        python=python,
+        host=host,
+        port=port,
+        log_path=log_path,
+        api_key=api_key,
+        precision=precision,
     )
     try:
         wait_ready(server)
