@@ -5,9 +5,9 @@
 
 Printed: float32 and bfloat16 matrix-product rates on one 8,192 x 576 @ 576 x 8,192 block and
 the candidate scan's dtype (`scan_dtype`, bfloat16 only where it is measurably faster); the wall
-time of each phase of `match` (decoder + encoder; candidates, solve, bound)
-and its peak RSS at `--size`; at `--baseline-size`, a bare float32 pass that computes only the
-row maxima of both cosine matrices, and `match` against it (the ratio is what to compare
+time of each phase of `match` (decoder + encoder; candidates, solve, bound) and its peak RSS
+at `--size`; at `--baseline-size`, a bare float32 pass that computes only the row maxima of
+both cosine matrices on the scan's device, and `match` against it (the ratio is what to compare
 across machines and loads); the shared fraction of `match` against the same solver on
 candidates found by a float32 scan (the exact candidate graph), and at `--exact-size` against
 the dense exact solver.
@@ -91,12 +91,16 @@ def run_match(n: int, shared: float, solver: str, candidates: int) -> dict[str, 
 
 
 def run_row_maxima(n: int, shared: float) -> dict[str, Any]:
-    """The floor any matching pays: both float32 cosine matrices, only their row maxima."""
+    """The floor any matching pays: both float32 cosine matrices, only their row maxima, on
+    the device the candidate scan uses (the GPU where torch sees one)."""
     a, b = synthetic_pair(n, shared)
+    device = scan_device()
     started, cpu_started = time.perf_counter(), time.process_time()
     for left, right in ((a.W_dec, b.W_dec), (a.encoder_weight, b.encoder_weight)):
-        for _, block in cosine_blocks(unit(left), unit(right), 1024):
+        for _, block in cosine_blocks(unit(left).to(device), unit(right).to(device), 1024):
             block.max(dim=1)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     return {
         "seconds": time.perf_counter() - started,
         "cpu_seconds": time.process_time() - cpu_started,

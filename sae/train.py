@@ -885,6 +885,9 @@ def train(
             if group.any(due and group.is_main):
                 trainer.checkpoint()
                 last_checkpoint = time.perf_counter()
+        if device.type == "cuda":
+            # The GPU runs behind the loop: the time counts its queued steps too.
+            torch.cuda.synchronize(device)
         seconds = time.perf_counter() - started
         trainer.checkpoint()
     result = TrainResult(

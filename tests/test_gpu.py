@@ -5,6 +5,7 @@ candidate search on the GPU finds the float32 top-k. They run only where torch s
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -13,7 +14,9 @@ from test_matching_candidates import assert_dense_top_k, planted
 from test_train import HOOKPOINT, UNUSED_HOME, small_config
 
 from sae.latent_stats import _Tracker
-from sae.matching.candidates import top_candidates
+from sae.matching import MatchConfig
+from sae.matching.candidates import CPU_BLOCK_ROWS, GPU_BLOCK_ROWS, scan_block_rows, top_candidates
+from sae.matching.pair import match_directions
 from sae.train import train
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="torch sees no CUDA")
@@ -67,3 +70,14 @@ def test_candidate_search_on_the_gpu_finds_the_float32_top_k() -> None:
     a, b = planted(4096, 96, 0.5, seed=11)
     cand = top_candidates(a, b, 8, block_rows=512, device=CUDA)
     assert_dense_top_k(cand, a, b, 8)
+
+
+def test_matching_on_the_gpu_takes_larger_blocks_to_the_same_answer() -> None:
+    # 12,288 columns: blocks of 8,192 rows on any GPU of 6.4 GB or more, the last one shorter.
+    a, b = planted(12288, 96, 0.5, seed=5)
+    assert scan_block_rows(b.shape[0], CUDA) == GPU_BLOCK_ROWS
+    large = match_directions(a, b, MatchConfig(solver="sparse"))
+    small = match_directions(a, b, MatchConfig(solver="sparse", block_rows=CPU_BLOCK_ROWS))
+    assert np.array_equal(large.partner, small.partner)
+    assert large.objective == pytest.approx(small.objective, rel=1e-9)
+    assert large.gap_bound == pytest.approx(small.gap_bound, abs=1e-9)

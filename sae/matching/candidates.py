@@ -66,6 +66,14 @@ NORM_CHUNK = 1024
 DENSE_SHARE = 1 / 4
 # Signed integers of each float width (bytes), to read floats' bit patterns as (`as_keys`).
 KEY_DTYPES = {2: torch.int16, 4: torch.int32}
+# Rows of the cosine matrix per block: on the CPU, 1,024. On a GPU every block costs a few
+# thousand small kernel launches, so blocks are as large as GPU_BLOCK_ROWS while one block's
+# float32 cosines take at most 1/GPU_BLOCK_SHARE of its memory: on an H200, one side's
+# candidates of a 131,072-latent pair took 6.4 s in blocks of 1,024 rows, 2.1 s in 4,096 and
+# 1.8 s in 8,192.
+CPU_BLOCK_ROWS = 1024
+GPU_BLOCK_ROWS = 8192
+GPU_BLOCK_SHARE = 16
 
 
 def report(progress: Progress | None, stage: str, done: int, total: int) -> None:
@@ -92,6 +100,15 @@ def cosine_blocks(
 def scan_device() -> torch.device:
     """Where candidates are searched: the GPU when there is one."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def scan_block_rows(columns: int, device: torch.device) -> int:
+    """Rows of `a @ b.T` per block for a `b` of `columns` rows scanned on `device`."""
+    if device.type != "cuda":
+        return CPU_BLOCK_ROWS
+    memory = torch.cuda.get_device_properties(device).total_memory
+    fits = memory // (GPU_BLOCK_SHARE * 4 * columns) // GROUP * GROUP
+    return int(max(CPU_BLOCK_ROWS, min(GPU_BLOCK_ROWS, fits)))
 
 
 def scan_dtype(device: torch.device) -> torch.dtype:
