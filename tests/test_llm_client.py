@@ -23,7 +23,7 @@ from service.llm.openai_client import (
     normalize_base_url,
     request_body,
 )
-from service.llm.serve import free_port
+from service.llm.serve import VllmServer, free_port, start_server
 
 AUTOINTERP = str(Path(sys.executable).with_name("autointerp"))
 
@@ -179,8 +179,20 @@ def test_unknown_backend_is_a_user_error(tmp_path):
         create_client(LLMConfig(backend="ollama"), tmp_path)
 
 
+def start_without_vllm(tmp_path: Path, precision: Precision = "auto") -> VllmServer:
+    """`start_server` with this Python, which has no vLLM: its process ends at once."""
+    return start_server(
+        "smollm2",
+        get_settings().home,
+        python=Path(sys.executable),
+        port=free_port(),
+        log_path=tmp_path / "vllm.log",
+        precision=precision,
+    )
+
+
 def test_serve_reports_a_missing_or_dying_server_in_one_line(tmp_path):
-    from service.llm.serve import start_server, wait_ready
+    from service.llm.serve import wait_ready
 
     result = subprocess.run(
         [AUTOINTERP, "llm", "serve", "--python", str(tmp_path / "nope" / "python")],
@@ -192,13 +204,7 @@ def test_serve_reports_a_missing_or_dying_server_in_one_line(tmp_path):
     assert "no Python at" in lines[0] and "--python" in lines[0]
 
     # A Python without vLLM: the server process dies at once, and the error quotes its log.
-    server = start_server(
-        "smollm2",
-        get_settings().home,
-        python=Path(sys.executable),
-        port=free_port(),
-        log_path=tmp_path / "vllm.log",
-    )
+    server = start_without_vllm(tmp_path)
     with pytest.raises(UserError, match=r"vLLM exited with status 1 .*No module named 'vllm'"):
         wait_ready(server, timeout_s=60)
     assert not server.running()
@@ -212,17 +218,9 @@ def test_serve_runs_vllm_in_the_dtype_this_cpu_multiplies_faster(
     # precision given is passed as it is. (A Python without vLLM: the process ends at once,
     # after it was started with the command under test.)
     from sae import precision
-    from service.llm.serve import start_server
 
     def dtype_passed(choice: Precision) -> str:
-        server = start_server(
-            "smollm2",
-            get_settings().home,
-            python=Path(sys.executable),
-            port=free_port(),
-            log_path=tmp_path / "vllm.log",
-            precision=choice,
-        )
+        server = start_without_vllm(tmp_path, choice)
         server.process.wait()
         args = [str(arg) for arg in server.process.args]  # type: ignore[union-attr]
         return args[args.index("--dtype") + 1]

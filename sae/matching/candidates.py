@@ -652,7 +652,7 @@ def scanned_lists(
     a: torch.Tensor,
     b: torch.Tensor,
     size: int,
-    block_rows: int = 1024,
+    block_rows: int | None = None,
     device: torch.device | None = None,
     dtype: torch.dtype | None = None,
     err: ScanError | None = None,
@@ -662,6 +662,7 @@ def scanned_lists(
     none is). Cheaper than the exact top `size`, and as good a list to widen a row with.
     `err`: an earlier scan's error bound for the same matrices and dtype, if any."""
     device = device or scan_device()
+    block_rows = block_rows or scan_block_rows(b.shape[0], device)
     search = RowSearch(a, b, size, device, dtype or scan_dtype(device), err=err)
     p, q = a.shape[0], b.shape[0]
     search.list = min(q, size)
@@ -685,7 +686,7 @@ def top_candidates(
     a: torch.Tensor,
     b: torch.Tensor,
     k: int,
-    block_rows: int = 1024,
+    block_rows: int | None = None,
     progress: Progress | None = None,
     stage: str = "candidates",
     device: torch.device | None = None,
@@ -694,10 +695,12 @@ def top_candidates(
 ) -> Candidates:
     """Each row's and each column's k best partners by float32 cosine, and their `spare`
     best by scanned value, from one pass over `a @ b.T`. `device` and the scan's `dtype`
-    default to the GPU if any and `scan_dtype`; the answer is the same for any."""
+    default to the GPU if any and `scan_dtype`, `block_rows` to `scan_block_rows`; the
+    answer is the same for any."""
     device = device or scan_device()
     rows = RowSearch(a, b, k, device, dtype or scan_dtype(device), spare)
     columns = ColumnSearch(rows, k, spare)
+    block_rows = block_rows or scan_block_rows(b.shape[0], device)
     for start, block in cosine_blocks(rows.scan_a, rows.scan_b, block_rows):
         rows.block(start, block)
         columns.block(start, block)

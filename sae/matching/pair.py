@@ -25,7 +25,6 @@ from pydantic import BaseModel, Field, ValidationError
 
 from sae.checkpoint import SaeWeights, load_sae, write_atomically
 from sae.errors import UserError
-from sae.matching.candidates import scan_block_rows, scan_device
 from sae.matching.solvers import (
     PROVEN_GAP,
     WIDEN_ROUNDS,
@@ -257,16 +256,15 @@ def match_directions(
         flipped = rows.shape[0] > cols.shape[0]
         if flipped:
             rows, cols = cols, rows
-        block_rows = config.block_rows or scan_block_rows(cols.shape[0], scan_device())
         if config.solver == "exact":
             _check_dense_fits(rows.shape[0], cols.shape[0])
-            result = assign_exact(rows, cols, block_rows, progress, stage)
+            result = assign_exact(rows, cols, config.block_rows, progress, stage)
         else:
             result = assign_sparse(
                 rows,
                 cols,
                 config.candidates,
-                block_rows,
+                config.block_rows,
                 progress,
                 stage,
                 widen_rounds=config.widen_rounds,
@@ -280,7 +278,7 @@ def match_directions(
                 and _dense_fits(rows.shape[0], cols.shape[0])
             ):
                 spent = result.phase_seconds
-                result = assign_exact(rows, cols, block_rows, progress, stage)
+                result = assign_exact(rows, cols, config.block_rows, progress, stage)
                 result.phase_seconds |= {f"sparse {name}": t for name, t in spent.items()}
         if flipped:
             partner[index_a[result.partner]] = index_b

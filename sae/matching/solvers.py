@@ -37,6 +37,7 @@ from scipy.sparse.csgraph import min_weight_full_bipartite_matching
 
 from sae.matching.auction import auction_prices
 from sae.matching.candidates import (
+    CPU_BLOCK_ROWS,
     Candidates,
     Progress,
     Spare,
@@ -91,15 +92,16 @@ class Assignment:
 def assign_exact(
     a: torch.Tensor,
     b: torch.Tensor,
-    block_rows: int = 1024,
+    block_rows: int | None = None,
     progress: Progress | None = None,
     stage: str = "cosines",
 ) -> Assignment:
-    """Optimal assignment of every row of `a` (p <= q rows) from the dense cosine matrix."""
+    """Optimal assignment of every row of `a` (p <= q rows) from the dense cosine matrix
+    (computed where `a` lies, CPU_BLOCK_ROWS rows at a time unless `block_rows` is given)."""
     started = time.perf_counter()
     p, q = a.shape[0], b.shape[0]
     cost = np.empty((p, q), dtype=np.float64)
-    for start, block in cosine_blocks(a, b, block_rows):
+    for start, block in cosine_blocks(a, b, block_rows or CPU_BLOCK_ROWS):
         rows = cost[start : start + block.shape[0]]
         rows[:] = block.numpy()
         np.subtract(COST_SHIFT, rows, out=rows)
@@ -453,7 +455,7 @@ def _widen(
     lines: np.ndarray,
     size: int,
     spare: Spare,
-    block_rows: int,
+    block_rows: int | None,
     dtype: torch.dtype | None,
 ) -> tuple[Edges, np.ndarray]:
     """About the `size` best partners in `b` of the given rows of `a` (by scanned value), as
@@ -484,7 +486,7 @@ def assign_sparse(
     a: torch.Tensor,
     b: torch.Tensor,
     k: int = 32,
-    block_rows: int = 1024,
+    block_rows: int | None = None,
     progress: Progress | None = None,
     stage: str = "sparse",
     dtype: torch.dtype | None = None,
